@@ -1,0 +1,2152 @@
+"""sparkqd: the SparkQ daemon, a local task queue for one developer's machine.
+
+The queue lives in memory. Every change is an *event* (``TaskEnqueued``,
+``TaskClaimed``, ...) produced by the pure queue core, written to an
+append-only journal and applied to the in-memory state by one ``apply``
+function, the same one that replays the journal at startup. A reply that
+could have observed a change leaves only once the journal holds that change
+durably (``database.fsync: always``); requests that arrive together share one
+write and one fsync (group commit).
+
+Every ``snapshot_interval`` seconds the rows that changed since the last
+snapshot are written to a SQLite file in a worker thread, in one transaction
+that also records the journal sequence it covers; journal segments wholly
+covered by it are then deleted. Startup loads the snapshot, replays the
+journal after its sequence, then listens.
+
+Clients speak one of two framings on a Unix stream socket, chosen by the
+first byte: ``{`` starts JSON lines, anything else 4-byte big-endian
+length-prefixed msgpack maps. Requests are msgspec Structs tagged by ``op``,
+so validation and the ``schema`` op come from the same definitions.
+
+Sections, in the order the data flows:
+
+1. Errors and constants
+2. Configuration
+3. Model: records and events
+4. Protocol: requests and framing
+5. Queue core (pure: no I/O, the time is an argument)
+6. Journal
+7. Snapshot
+8. Server
+9. Daemon wiring and timers
+10. main()
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import errno
+import fcntl
+import heapq
+import logging
+import os
+import signal
+import socket
+import sqlite3
+import stat
+import struct
+import sys
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Any, Literal, Union
+
+import msgspec
+import yaml
+from msgspec import Meta, Struct, field
+
+VERSION = "0.1.0"
+PROTOCOL = 1
+log = logging.getLogger("sparkqd")
+
+
+# ============================================================================
+# 1. Errors and constants
+# ============================================================================
+
+
+class SparkQError(Exception):
+    """A request the daemon refuses; ``code`` is the protocol error code."""
+
+    code = "internal"
+
+
+class BadRequest(SparkQError):
+    """Malformed request, wrong types, unknown op or field values."""
+
+    code = "bad_request"
+
+
+class NotFound(SparkQError):
+    """A named session, stream or task does not exist."""
+
+    code = "not_found"
+
+
+class Conflict(SparkQError):
+    """Exists already, wrong state for the transition, or a stale lease."""
+
+    code = "conflict"
+
+
+class TooLarge(SparkQError):
+    """A frame larger than ``server.max_frame_bytes``."""
+
+    code = "too_large"
+
+
+class Forbidden(SparkQError):
+    """The peer is another user."""
+
+    code = "forbidden"
+
+
+class Unavailable(SparkQError):
+    """Shutting down, or storage is failing."""
+
+    code = "unavailable"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message names the key path."""
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+class JournalDamaged(StartupError):
+    """The journal is damaged before its tail; the message names file and offset."""
+
+
+STATUSES = ("pending", "running", "completed", "failed")
+TERMINAL = frozenset(("completed", "failed"))
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+DEFAULT = "default"
+MAX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL
+SEGMENT_BYTES = 32 << 20  # preallocated journal segment size
+DAY = 86400.0
+
+Name = Annotated[str, Meta(pattern=NAME_PATTERN)]
+Seconds = Annotated[float, Meta(gt=0)]
+TaskId = Annotated[int, Meta(ge=1)]
+
+
+def rfc3339(t: float | None) -> str | None:
+    """Format epoch seconds as an RFC 3339 UTC string with milliseconds."""
+    if t is None:
+        return None
+    ms = int(t * 1000)
+    g = time.gmtime(ms // 1000)
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (*g[:6], ms % 1000)
+
+
+# ============================================================================
+# 2. Configuration
+# ============================================================================
+
+
+class ConfigStruct(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Base of every configuration section: unknown keys are errors."""
+
+
+class ProjectConfig(ConfigStruct):
+    name: str = ""
+    repo_path: str | None = None
+
+
+class ServerConfig(ConfigStruct):
+    socket: str | None = None
+    max_frame_bytes: Annotated[int, Meta(ge=1024)] = 16 << 20
+
+
+class DatabaseConfig(ConfigStruct):
+    path: str | None = None
+    fsync: Literal["always", "batch", "never"] = "always"
+    fsync_interval_ms: Annotated[int, Meta(ge=1)] = 10
+    snapshot_interval: Seconds = 60.0
+
+
+class PurgeConfig(ConfigStruct):
+    older_than_days: Annotated[float, Meta(gt=0)] = 3.0
+
+
+class StaleConfig(ConfigStruct):
+    factor: Annotated[float, Meta(gt=0)] = 2.0
+
+
+class TaskClass(ConfigStruct):
+    timeout: Seconds
+    max_attempts: Annotated[int, Meta(ge=1)] = 1
+    retry_backoff: Annotated[float, Meta(ge=0)] = 10.0
+    retry_backoff_max: Annotated[float, Meta(ge=0)] = 3600.0
+
+
+class Tool(ConfigStruct):
+    task_class: str
+    description: str = ""
+    timeout: Seconds | None = None
+    max_attempts: Annotated[int, Meta(ge=1)] | None = None
+    retry_backoff: Annotated[float, Meta(ge=0)] | None = None
+    retry_backoff_max: Annotated[float, Meta(ge=0)] | None = None
+    command: list[str] | None = None
+    cwd: str | None = None
+    env: dict[str, str] | None = None
+    concurrency: Annotated[int, Meta(ge=1)] | None = None
+
+
+def builtin_task_classes() -> dict[str, TaskClass]:
+    """The task classes of the original SparkQ."""
+    return {
+        "FAST_SCRIPT": TaskClass(timeout=30),
+        "MEDIUM_SCRIPT": TaskClass(timeout=300),
+        "LLM_LITE": TaskClass(timeout=300),
+        "LLM_HEAVY": TaskClass(timeout=900),
+    }
+
+
+def builtin_tools() -> dict[str, Tool]:
+    """The tools of the original SparkQ: two with commands, two left for agents."""
+    return {
+        "run-bash": Tool(task_class="MEDIUM_SCRIPT", description="Run a bash command",
+                         command=["bash", "-c"]),
+        "run-python": Tool(task_class="MEDIUM_SCRIPT", description="Run Python code",
+                           command=["python3", "-c"]),
+        "llm-haiku": Tool(task_class="LLM_LITE", description="A light LLM task, claimed by an agent"),
+        "llm-sonnet": Tool(task_class="LLM_HEAVY", description="A heavy LLM task, claimed by an agent"),
+    }
+
+
+class Config(ConfigStruct):
+    project: ProjectConfig = field(default_factory=ProjectConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    purge: PurgeConfig = field(default_factory=PurgeConfig)
+    stale: StaleConfig = field(default_factory=StaleConfig)
+    script_dirs: list[str] = field(default_factory=list)
+    task_classes: dict[str, TaskClass] = field(default_factory=builtin_task_classes)
+    tools: dict[str, Tool] = field(default_factory=builtin_tools)
+
+
+#: Keys of the original SparkQ file format that no longer apply, and what replaced them.
+REPLACED_KEYS = {
+    ("server", "port"): "sparkqd listens on a Unix socket; use server.socket",
+    ("server", "host"): "sparkqd listens on a Unix socket; use server.socket",
+}
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    """Validate YAML text into a Config, naming the key path of any error."""
+    try:
+        raw = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: $: expected a mapping of sections, got {type(raw).__name__}")
+    for (section, key), message in REPLACED_KEYS.items():
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raise ConfigError(f"{source}: $.{section}.{key}: {message}")
+    try:
+        config = msgspec.convert(raw, Config, str_keys=True)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_path_first(str(exc))}") from None
+    for name, tool in config.tools.items():
+        if tool.task_class not in config.task_classes:
+            known = ", ".join(sorted(config.task_classes)) or "none"
+            raise ConfigError(f"{source}: $.tools.{name}.task_class: unknown task class "
+                              f"{tool.task_class!r} (known: {known})")
+        if tool.command is not None and not tool.command:
+            raise ConfigError(f"{source}: $.tools.{name}.command: must name a program")
+    return config
+
+
+def _path_first(message: str) -> str:
+    """Turn msgspec's 'reason - at `$.path`' into '$.path: reason'."""
+    reason, sep, path = message.rpartition(" - at `")
+    return f"{path.rstrip('`')}: {reason}" if sep else f"$: {message}"
+
+
+def load_config(path: str | None) -> Config:
+    """Read the config file at ``path``, or the built-in defaults when None."""
+    if path is None:
+        return Config()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    return parse_config(text, path)
+
+
+def find_config_path(explicit: str | None, env=os.environ) -> str | None:
+    """The config file by DESIGN.md's precedence, or None for built-in defaults."""
+    if explicit:
+        return explicit
+    if env.get("SPARKQ_CONFIG"):
+        return env["SPARKQ_CONFIG"]
+    if os.path.exists("sparkq.yml"):
+        return os.path.abspath("sparkq.yml")
+    xdg = env.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    candidate = os.path.join(xdg, "sparkq", "sparkq.yml")
+    return candidate if os.path.exists(candidate) else None
+
+
+def default_socket_path(env=os.environ) -> tuple[str, bool]:
+    """The default socket path and whether it is the /tmp fallback."""
+    runtime = env.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(runtime, "sparkq", "sparkqd.sock"), False
+    return f"/tmp/sparkq-{os.getuid()}/sparkqd.sock", True
+
+
+class Paths(Struct, frozen=True):
+    """Where this daemon keeps its files, resolved once at startup."""
+
+    config: str | None
+    socket: str
+    socket_explicit: bool
+    data_dir: str
+    database: str
+    journal: str
+
+
+def resolve_paths(args, config: Config, config_path: str | None, env=os.environ) -> Paths:
+    """Apply the precedence rules of DESIGN.md to flags, environment and config."""
+    def expand(p: str) -> str:
+        return os.path.abspath(os.path.expanduser(p))
+
+    sock = args.socket or env.get("SPARKQ_SOCKET") or config.server.socket
+    explicit = bool(sock)
+    if not sock:
+        sock, fallback = default_socket_path(env)
+        if fallback:
+            log.warning("XDG_RUNTIME_DIR is not set; using %s", sock)
+    db_path = config.database.path and expand(config.database.path)
+    data_dir = args.data_dir or env.get("SPARKQ_DATA_DIR")
+    if not data_dir:
+        if db_path:
+            data_dir = os.path.dirname(db_path)
+        else:
+            state = env.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+            data_dir = os.path.join(state, "sparkq")
+    data_dir = expand(data_dir)
+    return Paths(config=config_path, socket=expand(sock), socket_explicit=explicit,
+                 data_dir=data_dir, database=db_path or os.path.join(data_dir, "sparkq.db"),
+                 journal=os.path.join(data_dir, "journal"))
+
+
+# ============================================================================
+# 3. Model: records and events
+# ============================================================================
+
+
+class Session(Struct, frozen=True, gc=False):
+    name: str
+    created_at: float
+    status: str = "active"
+    ended_at: float | None = None
+
+
+class Stream(Struct, frozen=True, gc=False):
+    name: str
+    session: str
+    created_at: float
+    status: str = "active"
+    ended_at: float | None = None
+
+
+class Task(Struct, frozen=True, gc=False):
+    """One task; replaced, never mutated, so a snapshot can hold it safely."""
+
+    id: int
+    stream: str
+    tool: str
+    task_class: str
+    payload: Any
+    status: str
+    priority: int
+    timeout: float
+    created_at: float
+    attempts: int = 0
+    started_at: float | None = None
+    finished_at: float | None = None
+    worker: str | None = None
+    summary: str | None = None
+    result: Any = None
+    reason: str | None = None
+    #: Transitions after creation, as (at, status, by, note); creation is implied.
+    history: tuple = ()
+
+
+class Event(Struct, frozen=True, gc=False, array_like=True, tag=True):
+    """A change of state; ``at`` is when it happened. New fields need defaults."""
+
+    at: float
+
+
+class SessionCreated(Event, tag="session.created"):
+    name: str
+
+
+class SessionEnded(Event, tag="session.ended"):
+    name: str
+
+
+class StreamCreated(Event, tag="stream.created"):
+    name: str
+    session: str
+
+
+class StreamEnded(Event, tag="stream.ended"):
+    name: str
+
+
+class TaskEnqueued(Event, tag="task.enqueued"):
+    id: int
+    stream: str
+    tool: str
+    task_class: str
+    payload: Any
+    timeout: float
+    priority: int = 0
+
+
+class TaskClaimed(Event, tag="task.claimed"):
+    id: int
+    worker: str | None = None
+
+
+class TaskCompleted(Event, tag="task.completed"):
+    id: int
+    summary: str | None = None
+    result: Any = None
+
+
+class TaskFailed(Event, tag="task.failed"):
+    id: int
+    reason: str
+    by: str | None = None
+
+
+class TaskRequeued(Event, tag="task.requeued"):
+    id: int
+    by: str | None = None
+
+
+class TasksPurged(Event, tag="tasks.purged"):
+    ids: list[int]
+
+
+AnyEvent = Union[SessionCreated, SessionEnded, StreamCreated, StreamEnded, TaskEnqueued,
+                 TaskClaimed, TaskCompleted, TaskFailed, TaskRequeued, TasksPurged]
+
+
+# ============================================================================
+# 4. Protocol: requests and framing
+# ============================================================================
+
+
+class Request(Struct, tag_field="op", forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Base of every request; ``id`` is echoed back in the reply."""
+
+    id: Any = None
+
+
+class Hello(Request, tag="hello"):
+    pass
+
+
+class Status(Request, tag="status"):
+    pass
+
+
+class SessionCreate(Request, tag="session.create"):
+    name: Name
+
+
+class SessionEnd(Request, tag="session.end"):
+    name: str
+
+
+class SessionList(Request, tag="session.list"):
+    pass
+
+
+class StreamCreate(Request, tag="stream.create"):
+    name: Name
+    session: str
+
+
+class StreamEnd(Request, tag="stream.end"):
+    name: str
+
+
+class StreamList(Request, tag="stream.list"):
+    session: str | None = None
+
+
+class Enqueue(Request, tag="enqueue"):
+    tool: str
+    stream: str = DEFAULT
+    payload: Any = None
+    timeout: Seconds | None = None
+    priority: int = 0
+
+
+class Peek(Request, tag="peek"):
+    stream: str = DEFAULT
+
+
+class Claim(Request, tag="claim"):
+    stream: str = DEFAULT
+    worker: str | None = None
+    wait: Annotated[float, Meta(ge=0)] = 0.0
+
+
+class Complete(Request, tag="complete"):
+    task: TaskId
+    summary: str | None = None
+    result: Any = None
+
+
+class Fail(Request, tag="fail"):
+    task: TaskId
+    reason: Annotated[str, Meta(min_length=1)]
+
+
+class Requeue(Request, tag="requeue"):
+    task: TaskId
+
+
+class GetTask(Request, tag="task"):
+    task: TaskId
+
+
+class ListTasks(Request, tag="tasks"):
+    stream: str | None = None
+    session: str | None = None
+    status: Literal["pending", "running", "completed", "failed"] | None = None
+    limit: Annotated[int, Meta(ge=0)] | None = None
+
+
+class Purge(Request, tag="purge"):
+    older_than_days: Annotated[float, Meta(ge=0)] | None = None
+
+
+class Tools(Request, tag="tools"):
+    pass
+
+
+class Reload(Request, tag="reload"):
+    pass
+
+
+class Shutdown(Request, tag="shutdown"):
+    pass
+
+
+class Schema(Request, tag="schema"):
+    pass
+
+
+AnyRequest = Union[Hello, Status, SessionCreate, SessionEnd, SessionList, StreamCreate,
+                   StreamEnd, StreamList, Enqueue, Peek, Claim, Complete, Fail, Requeue,
+                   GetTask, ListTasks, Purge, Tools, Reload, Shutdown, Schema]
+OPS = frozenset(cls.__struct_config__.tag for cls in AnyRequest.__args__)
+#: Ops that only read state: their replies need not wait for the journal.
+READ_ONLY = (Hello, Status, SessionList, StreamList, Peek, GetTask, ListTasks, Tools, Schema)
+
+
+def request_schema() -> dict:
+    """The JSON Schema of every request, generated from the request Structs."""
+    return msgspec.json.schema(AnyRequest)
+
+
+class Codec:
+    """One connection's framing: JSON lines or length-prefixed msgpack."""
+
+    def __init__(self, max_frame: int):
+        self.max_frame = max_frame
+
+    def decode(self, frame: bytes) -> Request:
+        """Decode and validate one frame, raising BadRequest with the reason."""
+        try:
+            return self.decoder.decode(frame)
+        except msgspec.ValidationError as exc:
+            raise BadRequest(self._explain(frame, str(exc))) from None
+        except msgspec.DecodeError as exc:
+            raise BadRequest(f"malformed {self.name}: {exc}") from None
+
+    def request_id(self, frame: bytes) -> Any:
+        """The ``id`` of a frame that failed validation, if it has one."""
+        try:
+            value = self.loose.decode(frame)
+        except msgspec.DecodeError:
+            return None
+        return value.get("id") if isinstance(value, dict) else None
+
+    def _explain(self, frame: bytes, message: str) -> str:
+        try:
+            value = self.loose.decode(frame)
+        except msgspec.DecodeError:
+            value = None
+        if isinstance(value, dict) and isinstance(value.get("op"), str) and value["op"] not in OPS:
+            return f"unknown op {value['op']!r}"
+        if message.startswith("Object missing required field `op`"):
+            return "missing field 'op'"
+        return _path_first(message)
+
+
+class JsonLines(Codec):
+    name = "JSON"
+    decoder = msgspec.json.Decoder(AnyRequest)
+    loose = msgspec.json.Decoder()
+    _encode = msgspec.json.Encoder().encode
+
+    def split(self, buf: bytearray) -> list[bytes]:
+        """Remove and return the complete lines at the front of ``buf``."""
+        end = buf.rfind(b"\n")
+        if end < 0:
+            if len(buf) > self.max_frame:
+                raise TooLarge(f"line longer than {self.max_frame} bytes")
+            return []
+        lines = bytes(buf[:end]).split(b"\n")
+        del buf[: end + 1]
+        if len(buf) > self.max_frame:
+            raise TooLarge(f"line longer than {self.max_frame} bytes")
+        for line in lines:
+            if len(line) > self.max_frame:
+                raise TooLarge(f"line longer than {self.max_frame} bytes")
+        return [line for line in lines if line.strip()]
+
+    def encode(self, reply: dict) -> bytes:
+        return self._encode(reply) + b"\n"
+
+
+class MsgpackFrames(Codec):
+    name = "msgpack"
+    decoder = msgspec.msgpack.Decoder(AnyRequest)
+    loose = msgspec.msgpack.Decoder()
+    _encode = msgspec.msgpack.Encoder().encode
+    _header = struct.Struct(">I")
+
+    def split(self, buf: bytearray) -> list[bytes]:
+        """Remove and return the complete frames at the front of ``buf``."""
+        frames, pos, size = [], 0, len(buf)
+        while size - pos >= 4:
+            (length,) = self._header.unpack_from(buf, pos)
+            if length > self.max_frame:
+                raise TooLarge(f"frame of {length} bytes exceeds {self.max_frame}")
+            if size - pos - 4 < length:
+                break
+            frames.append(bytes(buf[pos + 4: pos + 4 + length]))
+            pos += 4 + length
+        del buf[:pos]
+        return frames
+
+    def encode(self, reply: dict) -> bytes:
+        body = self._encode(reply)
+        return self._header.pack(len(body)) + body
+
+
+def ok_reply(request_id: Any, result: Any) -> dict:
+    return {"id": request_id, "ok": True, "result": result}
+
+
+def error_reply(request_id: Any, exc: SparkQError) -> dict:
+    return {"id": request_id, "ok": False, "error": {"code": exc.code, "message": str(exc)}}
+
+
+# ============================================================================
+# 5. Queue core
+# ============================================================================
+
+PRIORITY_BIAS = 1 << 62  # ready-heap keys: (BIAS - priority) << 64 | id, smallest first
+ID_MASK = (1 << 64) - 1
+
+
+def ready_key(task: Task) -> int:
+    """Heap key ordering higher priority first, then lower id (older) first."""
+    return ((PRIORITY_BIAS - task.priority) << 64) | task.id
+
+
+class Changes:
+    """What changed since the last snapshot: the latest objects, by key."""
+
+    def __init__(self):
+        self.sessions: dict[str, Session] = {}
+        self.streams: dict[str, Stream] = {}
+        self.tasks: dict[int, Task] = {}
+        self.purged: set[int] = set()
+
+    def __bool__(self):
+        return bool(self.sessions or self.streams or self.tasks or self.purged)
+
+
+class Queue:
+    """Sessions, streams and tasks, with the rules that change them.
+
+    ``handle(request, now)`` validates a request, emits the events that carry
+    it out (applying each at once) and returns the result. The caller takes
+    the emitted events with ``take_events()`` and journals them. Nothing here
+    does I/O or reads the clock.
+    """
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.sessions: dict[str, Session] = {}
+        self.streams: dict[str, Stream] = {}
+        self.tasks: dict[int, Task] = {}
+        self.next_id = 1
+        #: Per stream, a heap of ready_key() of its pending tasks (stale keys skipped).
+        self.ready: dict[str, list[int]] = {}
+        #: Per stream, {status: count}.
+        self.counts: dict[str, dict[str, int]] = {}
+        #: (deadline, id, started_at) of running tasks, for the stale rule.
+        self.stale_heap: list[tuple[float, int, float]] = []
+        #: (finished_at, id) of terminal tasks, for purge.
+        self.purge_heap: list[tuple[float, int]] = []
+        #: Streams that gained pending tasks since last asked, with how many.
+        self.became_ready: dict[str, int] = {}
+        self.changes = Changes()
+        self._events: list[Event] = []
+        self._apply = {
+            SessionCreated: self._apply_session_created, SessionEnded: self._apply_session_ended,
+            StreamCreated: self._apply_stream_created, StreamEnded: self._apply_stream_ended,
+            TaskEnqueued: self._apply_enqueued, TaskClaimed: self._apply_claimed,
+            TaskCompleted: self._apply_completed, TaskFailed: self._apply_failed,
+            TaskRequeued: self._apply_requeued, TasksPurged: self._apply_purged,
+        }
+        self._handlers = {
+            SessionCreate: self.session_create, SessionEnd: self.session_end,
+            SessionList: self.session_list, StreamCreate: self.stream_create,
+            StreamEnd: self.stream_end, StreamList: self.stream_list, Enqueue: self.enqueue,
+            Peek: self.peek, Claim: self.claim, Complete: self.complete, Fail: self.fail,
+            Requeue: self.requeue, GetTask: self.get_task, ListTasks: self.list_tasks,
+            Purge: self.purge,
+        }
+
+    # -- entry points -------------------------------------------------------
+
+    def handles(self, request: Request) -> bool:
+        return type(request) in self._handlers
+
+    def handle(self, request: Request, now: float) -> Any:
+        """Carry out one request at time ``now``; returns its result."""
+        return self._handlers[type(request)](request, now)
+
+    def take_events(self) -> list[Event]:
+        """The events emitted since the last call, in order."""
+        events, self._events = self._events, []
+        return events
+
+    def take_changes(self) -> Changes:
+        """What changed since the last call, for the snapshot."""
+        changes, self.changes = self.changes, Changes()
+        return changes
+
+    def take_ready(self) -> dict[str, int]:
+        """Streams that gained pending tasks since the last call."""
+        ready, self.became_ready = self.became_ready, {}
+        return ready
+
+    def apply(self, event: Event) -> None:
+        """Change state by one event: the same path live and on replay."""
+        self._apply[type(event)](event)
+
+    def _emit(self, event: Event) -> None:
+        self.apply(event)
+        self._events.append(event)
+
+    def bootstrap(self, now: float) -> None:
+        """Give a fresh queue its ``default`` session and stream."""
+        if not self.sessions:
+            self._emit(SessionCreated(at=now, name=DEFAULT))
+            self._emit(StreamCreated(at=now, name=DEFAULT, session=DEFAULT))
+
+    # -- lookups ------------------------------------------------------------
+
+    def _session(self, name: str) -> Session:
+        try:
+            return self.sessions[name]
+        except KeyError:
+            raise NotFound(f"no session {name!r}") from None
+
+    def _stream(self, name: str) -> Stream:
+        try:
+            return self.streams[name]
+        except KeyError:
+            raise NotFound(f"no stream {name!r}") from None
+
+    def _task(self, task_id: int) -> Task:
+        try:
+            return self.tasks[task_id]
+        except KeyError:
+            raise NotFound(f"no task {task_id}") from None
+
+    def _running(self, task_id: int, verb: str) -> Task:
+        task = self._task(task_id)
+        if task.status != "running":
+            raise Conflict(f"cannot {verb} task {task_id}: it is {task.status}, not running")
+        return task
+
+    # -- sessions and streams -----------------------------------------------
+
+    def session_create(self, req: SessionCreate, now: float) -> dict:
+        if req.name in self.sessions:
+            raise Conflict(f"session {req.name!r} exists already")
+        self._emit(SessionCreated(at=now, name=req.name))
+        return self.session_record(self.sessions[req.name])
+
+    def session_end(self, req: SessionEnd, now: float) -> dict:
+        if self._session(req.name).status == "ended":
+            raise Conflict(f"session {req.name!r} has ended already")
+        self._emit(SessionEnded(at=now, name=req.name))
+        return self.session_record(self.sessions[req.name])
+
+    def session_list(self, req: SessionList, now: float) -> list:
+        return [self.session_record(s) for s in self.sessions.values()]
+
+    def stream_create(self, req: StreamCreate, now: float) -> dict:
+        if self._session(req.session).status == "ended":
+            raise Conflict(f"session {req.session!r} has ended")
+        if req.name in self.streams:
+            raise Conflict(f"stream {req.name!r} exists already")
+        self._emit(StreamCreated(at=now, name=req.name, session=req.session))
+        return self.stream_record(self.streams[req.name])
+
+    def stream_end(self, req: StreamEnd, now: float) -> dict:
+        if self._stream(req.name).status == "ended":
+            raise Conflict(f"stream {req.name!r} has ended already")
+        self._emit(StreamEnded(at=now, name=req.name))
+        return self.stream_record(self.streams[req.name])
+
+    def stream_list(self, req: StreamList, now: float) -> list:
+        if req.session is not None:
+            self._session(req.session)
+        return [self.stream_record(s) for s in self.streams.values()
+                if req.session is None or s.session == req.session]
+
+    # -- tasks --------------------------------------------------------------
+
+    def enqueue(self, req: Enqueue, now: float) -> dict:
+        stream = self._stream(req.stream)
+        if stream.status == "ended":
+            raise Conflict(f"stream {stream.name!r} has ended and takes no new tasks")
+        tool = self.config.tools.get(req.tool)
+        if tool is None:
+            known = ", ".join(sorted(self.config.tools)) or "none"
+            raise BadRequest(f"unknown tool {req.tool!r} (known: {known})")
+        timeout = req.timeout or tool.timeout or self.config.task_classes[tool.task_class].timeout
+        self._emit(TaskEnqueued(at=now, id=self.next_id, stream=stream.name, tool=req.tool,
+                                task_class=tool.task_class, payload=req.payload,
+                                timeout=timeout, priority=req.priority))
+        return self.task_record(self.tasks[self.next_id - 1])
+
+    def _next_ready(self, stream: str) -> Task | None:
+        heap = self.ready.get(stream)
+        while heap:
+            task = self.tasks.get(heap[0] & ID_MASK)
+            if task is not None and task.status == "pending" and ready_key(task) == heap[0]:
+                return task
+            heapq.heappop(heap)  # a stale key: the task moved on since it was pushed
+        return None
+
+    def peek(self, req: Peek, now: float) -> dict | None:
+        self._stream(req.stream)
+        task = self._next_ready(req.stream)
+        return task and self.task_record(task)
+
+    def claim(self, req: Claim, now: float) -> dict | None:
+        self._stream(req.stream)
+        task = self._next_ready(req.stream)
+        if task is None:
+            return None
+        self._emit(TaskClaimed(at=now, id=task.id, worker=req.worker))
+        return self.task_record(self.tasks[task.id])
+
+    def complete(self, req: Complete, now: float) -> dict:
+        self._running(req.task, "complete")
+        self._emit(TaskCompleted(at=now, id=req.task, summary=req.summary, result=req.result))
+        return self.task_record(self.tasks[req.task])
+
+    def fail(self, req: Fail, now: float) -> dict:
+        self._running(req.task, "fail")
+        self._emit(TaskFailed(at=now, id=req.task, reason=req.reason))
+        return self.task_record(self.tasks[req.task])
+
+    def requeue(self, req: Requeue, now: float) -> dict:
+        task = self._task(req.task)
+        if task.status in ("pending", "completed"):
+            raise Conflict(f"cannot requeue task {req.task}: it is {task.status}"
+                           + (" (enqueue it again instead)" if task.status == "completed" else ""))
+        self._emit(TaskRequeued(at=now, id=req.task))
+        return self.task_record(self.tasks[req.task])
+
+    def get_task(self, req: GetTask, now: float) -> dict:
+        return self.task_record(self._task(req.task), with_history=True)
+
+    def list_tasks(self, req: ListTasks, now: float) -> list:
+        if req.stream is not None:
+            self._stream(req.stream)
+        if req.session is not None:
+            self._session(req.session)
+        limit = req.limit if req.limit is not None else len(self.tasks)
+        out = []
+        for task in self.tasks.values():
+            if len(out) >= limit:
+                break
+            if ((req.status is None or task.status == req.status)
+                    and (req.stream is None or task.stream == req.stream)
+                    and (req.session is None or self.streams[task.stream].session == req.session)):
+                out.append(self.task_record(task))
+        return out
+
+    def purge(self, req: Purge, now: float) -> dict:
+        days = self.config.purge.older_than_days if req.older_than_days is None else req.older_than_days
+        return {"purged": self._purge_before(now - days * DAY, now)}
+
+    def _purge_before(self, cutoff: float, now: float) -> int:
+        ids = []
+        heap = self.purge_heap
+        while heap and heap[0][0] <= cutoff:
+            finished_at, task_id = heapq.heappop(heap)
+            task = self.tasks.get(task_id)
+            if task is not None and task.status in TERMINAL and task.finished_at == finished_at:
+                ids.append(task_id)
+        if ids:
+            self._emit(TasksPurged(at=now, ids=ids))
+        return len(ids)
+
+    # -- timers -------------------------------------------------------------
+
+    def tick(self, now: float) -> float | None:
+        """Fail stale tasks and purge old ones; returns the next deadline or None."""
+        heap = self.stale_heap
+        while heap and heap[0][0] <= now:
+            deadline, task_id, started_at = heapq.heappop(heap)
+            task = self.tasks.get(task_id)
+            if task is not None and task.status == "running" and task.started_at == started_at:
+                factor = self.config.stale.factor
+                self._emit(TaskFailed(
+                    at=now, id=task_id, by="sparkqd",
+                    reason=f"stale: still running {deadline - started_at:g} s after it was "
+                           f"claimed (stale.factor {factor:g} x timeout {task.timeout:g} s)"))
+        self._purge_before(now - self.config.purge.older_than_days * DAY, now)
+        return self.next_deadline()
+
+    def next_deadline(self) -> float | None:
+        """The earliest time tick() may have work to do."""
+        deadlines = []
+        if self.stale_heap:
+            deadlines.append(self.stale_heap[0][0])
+        if self.purge_heap:
+            deadlines.append(self.purge_heap[0][0] + self.config.purge.older_than_days * DAY)
+        return min(deadlines, default=None)
+
+    # -- apply: one method per event; these must never fail --------------------
+
+    def _count(self, stream: str, old: str | None, new: str | None) -> None:
+        counts = self.counts[stream]
+        if old:
+            counts[old] -= 1
+        if new:
+            counts[new] += 1
+
+    def _put(self, task: Task, old_status: str | None) -> None:
+        """Store a new version of a task and keep the indexes in step."""
+        self.tasks[task.id] = task
+        self.changes.tasks[task.id] = task
+        if old_status != task.status:
+            self._count(task.stream, old_status, task.status)
+        if task.status == "pending":
+            heapq.heappush(self.ready[task.stream], ready_key(task))
+            self.became_ready[task.stream] = self.became_ready.get(task.stream, 0) + 1
+        elif task.status == "running":
+            deadline = task.started_at + self.config.stale.factor * task.timeout
+            heapq.heappush(self.stale_heap, (deadline, task.id, task.started_at))
+        elif task.status in TERMINAL:
+            heapq.heappush(self.purge_heap, (task.finished_at, task.id))
+
+    def _transition(self, event: Event, status: str, by: str | None, note: str | None,
+                    **fields) -> None:
+        task = self.tasks[event.id]
+        history = task.history + ((event.at, status, by, note),)
+        self._put(msgspec.structs.replace(task, status=status, history=history, **fields),
+                  task.status)
+
+    def _apply_session_created(self, e: SessionCreated) -> None:
+        self.sessions[e.name] = self.changes.sessions[e.name] = Session(e.name, e.at)
+
+    def _apply_session_ended(self, e: SessionEnded) -> None:
+        session = msgspec.structs.replace(self.sessions[e.name], status="ended", ended_at=e.at)
+        self.sessions[e.name] = self.changes.sessions[e.name] = session
+        for stream in list(self.streams.values()):
+            if stream.session == e.name and stream.status != "ended":
+                self._apply_stream_ended(StreamEnded(at=e.at, name=stream.name))
+
+    def _apply_stream_created(self, e: StreamCreated) -> None:
+        self.streams[e.name] = self.changes.streams[e.name] = Stream(e.name, e.session, e.at)
+        self.ready[e.name] = []
+        self.counts[e.name] = dict.fromkeys(STATUSES, 0)
+
+    def _apply_stream_ended(self, e: StreamEnded) -> None:
+        stream = msgspec.structs.replace(self.streams[e.name], status="ended", ended_at=e.at)
+        self.streams[e.name] = self.changes.streams[e.name] = stream
+
+    def _apply_enqueued(self, e: TaskEnqueued) -> None:
+        stream = self.streams[e.stream].name  # share one string object per stream
+        self._put(Task(id=e.id, stream=stream, tool=sys.intern(e.tool),
+                       task_class=sys.intern(e.task_class),
+                       payload=e.payload, status="pending", priority=e.priority,
+                       timeout=e.timeout, created_at=e.at), None)
+        self.next_id = max(self.next_id, e.id + 1)
+
+    def _apply_claimed(self, e: TaskClaimed) -> None:
+        task = self.tasks[e.id]
+        heap = self.ready[task.stream]
+        if heap and heap[0] == ready_key(task):
+            heapq.heappop(heap)
+        self._transition(e, "running", e.worker, None, started_at=e.at, worker=e.worker,
+                         attempts=task.attempts + 1, finished_at=None)
+
+    def _apply_completed(self, e: TaskCompleted) -> None:
+        task = self.tasks[e.id]
+        self._transition(e, "completed", task.worker, None, finished_at=e.at,
+                         summary=e.summary, result=e.result)
+
+    def _apply_failed(self, e: TaskFailed) -> None:
+        task = self.tasks[e.id]
+        self._transition(e, "failed", e.by or task.worker, e.reason, finished_at=e.at,
+                         reason=e.reason)
+
+    def _apply_requeued(self, e: TaskRequeued) -> None:
+        self._transition(e, "pending", e.by, "requeued", finished_at=None)
+
+    def _apply_purged(self, e: TasksPurged) -> None:
+        for task_id in e.ids:
+            task = self.tasks.pop(task_id)
+            self._count(task.stream, task.status, None)
+            self.changes.tasks.pop(task_id, None)
+            self.changes.purged.add(task_id)
+
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded configuration; stale deadlines follow the new factor."""
+        self.config = config
+        factor = config.stale.factor
+        self.stale_heap = [(t.started_at + factor * t.timeout, t.id, t.started_at)
+                           for t in self.tasks.values() if t.status == "running"]
+        heapq.heapify(self.stale_heap)
+
+    # -- loading from a snapshot -------------------------------------------
+
+    def load(self, sessions: list[Session], streams: list[Stream], tasks: list[Task],
+             next_id: int) -> None:
+        """Take the state of a snapshot and rebuild every index from it."""
+        self.sessions = {s.name: s for s in sessions}
+        for s in streams:
+            self.streams[s.name] = s
+            self.ready[s.name] = []
+            self.counts[s.name] = dict.fromkeys(STATUSES, 0)
+        factor = self.config.stale.factor
+        for task in tasks:
+            task = msgspec.structs.replace(task, stream=self.streams[task.stream].name)
+            self.tasks[task.id] = task
+            self.counts[task.stream][task.status] += 1
+            if task.status == "pending":
+                self.ready[task.stream].append(ready_key(task))
+            elif task.status == "running":
+                self.stale_heap.append((task.started_at + factor * task.timeout, task.id,
+                                        task.started_at))
+            elif task.status in TERMINAL:
+                self.purge_heap.append((task.finished_at, task.id))
+        for heap in (*self.ready.values(), self.stale_heap, self.purge_heap):
+            heapq.heapify(heap)
+        self.next_id = next_id
+
+    # -- records as replies show them -------------------------------------
+
+    def totals(self) -> dict[str, int]:
+        totals = dict.fromkeys(STATUSES, 0)
+        for counts in self.counts.values():
+            for status, n in counts.items():
+                totals[status] += n
+        return totals
+
+    def session_record(self, s: Session) -> dict:
+        return {"name": s.name, "status": s.status, "created_at": rfc3339(s.created_at),
+                "ended_at": rfc3339(s.ended_at),
+                "streams": [t.name for t in self.streams.values() if t.session == s.name]}
+
+    def stream_record(self, s: Stream) -> dict:
+        return {"name": s.name, "session": s.session, "status": s.status,
+                "created_at": rfc3339(s.created_at), "ended_at": rfc3339(s.ended_at),
+                "counts": dict(self.counts[s.name])}
+
+    def task_record(self, t: Task, with_history: bool = False) -> dict:
+        record = {
+            "id": t.id, "stream": t.stream, "session": self.streams[t.stream].session,
+            "tool": t.tool, "task_class": t.task_class, "payload": t.payload,
+            "status": t.status, "priority": t.priority, "timeout": t.timeout,
+            "attempts": t.attempts, "created_at": rfc3339(t.created_at),
+            "started_at": rfc3339(t.started_at), "finished_at": rfc3339(t.finished_at),
+            "worker": t.worker, "summary": t.summary, "result": t.result, "reason": t.reason,
+        }
+        if with_history:
+            record["history"] = [{"at": rfc3339(at), "status": status, "by": by, "note": note}
+                                 for at, status, by, note in full_history(t)]
+        return record
+
+
+def full_history(task: Task) -> tuple:
+    """Every transition of a task, its creation included."""
+    return ((task.created_at, "pending", None, "enqueued"),) + task.history
+
+
+# ============================================================================
+# 6. Journal
+# ============================================================================
+
+RECORD_HEADER = struct.Struct(">II")  # body length, CRC32 of the body
+SEGMENT_SUFFIX = ".journal"
+
+
+class Segment:
+    """One journal file, named by the sequence number of its first record."""
+
+    def __init__(self, path: str, first_seq: int, fd: int | None = None, allocated: int = 0):
+        self.path = path
+        self.first_seq = first_seq
+        self.fd = fd
+        self.allocated = allocated  #: bytes preallocated on disk
+        self.reserved = 0  #: bytes handed out to appended records
+        self.sealed = False  #: no more records go here; close once flushed
+
+
+def fsync_directory(path: str) -> None:
+    """Make a new or removed directory entry durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Journal:
+    """Append-only segments of CRC-checked msgpack events, with group commit.
+
+    ``append`` only buffers; one flusher writes everything buffered with one
+    write per segment and one fsync (policy ``always``), so requests that
+    arrive together share the cost. ``wait_durable(seq)`` returns once the
+    policy's promise holds for every record up to ``seq``. Segments are
+    preallocated, so a full disk is refused up front by ``ensure_room``
+    instead of failing half-way through a write.
+    """
+
+    def __init__(self, directory: str, policy: str = "always", interval_ms: int = 10,
+                 segment_bytes: int = SEGMENT_BYTES):
+        self.directory = directory
+        self.policy = policy
+        self.interval = interval_ms / 1000
+        self.segment_bytes = segment_bytes
+        self.sealed: list[Segment] = []
+        self.current: Segment | None = None
+        self.last_seq = 0  #: last record appended
+        self.written_seq = 0  #: last record handed to the OS
+        self.synced_seq = 0  #: last record fsynced
+        self.last_sync = 0.0
+        self.failure: str | None = None
+        self._chunks: list[tuple[Segment, bytes]] = []
+        self._waiters: collections.deque = collections.deque()
+        self._flusher: asyncio.Task | None = None
+        self._syncing = 0  #: fsyncs running in worker threads
+        self._encode = msgspec.msgpack.Encoder().encode
+        self.fsync_seconds: collections.deque = collections.deque(maxlen=1024)
+
+    # -- recovery -----------------------------------------------------------
+
+    def _segment_files(self) -> list[tuple[int, str]]:
+        found = []
+        for name in os.listdir(self.directory):
+            stem = name[: -len(SEGMENT_SUFFIX)]
+            if name.endswith(SEGMENT_SUFFIX) and stem.isdigit():
+                found.append((int(stem), os.path.join(self.directory, name)))
+        return sorted(found)
+
+    def replay(self, after_seq: int):
+        """Yield every event after ``after_seq``, checking each record.
+
+        A record cut short or failing its CRC at the very end of the newest
+        segment is a torn tail: it is cut off with a warning. Any other damage
+        raises JournalDamaged naming the file and offset.
+        """
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        files = self._segment_files()
+        decode = msgspec.msgpack.Decoder(AnyEvent).decode
+        seq = after_seq
+        for index, (first_seq, path) in enumerate(files):
+            if first_seq > seq + 1:
+                raise JournalDamaged(
+                    f"{path}: starts at record {first_seq} but the snapshot and earlier "
+                    f"segments end at {seq}: records {seq + 1}..{first_seq - 1} are missing")
+            newest = index == len(files) - 1
+            with open(path, "rb") as f:
+                data = f.read()
+            seq = first_seq - 1
+            records = 0
+            for offset, body in self._records(path, data, newest):
+                records += 1
+                seq += 1
+                if seq > after_seq:
+                    try:
+                        yield decode(body)
+                    except msgspec.DecodeError as exc:
+                        raise JournalDamaged(f"{path}: offset {offset}: record {seq} passes its "
+                                             f"CRC but cannot be decoded: {exc}") from None
+            if records:
+                self.sealed.append(Segment(path, first_seq))
+            else:
+                os.unlink(path)  # no record: the next segment may take its name
+        self.last_seq = self.written_seq = self.synced_seq = max(seq, after_seq)
+
+    def _records(self, path: str, data: bytes, newest: bool):
+        """Yield (offset, body) of each valid record in one segment's bytes."""
+        pos, size = 0, len(data)
+        while pos < size:
+            if size - pos >= RECORD_HEADER.size:
+                length, crc = RECORD_HEADER.unpack_from(data, pos)
+                if length == 0 and not data[pos:].strip(b"\0"):
+                    return  # the unused, preallocated rest of the segment
+                end = pos + RECORD_HEADER.size + length
+                body = data[pos + RECORD_HEADER.size: end]
+                if length and len(body) == length and zlib.crc32(body) == crc:
+                    yield pos, body
+                    pos = end
+                    continue
+                intact_after = end < size and self._valid_record_at(data, end)
+            else:
+                intact_after = False
+            if not newest or intact_after:
+                raise JournalDamaged(f"{path}: damaged record at offset {pos}; refusing to start "
+                                     f"rather than skip data (move the file aside to start "
+                                     f"without it)")
+            log.warning("journal %s: torn record at offset %d (%d bytes cut off): the last "
+                        "write before a crash, never acknowledged", path, pos, size - pos)
+            os.truncate(path, pos)
+            return
+
+    @staticmethod
+    def _valid_record_at(data: bytes, pos: int) -> bool:
+        if len(data) - pos < RECORD_HEADER.size:
+            return False
+        length, crc = RECORD_HEADER.unpack_from(data, pos)
+        body = data[pos + RECORD_HEADER.size: pos + RECORD_HEADER.size + length]
+        return length > 0 and len(body) == length and zlib.crc32(body) == crc
+
+    # -- appending ----------------------------------------------------------
+
+    def open(self) -> None:
+        """Start a fresh segment after recovery; appends go there."""
+        self.current = self._new_segment(self.segment_bytes)
+
+    def _new_segment(self, size: int) -> Segment:
+        first = self.last_seq + 1
+        path = os.path.join(self.directory, f"{first:020d}{SEGMENT_SUFFIX}")
+        step = "create"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                step = "preallocate"
+                os.posix_fallocate(fd, 0, size)  # a full disk says so now, not mid-write
+                step = "fsync directory of"
+                fsync_directory(self.directory)
+            except OSError:
+                os.close(fd)
+                os.unlink(path)
+                raise
+        except OSError as exc:
+            raise Unavailable(f"journal: cannot {step} segment {path}: {exc.strerror}") from None
+        return Segment(path, first, fd, size)
+
+    def ensure_room(self, nbytes: int) -> None:
+        """Refuse a change up front when the journal cannot take ``nbytes`` more."""
+        if self.failure:
+            raise Unavailable(f"storage failing, changes refused: {self.failure}")
+        if self.current.reserved + nbytes > self.current.allocated:
+            self.rotate(nbytes)
+
+    def rotate(self, min_bytes: int = 0) -> None:
+        """Seal the current segment and continue in a new one."""
+        segment = self._new_segment(max(self.segment_bytes, min_bytes + RECORD_HEADER.size))
+        self.current.sealed = True
+        self.sealed.append(self.current)
+        self.current = segment
+
+    def append(self, events: list[Event]) -> int:
+        """Buffer events as records; returns the sequence number of the last."""
+        parts = []
+        for event in events:
+            body = self._encode(event)
+            parts.append(RECORD_HEADER.pack(len(body), zlib.crc32(body)))
+            parts.append(body)
+        chunk = b"".join(parts)
+        self.current.reserved += len(chunk)
+        self._chunks.append((self.current, chunk))
+        self.last_seq += len(events)
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+        return self.last_seq
+
+    async def _flush(self) -> None:
+        try:
+            while self._chunks and not self.failure:
+                chunks, self._chunks = self._chunks, []
+                seq = self.last_seq
+                touched = self._write(chunks)
+                if self.failure:
+                    return
+                self.written_seq = seq
+                if self.policy == "always":
+                    await self._sync_in_thread(touched, seq)
+                self._release()
+        finally:
+            self._flusher = None
+
+    async def _sync_in_thread(self, segments: list[Segment], seq: int) -> None:
+        self._syncing += 1
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self._sync, segments, seq)
+        finally:
+            self._syncing -= 1
+        self._close_synced()
+
+    def _write(self, chunks: list[tuple[Segment, bytes]]) -> list[Segment]:
+        by_segment: dict[Segment, list[bytes]] = {}
+        for segment, chunk in chunks:
+            by_segment.setdefault(segment, []).append(chunk)
+        for segment, parts in by_segment.items():
+            data = b"".join(parts)
+            try:
+                written = os.write(segment.fd, data)
+                if written != len(data):
+                    raise OSError(errno.EIO, f"short write ({written} of {len(data)} bytes)")
+            except OSError as exc:
+                self._fail(f"write journal segment {segment.path}: {exc.strerror}")
+        return list(by_segment)
+
+    def _sync(self, segments: list[Segment], seq: int) -> None:
+        """fdatasync the segments (in a worker thread); the records are then durable."""
+        started = time.perf_counter()
+        for segment in segments:
+            try:
+                os.fdatasync(segment.fd)
+            except OSError as exc:
+                self._fail(f"fsync journal segment {segment.path}: {exc.strerror}")
+                return
+        self.fsync_seconds.append(time.perf_counter() - started)
+        self.synced_seq = max(self.synced_seq, seq)
+        self.last_sync = time.time()
+
+    def _fail(self, reason: str) -> None:
+        log.error("journal: %s; refusing further changes", reason)
+        self.failure = reason
+        while self._waiters:
+            self._waiters.popleft()[1].cancel()
+
+    def _close_synced(self) -> None:
+        """Close sealed segments whose every record is fsynced; none while a sync runs."""
+        if self._syncing:
+            return
+        for index, segment in enumerate(self.sealed):
+            following = self.sealed[index + 1] if index + 1 < len(self.sealed) else self.current
+            if segment.fd is not None and self.synced_seq >= following.first_seq - 1:
+                os.close(segment.fd)
+                segment.fd = None
+
+    @property
+    def durable_seq(self) -> int:
+        """The last record that the policy counts as safe to acknowledge."""
+        return self.synced_seq if self.policy == "always" else self.written_seq
+
+    def _release(self) -> None:
+        durable = self.durable_seq
+        while self._waiters and self._waiters[0][0] <= durable:
+            future = self._waiters.popleft()[1]
+            if not future.done():
+                future.set_result(None)
+
+    async def wait_durable(self, seq: int) -> None:
+        """Return once every record up to ``seq`` is durable under the policy."""
+        if self.durable_seq >= seq:
+            return
+        if self.failure:
+            raise Unavailable(f"storage failing: {self.failure}")
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.append((seq, future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if self.failure:
+                raise Unavailable(f"storage failing: {self.failure}") from None
+            raise
+
+    def sync_deadline(self) -> float | None:
+        """When the ``batch`` policy next owes an fsync (epoch seconds), or None."""
+        if self.policy == "batch" and self.last_seq > self.synced_seq:
+            return self.last_sync + self.interval
+        return None
+
+    async def sync_all(self) -> None:
+        """Write and fsync everything appended so far, whatever the policy."""
+        while self._flusher is not None:
+            await asyncio.shield(self._flusher)
+        if self.failure:
+            raise Unavailable(f"storage failing: {self.failure}")
+        if self.synced_seq < self.written_seq:
+            segments = [s for s in (*self.sealed, self.current) if s is not None and s.fd is not None]
+            await self._sync_in_thread(segments, self.written_seq)
+        self._close_synced()
+
+    def remove_through(self, seq: int) -> int:
+        """Delete sealed segments whose records are all covered by a snapshot at ``seq``."""
+        removed = 0
+        while self.sealed:
+            following = self.sealed[1] if len(self.sealed) > 1 else self.current
+            if following is None or following.first_seq - 1 > seq or self.sealed[0].fd is not None:
+                break
+            os.unlink(self.sealed.pop(0).path)
+            removed += 1
+        if removed:
+            fsync_directory(self.directory)
+        return removed
+
+    def drop_empty_current(self) -> None:
+        """Remove the current segment at shutdown when it holds no record."""
+        if self.current is not None and not self.current.reserved:
+            os.close(self.current.fd)
+            os.unlink(self.current.path)
+            self.current = None
+
+    def close(self) -> None:
+        for segment in (*self.sealed, self.current):
+            if segment is not None and segment.fd is not None:
+                os.close(segment.fd)
+                segment.fd = None
+
+
+# ============================================================================
+# 7. Snapshot
+# ============================================================================
+
+SNAPSHOT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS sessions (
+    name TEXT PRIMARY KEY, status TEXT NOT NULL, created_at REAL NOT NULL, ended_at REAL);
+CREATE TABLE IF NOT EXISTS streams (
+    name TEXT PRIMARY KEY, session TEXT NOT NULL, status TEXT NOT NULL,
+    created_at REAL NOT NULL, ended_at REAL);
+CREATE TABLE IF NOT EXISTS tasks (
+    id INTEGER PRIMARY KEY, stream TEXT NOT NULL, session TEXT NOT NULL, tool TEXT NOT NULL,
+    task_class TEXT NOT NULL, payload TEXT, status TEXT NOT NULL, priority INTEGER NOT NULL,
+    timeout REAL NOT NULL, attempts INTEGER NOT NULL, created_at REAL NOT NULL,
+    started_at REAL, finished_at REAL, worker TEXT, summary TEXT, result TEXT, reason TEXT);
+CREATE TABLE IF NOT EXISTS task_history (
+    task_id INTEGER NOT NULL, n INTEGER NOT NULL, at REAL NOT NULL, status TEXT NOT NULL,
+    by TEXT, note TEXT, PRIMARY KEY (task_id, n)) WITHOUT ROWID;
+"""
+TASK_COLUMNS = ("id, stream, tool, task_class, payload, status, priority, timeout, created_at, "
+                "attempts, started_at, finished_at, worker, summary, result, reason")
+
+
+def to_json(value: Any) -> str | None:
+    return None if value is None else msgspec.json.encode(value).decode()
+
+
+class SnapshotState(Struct):
+    """What a snapshot holds, as loaded at startup."""
+
+    sessions: list[Session]
+    streams: list[Stream]
+    tasks: list[Task]
+    next_id: int
+    seq: int
+
+
+class Snapshot:
+    """The SQLite file people query: loaded at startup, written in a worker thread."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+
+    def _connect(self) -> sqlite3.Connection:
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        os.chmod(self.path, 0o600)  # people's tasks and payloads: for the owner only
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")  # people may read while we write
+        db.execute("PRAGMA synchronous=FULL")  # journal segments are deleted after commit
+        db.executescript(SNAPSHOT_SCHEMA)
+        return db
+
+    def load(self) -> SnapshotState:
+        """Read the whole snapshot; an absent file is an empty one."""
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        try:
+            self._db = self._connect()
+            return self._read(self._db)
+        except sqlite3.Error as exc:
+            raise StartupError(f"snapshot {self.path}: cannot read: {exc}") from None
+
+    @staticmethod
+    def _read(db: sqlite3.Connection) -> SnapshotState:
+        meta = dict(db.execute("SELECT key, value FROM meta"))
+        sessions = [Session(*row) for row in
+                    db.execute("SELECT name, created_at, status, ended_at FROM sessions")]
+        streams = [Stream(*row) for row in db.execute(
+            "SELECT name, session, created_at, status, ended_at FROM streams ORDER BY created_at")]
+        history: dict[int, list] = {}
+        for task_id, *entry in db.execute(
+                "SELECT task_id, at, status, by, note FROM task_history WHERE n > 0 "
+                "ORDER BY task_id, n"):
+            history.setdefault(task_id, []).append(tuple(entry))
+        decode, intern = msgspec.json.decode, sys.intern
+        tasks = [Task(i, stream, intern(tool), intern(cls),
+                      None if payload is None else decode(payload), intern(status), prio,
+                      timeout, created, attempts, started, finished, worker, summary,
+                      None if result is None else decode(result), reason,
+                      tuple(history.get(i, ())))
+                 for (i, stream, tool, cls, payload, status, prio, timeout, created, attempts,
+                      started, finished, worker, summary, result, reason)
+                 in db.execute(f"SELECT {TASK_COLUMNS} FROM tasks ORDER BY id")]
+        return SnapshotState(sessions, streams, tasks, int(meta.get("next_id", 1)),
+                             int(meta.get("journal_seq", 0)))
+
+    def write(self, changes: Changes, seq: int, next_id: int, session_of: dict[str, str]) -> None:
+        """Write what changed, and the journal sequence it covers, in one transaction."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?)",
+                           [(s.name, s.status, s.created_at, s.ended_at)
+                            for s in changes.sessions.values()])
+            db.executemany("INSERT OR REPLACE INTO streams VALUES (?, ?, ?, ?, ?)",
+                           [(s.name, s.session, s.status, s.created_at, s.ended_at)
+                            for s in changes.streams.values()])
+            db.executemany(
+                "INSERT OR REPLACE INTO tasks VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [(t.id, t.stream, session_of[t.stream], t.tool, t.task_class, to_json(t.payload),
+                  t.status, t.priority, t.timeout, t.attempts, t.created_at, t.started_at,
+                  t.finished_at, t.worker, t.summary, to_json(t.result), t.reason)
+                 for t in changes.tasks.values()])
+            db.executemany("INSERT OR REPLACE INTO task_history VALUES (?, ?, ?, ?, ?, ?)",
+                           [(t.id, n, *entry) for t in changes.tasks.values()
+                            for n, entry in enumerate(full_history(t))])
+            purged = [(i,) for i in changes.purged]
+            db.executemany("DELETE FROM tasks WHERE id = ?", purged)
+            db.executemany("DELETE FROM task_history WHERE task_id = ?", purged)
+            db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                           [("journal_seq", str(seq)), ("next_id", str(next_id)),
+                            ("written_at", rfc3339(time.time())), ("version", VERSION)])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+def merge_changes(older: Changes, newer: Changes) -> Changes:
+    """Put back the changes of a failed snapshot under those made since."""
+    older.sessions.update(newer.sessions)
+    older.streams.update(newer.streams)
+    older.tasks.update(newer.tasks)
+    for task_id in newer.purged:
+        older.tasks.pop(task_id, None)
+    older.purged |= newer.purged
+    return older
+
+
+# ============================================================================
+# 8. Server
+# ============================================================================
+
+
+def check_private_dir(path: str) -> None:
+    """Create a default socket directory 0700, or refuse one others could use."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise StartupError(f"cannot create socket directory {path}: {exc.strerror}") from None
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise StartupError(f"socket directory {path} is not a directory (or is a symlink)")
+    if st.st_uid != os.getuid():
+        raise StartupError(f"socket directory {path} belongs to uid {st.st_uid}, not to you")
+    if st.st_mode & 0o077:
+        raise StartupError(f"socket directory {path} is open to other users "
+                           f"(mode {stat.S_IMODE(st.st_mode):o}); run: chmod 700 {path}")
+
+
+def bind_socket(path: str, explicit: bool) -> socket.socket:
+    """Listen on ``path`` with mode 0600, replacing a stale socket but never a live one."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise StartupError(f"socket path is {len(os.fsencode(path))} bytes, more than the "
+                           f"{MAX_SOCKET_PATH} a Unix socket allows: {path}; choose a shorter "
+                           f"one with --socket or SPARKQ_SOCKET")
+    directory = os.path.dirname(path)
+    if explicit:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    else:
+        check_private_dir(directory)
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise StartupError(f"{path} exists and is not a socket; remove it or choose another path")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            log.info("replacing stale socket %s", path)
+            os.unlink(path)
+        else:
+            raise StartupError(f"another daemon is listening on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # the socket is born 0600: no window where others can connect
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot bind {path}: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+class ConnectionClosed(Exception):
+    """The client went away while its request waited."""
+
+
+class Connection:
+    """One client: reads frames, answers them in order, writes the replies."""
+
+    READ_SIZE = 256 * 1024
+
+    def __init__(self, daemon: Daemon, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter):
+        self.daemon = daemon
+        self.reader = reader
+        self.writer = writer
+        self.buf = bytearray()
+        self.codec: Codec | None = None
+        self.replies: list[dict] = []
+        self.pending_read: asyncio.Future | None = None
+        self.busy = False
+
+    async def serve(self) -> None:
+        try:
+            if not await self._read():
+                return
+            max_frame = self.daemon.config.server.max_frame_bytes
+            self.codec = (JsonLines if self.buf[:1] == b"{" else MsgpackFrames)(max_frame)
+            uid = self._peer_uid()
+            if uid != os.getuid():
+                self.replies.append(error_reply(None, Forbidden(
+                    f"uid {uid} may not use the queue of uid {os.getuid()}")))
+                return await self._send()
+            while True:
+                self.busy = True
+                if not await self._answer_buffered():
+                    return
+                await self._send()
+                self.busy = False
+                if self.daemon.stopping or not await self._read():
+                    return
+        except (ConnectionError, ConnectionClosed):
+            pass
+        finally:
+            if self.pending_read is not None:
+                self.pending_read.cancel()
+            self.writer.close()
+
+    def _peer_uid(self) -> int:
+        sock = self.writer.get_extra_info("socket")
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", creds)[1]
+
+    async def _read(self) -> bool:
+        """Add the next chunk from the client to the buffer; False at end of stream."""
+        if self.pending_read is not None:
+            read, self.pending_read = self.pending_read, None
+            data = await read
+        else:
+            data = await self.reader.read(self.READ_SIZE)
+        self.buf += data
+        return bool(data)
+
+    async def _answer_buffered(self) -> bool:
+        """Answer every complete frame in the buffer; False when the connection must end."""
+        try:
+            frames = self.codec.split(self.buf)
+        except TooLarge as exc:
+            self.replies.append(error_reply(None, exc))
+            await self._send()
+            return False
+        for frame in frames:
+            self.replies.append(await self._answer(frame))
+        return True
+
+    async def _answer(self, frame: bytes) -> dict:
+        try:
+            request = self.codec.decode(frame)
+        except BadRequest as exc:
+            return error_reply(self.codec.request_id(frame), exc)
+        try:
+            result = self.daemon.answer(request, len(frame))
+            if result is None and type(request) is Claim and request.wait > 0:
+                result = await self._wait_for_claim(request)
+            return ok_reply(request.id, result)
+        except SparkQError as exc:
+            return error_reply(request.id, exc)
+        except (ConnectionError, ConnectionClosed):
+            raise
+        except Exception as exc:
+            log.exception("internal error answering %s", type(request).__name__)
+            return error_reply(request.id, SparkQError(f"internal error: {exc!r}"))
+
+    async def _send(self) -> None:
+        """Write the replies once the journal holds everything they could have seen."""
+        if not self.replies:
+            return
+        journal = self.daemon.journal
+        replies, self.replies = self.replies, []
+        if journal.durable_seq < journal.last_seq:
+            try:
+                await journal.wait_durable(journal.last_seq)
+            except Unavailable as exc:
+                replies = [error_reply(r["id"], exc) for r in replies]
+        encode = self.codec.encode
+        self.writer.write(b"".join([encode(r) for r in replies]))
+        await self.writer.drain()
+
+    async def _wait_for_claim(self, request: Claim) -> dict | None:
+        """Block this connection only, until a task can be claimed or ``wait`` runs out."""
+        await self._send()  # earlier replies go out now, in order
+        daemon, loop = self.daemon, asyncio.get_running_loop()
+        deadline = loop.time() + request.wait
+        waiter = None
+        try:
+            while not daemon.stopping:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return None
+                if waiter is None:
+                    waiter = daemon.add_claim_waiter(request.stream)
+                if self.pending_read is None and len(self.buf) < 4 * self.codec.max_frame:
+                    self.pending_read = asyncio.ensure_future(self.reader.read(self.READ_SIZE))
+                watched = (waiter,) if self.pending_read is None else (waiter, self.pending_read)
+                await asyncio.wait(watched, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                if self.pending_read is not None and self.pending_read.done():
+                    if not await self._read():
+                        raise ConnectionClosed
+                if waiter.done():
+                    waiter = None
+                    result = daemon.answer(request, 0)
+                    if result is not None:
+                        return result
+            raise Unavailable("shutting down")
+        finally:
+            if waiter is not None and not waiter.cancel():
+                daemon.wake_claimers(request.stream, 1)  # pass on a wake-up we cannot use
+
+
+# ============================================================================
+# 9. Daemon wiring and timers
+# ============================================================================
+
+
+class Daemon:
+    """The edges around the queue core: journal, snapshot, socket, timers, signals."""
+
+    def __init__(self, paths: Paths, config: Config, config_arg: str | None = None):
+        self.paths = paths
+        self.config = config
+        self.config_arg = config_arg
+        self.queue = Queue(config)
+        self.journal = Journal(paths.journal, config.database.fsync,
+                               config.database.fsync_interval_ms)
+        self.snapshot = Snapshot(paths.database)
+        self.snapshot_pool = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
+        self.started = time.time()
+        self.stopping = False
+        self.claim_waiters: dict[str, collections.deque] = {}
+        self.connections: dict[asyncio.Task, Connection] = {}
+        self.next_snapshot = 0.0
+        self.snapshot_task: asyncio.Task | None = None
+        self.sync_task: asyncio.Task | None = None
+        self.last_snapshot: dict = {"seq": None, "at": None, "seconds": None, "error": None}
+        self.timer_deadline = 0.0
+        self._lock_fd: int | None = None
+        self._socket_inode: int | None = None
+        self._daemon_ops = {
+            Hello: self.op_hello, Status: self.op_status, Tools: self.op_tools,
+            Reload: self.op_reload, Shutdown: self.op_shutdown, Schema: self.op_schema,
+        }
+
+    # -- startup and shutdown ----------------------------------------------
+
+    async def run(self) -> None:
+        """Recover, listen, serve until told to stop, then stop cleanly."""
+        self._stopped = asyncio.Event()
+        self._timer_wake = asyncio.Event()
+        self.acquire_lock()
+        try:
+            replayed = self.recover()
+            sock = bind_socket(self.paths.socket, self.paths.socket_explicit)
+            self._socket_inode = os.stat(self.paths.socket).st_ino
+            self.server = await asyncio.start_unix_server(
+                self._on_connect, sock=sock, limit=self.config.server.max_frame_bytes)
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+            loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
+            self.next_snapshot = time.time() + (0 if replayed else self.config.database.snapshot_interval)
+            log.info("sparkqd %s ready: socket %s, data %s, %d tasks", VERSION,
+                     self.paths.socket, self.paths.data_dir, len(self.queue.tasks))
+            timers = loop.create_task(self._run_timers())
+            await self._stopped.wait()
+            timers.cancel()
+            await self._shutdown()
+        finally:
+            self.release()
+
+    def acquire_lock(self) -> None:
+        """Take the data directory for this process, or say who holds it."""
+        os.makedirs(self.paths.data_dir, mode=0o700, exist_ok=True)
+        path = os.path.join(self.paths.data_dir, "sparkqd.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StartupError(f"data directory {self.paths.data_dir} is in use by sparkqd "
+                               f"pid {holder} (lock {path}); stop it first") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def recover(self) -> int:
+        """Load the snapshot, replay the journal after it; returns events replayed."""
+        started = time.perf_counter()
+        state = self.snapshot.load()
+        self.queue.load(state.sessions, state.streams, state.tasks, state.next_id)
+        snapshot_seq = self.last_snapshot["seq"] = state.seq
+        del state
+        replayed = 0
+        for event in self.journal.replay(snapshot_seq):
+            self.queue.apply(event)
+            replayed += 1
+        self.queue.take_ready()
+        self.journal.open()
+        self.queue.bootstrap(time.time())
+        self.commit()
+        gc_freeze()
+        log.info("recovered %d tasks from snapshot seq %s and %d journal records in %.2f s",
+                 len(self.queue.tasks), snapshot_seq, replayed,
+                 time.perf_counter() - started)
+        return replayed
+
+    def request_stop(self) -> None:
+        if not self.stopping:
+            log.info("stopping: finishing requests in flight, then a last snapshot")
+            self.stopping = True
+            self._stopped.set()
+
+    async def _shutdown(self) -> None:
+        self.server.close()
+        for waiters in self.claim_waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+        for conn in self.connections.values():
+            if not conn.busy:
+                conn.writer.transport.abort()  # idle: its read ends at once
+        if self.connections:
+            await asyncio.wait(list(self.connections), timeout=5)
+        for conn in self.connections.values():
+            conn.writer.transport.abort()
+        try:
+            await self.journal.sync_all()
+        except Unavailable as exc:
+            log.error("final journal sync failed: %s", exc)
+        if self.snapshot_task is not None:
+            await self.snapshot_task
+        await self.take_snapshot()
+        self.snapshot_pool.shutdown()
+        if self.last_snapshot["seq"] == self.journal.last_seq:
+            self.journal.drop_empty_current()
+        log.info("stopped: journal at record %d, snapshot at %s", self.journal.last_seq,
+                 self.last_snapshot["seq"])
+
+    def release(self) -> None:
+        """Close files and remove the socket we created; the lock goes last."""
+        self.journal.close()
+        self.snapshot.close()
+        try:
+            if self._socket_inode and os.stat(self.paths.socket).st_ino == self._socket_inode:
+                os.unlink(self.paths.socket)
+        except FileNotFoundError:
+            pass
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+
+    # -- requests -----------------------------------------------------------
+
+    async def _on_connect(self, reader, writer) -> None:
+        task = asyncio.current_task()
+        conn = self.connections[task] = Connection(self, reader, writer)
+        try:
+            await conn.serve()
+        finally:
+            del self.connections[task]
+
+    def answer(self, request: Request, size: int) -> Any:
+        """Carry out one request; queue changes are journaled before this returns."""
+        if not self.queue.handles(request):
+            return self._daemon_ops[type(request)](request)
+        if not isinstance(request, READ_ONLY):
+            self.journal.ensure_room(size + 65536)
+        try:
+            return self.queue.handle(request, time.time())
+        finally:
+            self.commit()
+
+    def commit(self) -> None:
+        """Journal what the queue emitted, wake claimers, re-arm the timer if needed."""
+        events = self.queue.take_events()
+        if not events:
+            return
+        self.journal.append(events)
+        for stream, count in self.queue.take_ready().items():
+            self.wake_claimers(stream, count)
+        deadline = self.queue.next_deadline()
+        if deadline is not None and deadline < self.timer_deadline:
+            self._timer_wake.set()
+        if self.journal.policy == "batch" and self.journal.sync_deadline() < self.timer_deadline:
+            self._timer_wake.set()
+
+    def add_claim_waiter(self, stream: str) -> asyncio.Future:
+        waiter = asyncio.get_running_loop().create_future()
+        self.claim_waiters.setdefault(stream, collections.deque()).append(waiter)
+        return waiter
+
+    def wake_claimers(self, stream: str, count: int) -> None:
+        waiters = self.claim_waiters.get(stream)
+        while waiters and count:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                count -= 1
+
+    # -- daemon ops ---------------------------------------------------------
+
+    def op_hello(self, req: Hello) -> dict:
+        return {"version": VERSION, "protocol": PROTOCOL}
+
+    def op_status(self, req: Status) -> dict:
+        journal = self.journal
+        return {
+            "version": VERSION, "protocol": PROTOCOL, "pid": os.getpid(),
+            "uptime": round(time.time() - self.started, 3), "socket": self.paths.socket,
+            "data_dir": self.paths.data_dir, "database": self.paths.database,
+            "config": self.paths.config, "counts": self.queue.totals(),
+            "tasks": len(self.queue.tasks), "sessions": len(self.queue.sessions),
+            "streams": len(self.queue.streams), "connections": len(self.connections),
+            "journal": {"seq": journal.last_seq, "durable_seq": journal.durable_seq,
+                        "fsync": journal.policy, "segments": len(journal.sealed) + 1,
+                        "failure": journal.failure},
+            "snapshot": dict(self.last_snapshot),
+        }
+
+    def op_tools(self, req: Tools) -> dict:
+        classes = self.config.task_classes
+        return {
+            "tools": {name: {"task_class": t.task_class, "description": t.description,
+                             "timeout": t.timeout or classes[t.task_class].timeout,
+                             "max_attempts": t.max_attempts or classes[t.task_class].max_attempts,
+                             "command": t.command}
+                      for name, t in self.config.tools.items()},
+            "task_classes": {name: msgspec.structs.asdict(c) for name, c in classes.items()},
+        }
+
+    def op_reload(self, req: Reload) -> dict:
+        return self.reload()
+
+    def op_shutdown(self, req: Shutdown) -> dict:
+        asyncio.get_running_loop().call_soon(self.request_stop)
+        return {}
+
+    def op_schema(self, req: Schema) -> dict:
+        return request_schema()
+
+    def reload(self) -> dict:
+        """Re-read the configuration; a bad one is refused and the old one stays."""
+        path = self.paths.config or find_config_path(self.config_arg)
+        try:
+            config = load_config(path)
+        except ConfigError as exc:
+            log.error("reload refused, the old configuration stays in force: %s", exc)
+            raise BadRequest(f"configuration refused, the old one stays in force: {exc}") from None
+        restart = [key for key, old, new in (
+            ("server.socket", self.config.server.socket, config.server.socket),
+            ("database.path", self.config.database.path, config.database.path))
+            if old != new]
+        if restart:
+            log.warning("reload: %s take effect at the next restart", ", ".join(restart))
+        self.config = config
+        self.queue.reconfigure(config)
+        self.journal.policy = config.database.fsync
+        self.journal.interval = config.database.fsync_interval_ms / 1000
+        self._timer_wake.set()
+        log.info("configuration reloaded from %s", path or "built-in defaults")
+        return {"config": path, "tools": sorted(config.tools),
+                "task_classes": sorted(config.task_classes), "fsync": config.database.fsync,
+                "snapshot_interval": config.database.snapshot_interval,
+                "purge_older_than_days": config.purge.older_than_days,
+                "stale_factor": config.stale.factor, "restart_needed": restart}
+
+    def _reload_on_signal(self) -> None:
+        try:
+            self.reload()
+        except BadRequest:
+            pass  # already logged with the reason
+
+    # -- timers and snapshots ---------------------------------------------------
+
+    async def _run_timers(self) -> None:
+        """The one timer: stale tasks, purge, batched fsync and snapshots."""
+        while not self.stopping:
+            now = time.time()
+            self.queue.tick(now)
+            self.commit()
+            if now >= self.next_snapshot:
+                self.next_snapshot = now + self.config.database.snapshot_interval
+                if self.snapshot_task is None:
+                    self.snapshot_task = asyncio.get_running_loop().create_task(self._snapshot_job())
+            sync_at = self.journal.sync_deadline()
+            if sync_at is not None and sync_at <= now and self.sync_task is None:
+                self.sync_task = asyncio.get_running_loop().create_task(self._sync_job())
+            deadlines = [self.next_snapshot, self.queue.next_deadline(), sync_at]
+            self.timer_deadline = min(d for d in deadlines if d is not None)
+            self._timer_wake.clear()
+            try:
+                await asyncio.wait_for(self._timer_wake.wait(),
+                                       max(0.0, self.timer_deadline - time.time()))
+            except TimeoutError:
+                pass
+
+    async def _sync_job(self) -> None:
+        try:
+            await self.journal.sync_all()
+        except Unavailable:
+            pass  # logged by the journal
+        finally:
+            self.sync_task = None
+            self._timer_wake.set()
+
+    async def _snapshot_job(self) -> None:
+        try:
+            await self.take_snapshot()
+        finally:
+            self.snapshot_task = None
+
+    async def take_snapshot(self) -> None:
+        """Write what changed since the last snapshot, then drop covered journal segments."""
+        changes = self.queue.take_changes()
+        if not changes:
+            return
+        seq, next_id = self.journal.last_seq, self.queue.next_id
+        session_of = {s.name: s.session for s in self.queue.streams.values()}
+        started = time.perf_counter()
+        try:
+            if self.journal.current.reserved:
+                self.journal.rotate()  # later records go to a segment this snapshot does not cover
+            await self.journal.sync_all()
+            await asyncio.get_running_loop().run_in_executor(
+                self.snapshot_pool, self.snapshot.write, changes, seq, next_id, session_of)
+            removed = self.journal.remove_through(seq)
+        except (OSError, sqlite3.Error, SparkQError) as exc:
+            self.queue.changes = merge_changes(changes, self.queue.changes)
+            self.last_snapshot["error"] = str(exc)
+            log.error("snapshot to %s failed, the journal keeps everything: %s",
+                      self.paths.database, exc)
+            return
+        seconds = time.perf_counter() - started
+        self.last_snapshot = {"seq": seq, "at": rfc3339(time.time()),
+                              "seconds": round(seconds, 4), "error": None}
+        log.debug("snapshot at record %d: %d tasks written in %.3f s, %d segments removed",
+                  seq, len(changes.tasks), seconds, removed)
+
+
+def gc_freeze() -> None:
+    """Keep the loaded state out of every later garbage collection."""
+    import gc
+    gc.collect()
+    gc.freeze()
+
+
+# ============================================================================
+# 10. main()
+# ============================================================================
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="sparkqd", description="The SparkQ task queue daemon.")
+    parser.add_argument("--config", help="configuration file (default: see README)")
+    parser.add_argument("--socket", help="Unix socket to listen on")
+    parser.add_argument("--data-dir", help="directory of the journal and snapshot")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--version", action="version", version=f"sparkqd {VERSION}")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s sparkqd[%(process)d] %(levelname)s %(message)s")
+    try:
+        config_path = find_config_path(args.config)
+        config = load_config(config_path)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    paths = resolve_paths(args, config, config_path)
+    daemon = Daemon(paths, config, args.config)
+    try:
+        asyncio.run(daemon.run())
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    except Unavailable as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
