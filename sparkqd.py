@@ -43,6 +43,7 @@ import fcntl
 import heapq
 import logging
 import os
+import select
 import signal
 import socket
 import sqlite3
@@ -1142,8 +1143,8 @@ class Journal:
 
     ``append`` only buffers; one flusher writes everything buffered with one
     write per segment and one fsync (policy ``always``), so requests that
-    arrive together share the cost. ``wait_durable(seq)`` returns once the
-    policy's promise holds for every record up to ``seq``. Segments are
+    arrive together share the cost. ``when_durable(seq, callback)`` tells when
+    the policy's promise holds for every record up to ``seq``. Segments are
     preallocated, so a full disk is refused up front by ``ensure_room``
     instead of failing half-way through a write.
     """
@@ -1163,8 +1164,7 @@ class Journal:
         self.failure: str | None = None
         self._chunks: list[tuple[Segment, bytes]] = []
         self._waiters: collections.deque = collections.deque()
-        self._flusher: asyncio.Task | None = None
-        self._syncing = 0  #: fsyncs running in worker threads
+        self._flush_scheduled = False
         self._encode = msgspec.msgpack.Encoder().encode
         self.fsync_seconds: collections.deque = collections.deque(maxlen=1024)
 
@@ -1298,32 +1298,43 @@ class Journal:
         self.current.reserved += len(chunk)
         self._chunks.append((self.current, chunk))
         self.last_seq += len(events)
-        if self._flusher is None:
-            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+        if not self._flush_scheduled:
+            # Flush once the loop has read what every client sent this round: group commit.
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
         return self.last_seq
 
-    async def _flush(self) -> None:
-        try:
-            while self._chunks and not self.failure:
-                chunks, self._chunks = self._chunks, []
-                seq = self.last_seq
-                touched = self._write(chunks)
-                if self.failure:
-                    return
-                self.written_seq = seq
-                if self.policy == "always":
-                    await self._sync_in_thread(touched, seq)
-                self._release()
-        finally:
-            self._flusher = None
+    def flush(self) -> None:
+        """Write what is buffered; under ``always`` fsync too, then tell the waiters.
 
-    async def _sync_in_thread(self, segments: list[Segment], seq: int) -> None:
-        self._syncing += 1
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, self._sync, segments, seq)
-        finally:
-            self._syncing -= 1
+        The fsync runs on the event loop, as Redis does for ``appendfsync always``:
+        requests that arrive meanwhile wait in the socket buffers and share the
+        next write, and no thread hand-off is paid on every acknowledgement.
+        """
+        self._flush_scheduled = False
+        if self.failure or not self._chunks:
+            return
+        chunks, self._chunks = self._chunks, []
+        seq = self.last_seq
+        touched = self._write(chunks)
+        if self.failure:
+            return
+        self.written_seq = seq
+        if self.policy == "always":
+            self._sync(touched, seq)
         self._close_synced()
+        self._release()
+
+    def sync_now(self) -> None:
+        """Write and fsync everything appended so far, whatever the policy."""
+        self.flush()
+        if self.failure:
+            raise Unavailable(f"storage failing: {self.failure}")
+        if self.synced_seq < self.written_seq:
+            self._sync([s for s in (*self.sealed, self.current) if s is not None and s.fd is not None],
+                       self.written_seq)
+        self._close_synced()
+        self._release()
 
     def _write(self, chunks: list[tuple[Segment, bytes]]) -> list[Segment]:
         by_segment: dict[Segment, list[bytes]] = {}
@@ -1340,7 +1351,6 @@ class Journal:
         return list(by_segment)
 
     def _sync(self, segments: list[Segment], seq: int) -> None:
-        """fdatasync the segments (in a worker thread); the records are then durable."""
         started = time.perf_counter()
         for segment in segments:
             try:
@@ -1355,13 +1365,10 @@ class Journal:
     def _fail(self, reason: str) -> None:
         log.error("journal: %s; refusing further changes", reason)
         self.failure = reason
-        while self._waiters:
-            self._waiters.popleft()[1].cancel()
+        self._release()
 
     def _close_synced(self) -> None:
-        """Close sealed segments whose every record is fsynced; none while a sync runs."""
-        if self._syncing:
-            return
+        """Close sealed segments whose every record is fsynced."""
         for index, segment in enumerate(self.sealed):
             following = self.sealed[index + 1] if index + 1 < len(self.sealed) else self.current
             if segment.fd is not None and self.synced_seq >= following.first_seq - 1:
@@ -1373,44 +1380,23 @@ class Journal:
         """The last record that the policy counts as safe to acknowledge."""
         return self.synced_seq if self.policy == "always" else self.written_seq
 
+    def when_durable(self, seq: int, callback) -> bool:
+        """True if ``seq`` is durable now; else call ``callback()`` once it is (or fails)."""
+        if self.durable_seq >= seq and not self.failure:
+            return True
+        self._waiters.append((seq, callback))
+        return False
+
     def _release(self) -> None:
         durable = self.durable_seq
-        while self._waiters and self._waiters[0][0] <= durable:
-            future = self._waiters.popleft()[1]
-            if not future.done():
-                future.set_result(None)
-
-    async def wait_durable(self, seq: int) -> None:
-        """Return once every record up to ``seq`` is durable under the policy."""
-        if self.durable_seq >= seq:
-            return
-        if self.failure:
-            raise Unavailable(f"storage failing: {self.failure}")
-        future = asyncio.get_running_loop().create_future()
-        self._waiters.append((seq, future))
-        try:
-            await future
-        except asyncio.CancelledError:
-            if self.failure:
-                raise Unavailable(f"storage failing: {self.failure}") from None
-            raise
+        while self._waiters and (self.failure or self._waiters[0][0] <= durable):
+            self._waiters.popleft()[1]()
 
     def sync_deadline(self) -> float | None:
         """When the ``batch`` policy next owes an fsync (epoch seconds), or None."""
         if self.policy == "batch" and self.last_seq > self.synced_seq:
             return self.last_sync + self.interval
         return None
-
-    async def sync_all(self) -> None:
-        """Write and fsync everything appended so far, whatever the policy."""
-        while self._flusher is not None:
-            await asyncio.shield(self._flusher)
-        if self.failure:
-            raise Unavailable(f"storage failing: {self.failure}")
-        if self.synced_seq < self.written_seq:
-            segments = [s for s in (*self.sealed, self.current) if s is not None and s.fd is not None]
-            await self._sync_in_thread(segments, self.written_seq)
-        self._close_synced()
 
     def remove_through(self, seq: int) -> int:
         """Delete sealed segments whose records are all covered by a snapshot at ``seq``."""
@@ -1636,80 +1622,98 @@ def bind_socket(path: str, explicit: bool) -> socket.socket:
     return sock
 
 
-class ConnectionClosed(Exception):
-    """The client went away while its request waited."""
+class Connection(asyncio.Protocol):
+    """One client: frames in, replies out in request order.
 
+    Frames are answered as they arrive; each reply is held until the journal
+    holds everything it could have observed, then written. A claim that waits
+    blocks only its own connection: later frames queue behind it.
+    """
 
-class Connection:
-    """One client: reads frames, answers them in order, writes the replies."""
-
-    READ_SIZE = 256 * 1024
-
-    def __init__(self, daemon: Daemon, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter):
+    def __init__(self, daemon: Daemon):
         self.daemon = daemon
-        self.reader = reader
-        self.writer = writer
-        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
         self.codec: Codec | None = None
-        self.replies: list[dict] = []
-        self.pending_read: asyncio.Future | None = None
-        self.busy = False
+        self.buf = bytearray()
+        self.frames: collections.deque = collections.deque()
+        #: (journal seq the reply may have seen, reply), oldest first
+        self.replies: collections.deque = collections.deque()
+        self.awaiting_journal = False
+        self.blocked: Claim | None = None  #: a claim waiting for a task
+        self.ticket = 0  #: tells a current claim wake-up from a stale one
+        self.claim_timer: asyncio.TimerHandle | None = None
+        self.write_paused = False
+        self.eof = False
+        self.closing = False  #: close once every reply is out
+        self.lost = False
+        self.peer_uid = -1
 
-    async def serve(self) -> None:
-        try:
-            if not await self._read():
-                return
-            max_frame = self.daemon.config.server.max_frame_bytes
-            self.codec = (JsonLines if self.buf[:1] == b"{" else MsgpackFrames)(max_frame)
-            uid = self._peer_uid()
-            if uid != os.getuid():
-                self.replies.append(error_reply(None, Forbidden(
-                    f"uid {uid} may not use the queue of uid {os.getuid()}")))
-                return await self._send()
-            while True:
-                self.busy = True
-                if not await self._answer_buffered():
-                    return
-                await self._send()
-                self.busy = False
-                if self.daemon.stopping or not await self._read():
-                    return
-        except (ConnectionError, ConnectionClosed):
-            pass
-        finally:
-            if self.pending_read is not None:
-                self.pending_read.cancel()
-            self.writer.close()
+    # -- transport events -----------------------------------------------------
 
-    def _peer_uid(self) -> int:
-        sock = self.writer.get_extra_info("socket")
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        return struct.unpack("3i", creds)[1]
+        self.peer_uid = struct.unpack("3i", creds)[1]
+        self.daemon.connections.add(self)
 
-    async def _read(self) -> bool:
-        """Add the next chunk from the client to the buffer; False at end of stream."""
-        if self.pending_read is not None:
-            read, self.pending_read = self.pending_read, None
-            data = await read
-        else:
-            data = await self.reader.read(self.READ_SIZE)
+    def connection_lost(self, exc) -> None:
+        self.lost = True
+        if self.blocked is not None:
+            self._unblock()
+        self.daemon.connection_closed(self)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.blocked is not None and self._peer_gone():
+            self.transport.close()
+        self._close_when_done()
+        return True  # a half-closed client still gets its replies
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._update_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.codec is None:
+            max_frame = self.daemon.config.server.max_frame_bytes
+            self.codec = (JsonLines if data[:1] == b"{" else MsgpackFrames)(max_frame)
+            if self.peer_uid != os.getuid():
+                self._add_reply(error_reply(None, Forbidden(
+                    f"uid {self.peer_uid} may not use the queue of uid {os.getuid()}")))
+                return self.stop()
+        if self.closing:
+            return
         self.buf += data
-        return bool(data)
-
-    async def _answer_buffered(self) -> bool:
-        """Answer every complete frame in the buffer; False when the connection must end."""
         try:
-            frames = self.codec.split(self.buf)
+            while frames := self.codec.split(self.buf):
+                self.frames.extend(frames)
         except TooLarge as exc:
-            self.replies.append(error_reply(None, exc))
-            await self._send()
-            return False
-        for frame in frames:
-            self.replies.append(await self._answer(frame))
-        return True
+            self.frames.append(exc)  # answered in turn, then the connection closes
+        self._process()
 
-    async def _answer(self, frame: bytes) -> dict:
+    # -- answering --------------------------------------------------------------
+
+    def _process(self) -> None:
+        while self.frames and self.blocked is None:
+            frame = self.frames.popleft()
+            if isinstance(frame, TooLarge):
+                self._add_reply(error_reply(None, frame))
+                self.frames.clear()
+                self.closing = True
+                break
+            reply = self._answer(frame)
+            if reply is not None:
+                self._add_reply(reply)
+        self._update_reading()
+        self._send_durable()
+
+    def _answer(self, frame: bytes) -> dict | None:
+        """The reply to one frame, or None when a claim now waits for a task."""
         try:
             request = self.codec.decode(frame)
         except BadRequest as exc:
@@ -1717,60 +1721,111 @@ class Connection:
         try:
             result = self.daemon.answer(request, len(frame))
             if result is None and type(request) is Claim and request.wait > 0:
-                result = await self._wait_for_claim(request)
+                if not self.daemon.stopping and not (self.eof and self._peer_gone()):
+                    self._block(request)
+                    return None
             return ok_reply(request.id, result)
         except SparkQError as exc:
             return error_reply(request.id, exc)
-        except (ConnectionError, ConnectionClosed):
-            raise
         except Exception as exc:
             log.exception("internal error answering %s", type(request).__name__)
             return error_reply(request.id, SparkQError(f"internal error: {exc!r}"))
 
-    async def _send(self) -> None:
-        """Write the replies once the journal holds everything they could have seen."""
-        if not self.replies:
-            return
-        journal = self.daemon.journal
-        replies, self.replies = self.replies, []
-        if journal.durable_seq < journal.last_seq:
-            try:
-                await journal.wait_durable(journal.last_seq)
-            except Unavailable as exc:
-                replies = [error_reply(r["id"], exc) for r in replies]
-        encode = self.codec.encode
-        self.writer.write(b"".join([encode(r) for r in replies]))
-        await self.writer.drain()
+    def _add_reply(self, reply: dict) -> None:
+        self.replies.append((self.daemon.journal.last_seq, reply))
 
-    async def _wait_for_claim(self, request: Claim) -> dict | None:
-        """Block this connection only, until a task can be claimed or ``wait`` runs out."""
-        await self._send()  # earlier replies go out now, in order
-        daemon, loop = self.daemon, asyncio.get_running_loop()
-        deadline = loop.time() + request.wait
-        waiter = None
+    def _send_durable(self) -> None:
+        """Write every reply whose observations are durable; wait for the rest."""
+        if self.awaiting_journal or self.lost or not self.replies:
+            return self._close_when_done()
+        journal = self.daemon.journal
+        durable, failure = journal.durable_seq, journal.failure
+        encode, out = self.codec.encode, []
+        while self.replies and (self.replies[0][0] <= durable or failure):
+            seq, reply = self.replies.popleft()
+            if seq > durable:
+                reply = error_reply(reply["id"], Unavailable(f"storage failing: {failure}"))
+            out.append(encode(reply))
+        if out:
+            self.transport.write(b"".join(out))
+        if self.replies:
+            self.awaiting_journal = True
+            journal.when_durable(self.replies[-1][0], self._on_durable)
+        self._close_when_done()
+
+    def _on_durable(self) -> None:
+        self.awaiting_journal = False
+        self._send_durable()
+
+    def _close_when_done(self) -> None:
+        done = self.closing or (self.eof and not self.frames and self.blocked is None)
+        if done and not self.replies and not self.lost:
+            self.transport.close()
+
+    def _update_reading(self) -> None:
+        full = len(self.buf) > 4 * self.codec.max_frame or len(self.frames) > 100_000
+        if self.lost or self.transport.is_closing():
+            return
+        if self.write_paused or self.closing or (self.blocked is not None and full):
+            self.transport.pause_reading()
+        elif not self.transport.is_reading():
+            self.transport.resume_reading()
+
+    def _peer_gone(self) -> bool:
+        """Whether the client closed both directions (not merely its sending side)."""
+        poller = select.poll()
+        poller.register(self.transport.get_extra_info("socket").fileno(), select.POLLIN)
+        return any(events & select.POLLHUP for _, events in poller.poll(0))
+
+    # -- claims that wait ---------------------------------------------------------
+
+    def _block(self, request: Claim) -> None:
+        self.blocked = request
+        loop = asyncio.get_running_loop()
+        self.claim_timer = loop.call_later(request.wait, self._claim_timed_out)
+        self._register_claim()
+
+    def _register_claim(self) -> None:
+        self.ticket += 1
+        self.daemon.add_claim_waiter(self.blocked.stream, self, self.ticket)
+
+    def claim_woken(self, ticket: int) -> bool:
+        """A task became ready; True if this connection took the wake-up."""
+        if self.blocked is None or ticket != self.ticket or self.lost:
+            return False
+        if self.eof and self._peer_gone():
+            self.transport.close()
+            return False
         try:
-            while not daemon.stopping:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    return None
-                if waiter is None:
-                    waiter = daemon.add_claim_waiter(request.stream)
-                if self.pending_read is None and len(self.buf) < 4 * self.codec.max_frame:
-                    self.pending_read = asyncio.ensure_future(self.reader.read(self.READ_SIZE))
-                watched = (waiter,) if self.pending_read is None else (waiter, self.pending_read)
-                await asyncio.wait(watched, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-                if self.pending_read is not None and self.pending_read.done():
-                    if not await self._read():
-                        raise ConnectionClosed
-                if waiter.done():
-                    waiter = None
-                    result = daemon.answer(request, 0)
-                    if result is not None:
-                        return result
-            raise Unavailable("shutting down")
-        finally:
-            if waiter is not None and not waiter.cancel():
-                daemon.wake_claimers(request.stream, 1)  # pass on a wake-up we cannot use
+            result = self.daemon.answer(self.blocked, 0)
+        except SparkQError as exc:
+            self._finish_claim(error_reply(self.blocked.id, exc))
+            return True
+        if result is None:
+            self._register_claim()  # someone else was quicker
+        else:
+            self._finish_claim(ok_reply(self.blocked.id, result))
+        return True
+
+    def _claim_timed_out(self) -> None:
+        self._finish_claim(ok_reply(self.blocked.id, None))
+
+    def _finish_claim(self, reply: dict) -> None:
+        self._unblock()
+        self._add_reply(reply)
+        self._process()
+
+    def _unblock(self) -> None:
+        self.claim_timer.cancel()
+        self.blocked = None
+        self.ticket += 1
+
+    def stop(self) -> None:
+        """Answer what has arrived, refuse a waiting claim, then close."""
+        if self.blocked is not None:
+            self._finish_claim(error_reply(self.blocked.id, Unavailable("shutting down")))
+        self.closing = True
+        self._process()
 
 
 # ============================================================================
@@ -1792,11 +1847,11 @@ class Daemon:
         self.snapshot_pool = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
         self.started = time.time()
         self.stopping = False
+        #: Per stream, (connection, ticket) of claims waiting for a task, oldest first.
         self.claim_waiters: dict[str, collections.deque] = {}
-        self.connections: dict[asyncio.Task, Connection] = {}
+        self.connections: set[Connection] = set()
         self.next_snapshot = 0.0
         self.snapshot_task: asyncio.Task | None = None
-        self.sync_task: asyncio.Task | None = None
         self.last_snapshot: dict = {"seq": None, "at": None, "seconds": None, "error": None}
         self.timer_deadline = 0.0
         self._lock_fd: int | None = None
@@ -1812,14 +1867,14 @@ class Daemon:
         """Recover, listen, serve until told to stop, then stop cleanly."""
         self._stopped = asyncio.Event()
         self._timer_wake = asyncio.Event()
+        self._all_closed = asyncio.Event()
         self.acquire_lock()
         try:
             replayed = self.recover()
             sock = bind_socket(self.paths.socket, self.paths.socket_explicit)
             self._socket_inode = os.stat(self.paths.socket).st_ino
-            self.server = await asyncio.start_unix_server(
-                self._on_connect, sock=sock, limit=self.config.server.max_frame_bytes)
             loop = asyncio.get_running_loop()
+            self.server = await loop.create_unix_server(lambda: Connection(self), sock=sock)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
             loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
@@ -1878,19 +1933,18 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         self.server.close()
-        for waiters in self.claim_waiters.values():
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
-        for conn in self.connections.values():
-            if not conn.busy:
-                conn.writer.transport.abort()  # idle: its read ends at once
+        for conn in list(self.connections):
+            conn.stop()
         if self.connections:
-            await asyncio.wait(list(self.connections), timeout=5)
-        for conn in self.connections.values():
-            conn.writer.transport.abort()
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), timeout=5)
+            except TimeoutError:
+                log.warning("%d clients did not take their replies; closing them",
+                            len(self.connections))
+        for conn in list(self.connections):
+            conn.transport.abort()
         try:
-            await self.journal.sync_all()
+            self.journal.sync_now()
         except Unavailable as exc:
             log.error("final journal sync failed: %s", exc)
         if self.snapshot_task is not None:
@@ -1916,13 +1970,10 @@ class Daemon:
 
     # -- requests -----------------------------------------------------------
 
-    async def _on_connect(self, reader, writer) -> None:
-        task = asyncio.current_task()
-        conn = self.connections[task] = Connection(self, reader, writer)
-        try:
-            await conn.serve()
-        finally:
-            del self.connections[task]
+    def connection_closed(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        if self.stopping and not self.connections:
+            self._all_closed.set()
 
     def answer(self, request: Request, size: int) -> Any:
         """Carry out one request; queue changes are journaled before this returns."""
@@ -1946,21 +1997,26 @@ class Daemon:
         deadline = self.queue.next_deadline()
         if deadline is not None and deadline < self.timer_deadline:
             self._timer_wake.set()
-        if self.journal.policy == "batch" and self.journal.sync_deadline() < self.timer_deadline:
+        sync_at = self.journal.sync_deadline()
+        if sync_at is not None and sync_at < self.timer_deadline:
             self._timer_wake.set()
 
-    def add_claim_waiter(self, stream: str) -> asyncio.Future:
-        waiter = asyncio.get_running_loop().create_future()
-        self.claim_waiters.setdefault(stream, collections.deque()).append(waiter)
-        return waiter
+    def add_claim_waiter(self, stream: str, conn: Connection, ticket: int) -> None:
+        self.claim_waiters.setdefault(stream, collections.deque()).append((conn, ticket))
 
     def wake_claimers(self, stream: str, count: int) -> None:
+        """Offer newly ready tasks to the claims waiting on their stream, oldest first."""
         waiters = self.claim_waiters.get(stream)
+        loop = asyncio.get_running_loop()
         while waiters and count:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+            conn, ticket = waiters.popleft()
+            if conn.blocked is not None and conn.ticket == ticket and not conn.lost:
+                loop.call_soon(self._offer_claim, stream, conn, ticket)
                 count -= 1
+
+    def _offer_claim(self, stream: str, conn: Connection, ticket: int) -> None:
+        if not conn.claim_woken(ticket):
+            self.wake_claimers(stream, 1)  # pass on a wake-up it could not use
 
     # -- daemon ops ---------------------------------------------------------
 
@@ -2048,8 +2104,9 @@ class Daemon:
                 if self.snapshot_task is None:
                     self.snapshot_task = asyncio.get_running_loop().create_task(self._snapshot_job())
             sync_at = self.journal.sync_deadline()
-            if sync_at is not None and sync_at <= now and self.sync_task is None:
-                self.sync_task = asyncio.get_running_loop().create_task(self._sync_job())
+            if sync_at is not None and sync_at <= now:
+                self._sync_journal()
+                sync_at = self.journal.sync_deadline()
             deadlines = [self.next_snapshot, self.queue.next_deadline(), sync_at]
             self.timer_deadline = min(d for d in deadlines if d is not None)
             self._timer_wake.clear()
@@ -2059,14 +2116,11 @@ class Daemon:
             except TimeoutError:
                 pass
 
-    async def _sync_job(self) -> None:
+    def _sync_journal(self) -> None:
         try:
-            await self.journal.sync_all()
+            self.journal.sync_now()
         except Unavailable:
-            pass  # logged by the journal
-        finally:
-            self.sync_task = None
-            self._timer_wake.set()
+            pass  # logged by the journal; changes are refused from now on
 
     async def _snapshot_job(self) -> None:
         try:
@@ -2085,7 +2139,7 @@ class Daemon:
         try:
             if self.journal.current.reserved:
                 self.journal.rotate()  # later records go to a segment this snapshot does not cover
-            await self.journal.sync_all()
+            self.journal.sync_now()
             await asyncio.get_running_loop().run_in_executor(
                 self.snapshot_pool, self.snapshot.write, changes, seq, next_id, session_of)
             removed = self.journal.remove_through(seq)
