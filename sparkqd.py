@@ -252,10 +252,13 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     for (section, key), message in REPLACED_KEYS.items():
         if isinstance(raw.get(section), dict) and key in raw[section]:
             raise ConfigError(f"{source}: $.{section}.{key}: {message}")
-    try:
-        config = msgspec.convert(raw, Config, str_keys=True)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {_path_first(str(exc))}") from None
+    named = {}  # validated one entry at a time, so an error names the entry, not `[...]`
+    for section, kind in (("task_classes", TaskClass), ("tools", Tool)):
+        if isinstance(raw.get(section), dict):
+            named[section] = {str(name): _convert(entry, kind, f"$.{section}.{name}", source)
+                              for name, entry in raw[section].items()}
+    config = _convert({**raw, **dict.fromkeys(named, {})}, Config, "$", source)
+    config = msgspec.structs.replace(config, **named)
     for name, tool in config.tools.items():
         if tool.task_class not in config.task_classes:
             known = ", ".join(sorted(config.task_classes)) or "none"
@@ -266,10 +269,18 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     return config
 
 
-def _path_first(message: str) -> str:
+def _convert(value: Any, kind: type, path: str, source: str) -> Any:
+    try:
+        return msgspec.convert(value, kind, str_keys=True)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_path_first(str(exc), path)}") from None
+
+
+def _path_first(message: str, root: str = "$") -> str:
     """Turn msgspec's 'reason - at `$.path`' into '$.path: reason'."""
     reason, sep, path = message.rpartition(" - at `")
-    return f"{path.rstrip('`')}: {reason}" if sep else f"$: {message}"
+    path = root + path.rstrip("`")[1:] if sep else root
+    return f"{path}: {reason if sep else message}"
 
 
 def load_config(path: str | None) -> Config:

@@ -1,0 +1,232 @@
+"""Shared fixtures: a real sparkqd process on a temporary socket, and helpers to talk to it.
+
+Tests start the daemon exactly as a user would (``python sparkqd.py``), talk to
+it over its Unix socket or through ``sparkqctl``, and poll with a timeout
+instead of sleeping.
+"""
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SPARKQD = [sys.executable, str(ROOT / "sparkqd.py")]
+SPARKQCTL = [sys.executable, str(ROOT / "sparkqctl.py")]
+sys.path.insert(0, str(ROOT))
+
+
+def wait_until(predicate, timeout=10.0, interval=0.01, message="condition"):
+    """Poll ``predicate`` until it returns a true value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+class Conn:
+    """A raw connection in either framing: ``send(op=...)`` then ``recv()``."""
+
+    def __init__(self, path, framing="json", timeout=10.0):
+        self.framing = framing
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.buf = b""
+
+    def send_raw(self, data: bytes):
+        self.sock.sendall(data)
+
+    def frame(self, message) -> bytes:
+        if self.framing == "json":
+            return json.dumps(message).encode() + b"\n"
+        body = msgspec.msgpack.encode(message)
+        return struct.pack(">I", len(body)) + body
+
+    def send(self, **message):
+        self.send_raw(self.frame(message))
+
+    def _read(self, n=65536):
+        chunk = self.sock.recv(n)
+        if not chunk:
+            raise EOFError("daemon closed the connection")
+        self.buf += chunk
+
+    def recv(self):
+        if self.framing == "json":
+            while b"\n" not in self.buf:
+                self._read()
+            line, self.buf = self.buf.split(b"\n", 1)
+            return json.loads(line)
+        while len(self.buf) < 4:
+            self._read()
+        (length,) = struct.unpack(">I", self.buf[:4])
+        while len(self.buf) < 4 + length:
+            self._read()
+        body, self.buf = self.buf[4:4 + length], self.buf[4 + length:]
+        return msgspec.msgpack.decode(body)
+
+    def call(self, **message):
+        """One request, one reply; returns the whole reply."""
+        self.send(**message)
+        return self.recv()
+
+    def ok(self, **message):
+        """One request that must succeed; returns its result."""
+        reply = self.call(**message)
+        assert reply["ok"], reply
+        return reply["result"]
+
+    def closed_by_peer(self, timeout=5.0) -> bool:
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self):
+        self.sock.close()
+
+
+class Daemon:
+    """A sparkqd process with its own socket, data directory and optional config."""
+
+    def __init__(self, workdir: Path, config: str | None = None, env: dict | None = None):
+        self.workdir = Path(workdir)
+        self.socket = self.workdir / "sparkqd.sock"
+        self.data_dir = self.workdir / "data"
+        self.config_path = self.workdir / "sparkq.yml"
+        self.log_path = self.workdir / "sparkqd.log"
+        self.extra_env = env or {}
+        self.proc = None
+        self.log = None
+        if config is not None:
+            self.config_path.write_text(config)
+
+    @property
+    def env(self):
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("SPARKQ_", "NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_"))}
+        env.update(SPARKQ_SOCKET=str(self.socket), **self.extra_env)
+        return env
+
+    def args(self):
+        args = [*SPARKQD, "--socket", str(self.socket), "--data-dir", str(self.data_dir)]
+        if self.config_path.exists():
+            args += ["--config", str(self.config_path)]
+        return args
+
+    def start(self, wait=True):
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args(), env=self.env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, cwd=self.workdir)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout=20.0):
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"sparkqd exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                conn = Conn(self.socket, timeout=2)
+            except OSError:
+                return False
+            try:
+                return conn.call(op="hello")["ok"]
+            except (OSError, EOFError):
+                return False
+            finally:
+                conn.close()
+        wait_until(ready, timeout, message="sparkqd to answer")
+
+    def connect(self, framing="json") -> Conn:
+        return Conn(self.socket, framing)
+
+    def ok(self, **message):
+        conn = self.connect()
+        try:
+            return conn.ok(**message)
+        finally:
+            conn.close()
+
+    def call(self, **message):
+        conn = self.connect()
+        try:
+            return conn.call(**message)
+        finally:
+            conn.close()
+
+    def ctl(self, *args, input=None, timeout=30) -> subprocess.CompletedProcess:
+        """Run sparkqctl against this daemon."""
+        return subprocess.run([*SPARKQCTL, "--socket", str(self.socket), *map(str, args)],
+                              env=self.env, input=input, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def stop(self, timeout=20.0):
+        """SIGTERM and wait: the graceful stop."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout)
+        return self.proc.returncode
+
+    def kill(self):
+        """SIGKILL: a crash, with no chance to flush or snapshot."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def restart(self):
+        self.stop()
+        return self.start()
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def journal_segments(self) -> list[Path]:
+        return sorted((self.data_dir / "journal").glob("*.journal"))
+
+
+@pytest.fixture
+def workdir():
+    # Short paths: a Unix socket path must fit in 107 bytes.
+    with tempfile.TemporaryDirectory(prefix="sq-", dir="/tmp") as d:
+        yield Path(d)
+
+
+@pytest.fixture
+def make_daemon(workdir):
+    """Factory for daemons in this test's temp dir; each is killed at the end."""
+    daemons = []
+
+    def make(config=None, env=None, start=True, subdir=None):
+        where = workdir / subdir if subdir else workdir
+        where.mkdir(exist_ok=True)
+        daemon = Daemon(where, config, env)
+        daemons.append(daemon)
+        return daemon.start() if start else daemon
+
+    yield make
+    for daemon in daemons:
+        daemon.kill()
+        if daemon.log is not None:
+            daemon.log.close()
+
+
+@pytest.fixture
+def daemon(make_daemon):
+    """A running daemon on built-in defaults."""
+    return make_daemon()
