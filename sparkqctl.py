@@ -6,7 +6,8 @@ command that calls it pays its start-up time. ``Client`` is the small Python
 API; ``main()`` is the command line.
 
 Exit status: 0 success; 1 the daemon refused the request; 2 usage error;
-3 the daemon cannot be reached; 4 nothing to claim or peek.
+3 the daemon cannot be reached; 4 nothing to claim or peek, or `wait` timed
+out; 5 a task waited for ended failed or cancelled.
 """
 
 import json
@@ -15,7 +16,8 @@ import socket
 import sys
 
 VERSION = "0.1.0"
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_EMPTY = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_EMPTY, EXIT_FAILED = 0, 1, 2, 3, 4, 5
+STATUSES = ["pending", "waiting", "running", "completed", "failed", "cancelled"]
 
 
 # ---------------------------------------------------------------------------
@@ -118,18 +120,19 @@ def table(rows: list[list], header: list[str]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
 
 
-TASK_FIELDS = ("id", "status", "stream", "session", "tool", "task_class", "priority", "timeout",
-               "attempts", "worker", "created_at", "started_at", "finished_at", "summary",
-               "reason", "result")
+TASK_FIELDS = ("id", "status", "waiting_for", "stream", "session", "tool", "task_class",
+               "priority", "timeout", "attempts", "max_attempts", "worker", "created_at",
+               "ready_at", "started_at", "finished_at", "after", "key", "lock", "lease",
+               "lease_expires_at", "summary", "reason", "result")
 
 
 def show_task(task: dict) -> str:
-    lines = [f"{k + ':':13}{task[k] if isinstance(task[k], (str, int, float)) else json.dumps(task[k])}"
-             for k in TASK_FIELDS if task.get(k) is not None]
+    lines = [f"{k + ':':17}{task[k] if isinstance(task[k], (str, int, float)) else json.dumps(task[k])}"
+             for k in TASK_FIELDS if task.get(k) not in (None, [])]
     payload = task.get("payload")
     if payload is not None:
         text = payload if isinstance(payload, str) else json.dumps(payload, indent=2)
-        lines.append("payload:     " + text.replace("\n", "\n             "))
+        lines.append("payload:         " + text.replace("\n", "\n" + " " * 17))
     for h in task.get("history") or ():
         by = f" by {h['by']}" if h.get("by") else ""
         note = f": {h['note']}" if h.get("note") else ""
@@ -225,6 +228,8 @@ def build_parser():
     p.add_argument("--session", required=True)
     command("list", "list streams", sub).add_argument("--session")
     command("end", "stop a stream taking new tasks", sub).add_argument("name")
+    command("pause", "stop claims from a stream; enqueue still works", sub).add_argument("name")
+    command("resume", "let claims take from a paused stream again", sub).add_argument("name")
 
     p = command("enqueue", "add a task; prints its id")
     p.add_argument("--stream", default=stream_default)
@@ -235,11 +240,25 @@ def build_parser():
     group.add_argument("--payload-file", metavar="PATH", help="payload read from a file, - for stdin")
     p.add_argument("--timeout", type=float, metavar="SECS")
     p.add_argument("--priority", type=int, default=0, help="higher first (default 0)")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--delay", type=duration, metavar="DURATION",
+                      help="wait first: 90s, 5m, 2h, 1d or plain seconds")
+    when.add_argument("--at", type=moment, metavar="TIME",
+                      help="wait until TIME: RFC 3339, or local 'YYYY-MM-DD HH:MM'")
+    p.add_argument("--after", type=id_list, metavar="ID[,ID...]",
+                   help="wait until these tasks have completed")
+    p.add_argument("--key", help="unique key: an existing task with it is returned instead")
+    p.add_argument("--lock", help="at most one running task per lock (a repository URL is normalised)")
+    p.add_argument("--max-attempts", type=int, metavar="N", help="attempts before it fails")
 
-    command("peek", "show the next task without claiming it").add_argument(
-        "--stream", default=stream_default)
+    def filters(p):
+        p.add_argument("--stream", action="append", metavar="S",
+                       help=f"stream to take from, repeatable (default {stream_default})")
+        p.add_argument("--tool", action="append", metavar="T", help="only these tools, repeatable")
+
+    filters(command("peek", "show the next task without claiming it"))
     p = command("claim", "claim the next task")
-    p.add_argument("--stream", default=stream_default)
+    filters(p)
     p.add_argument("--worker", default=os.environ.get("SPARKQ_WORKER"))
     p.add_argument("--wait", type=float, default=0, metavar="SECS",
                    help="wait up to SECS for a task")
@@ -248,20 +267,71 @@ def build_parser():
     task_id(p)
     p.add_argument("--summary")
     p.add_argument("--result-json", metavar="JSON")
-    p = command("fail", "mark a running task failed")
+    p.add_argument("--lease", help="refuse if the task was claimed again since")
+    p = command("fail", "record a failed attempt (retried while attempts remain)")
     task_id(p)
     p.add_argument("--reason", required=True)
-    task_id(command("requeue", "put a task back to pending"))
+    p.add_argument("--final", action="store_true", help="fail for good, no retry")
+    p.add_argument("--lease", help="refuse if the task was claimed again since")
+    p = command("touch", "extend a running task's lease (a heartbeat)")
+    task_id(p)
+    p.add_argument("--lease", help="refuse if the task was claimed again since")
+    task_id(command("cancel", "cancel a task that has not ended"))
+    p = command("requeue", "put a task back to pending, or every match of --stream/--status")
+    task_id(p)
+    p.add_argument("--stream")
+    p.add_argument("--status", choices=["running", "failed", "cancelled"])
     task_id(command("task", "show one task with its history"))
+    p = command("wait", "block until every task has ended; exit 0 all completed, 5 not")
+    p.add_argument("tasks", nargs="+", type=int, metavar="ID")
+    p.add_argument("--timeout", type=float, metavar="SECS")
+    command("locks", "list held locks and their tasks")
 
     p = command("tasks", "list tasks, oldest first")
     p.add_argument("--stream")
     p.add_argument("--session")
-    p.add_argument("--status", choices=["pending", "running", "completed", "failed"])
+    p.add_argument("--status", choices=STATUSES)
     p.add_argument("--limit", type=int)
     command("purge", "remove finished tasks older than N days").add_argument(
         "--older-than", type=float, metavar="DAYS")
     return parser
+
+
+def duration(text: str) -> float:
+    """Seconds from 90s, 5m, 2h, 1d or a plain number."""
+    import argparse
+
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 5m, 2h, 1d") from None
+    if seconds < 0:
+        raise argparse.ArgumentTypeError("a duration cannot be negative")
+    return seconds
+
+
+def moment(text: str) -> str:
+    """An RFC 3339 time, from RFC 3339 or local 'YYYY-MM-DD HH:MM'."""
+    import argparse
+    import datetime
+
+    try:
+        parsed = datetime.datetime.fromisoformat(text.replace(" ", "T", 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not RFC 3339 or 'YYYY-MM-DD HH:MM'") from None
+    return (parsed if parsed.tzinfo else parsed.astimezone()).isoformat()
+
+
+def id_list(text: str) -> list[int]:
+    import argparse
+
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of task ids") from None
 
 
 def json_arg(parser, text: str, flag: str):
@@ -271,10 +341,13 @@ def json_arg(parser, text: str, flag: str):
         parser.error(f"{flag}: not valid JSON: {exc}")
 
 
-def the_task_id(parser, args) -> int:
-    if (args.task is None) == (args.task_opt is None):
+def the_task_id(parser, args, required: bool = True) -> int | None:
+    if args.task is not None and args.task_opt is not None:
         parser.error("give the task id once, as ID or --task-id ID")
-    return args.task if args.task is not None else args.task_opt
+    task = args.task if args.task is not None else args.task_opt
+    if task is None and required:
+        parser.error("give the task id, as ID or --task-id ID")
+    return task
 
 
 def to_request(parser, args) -> tuple[str, dict]:
@@ -299,20 +372,34 @@ def to_request(parser, args) -> tuple[str, dict]:
             except OSError as exc:
                 parser.error(f"--payload-file: {exc.strerror}: {args.payload_file}")
         return "enqueue", {"stream": args.stream, "tool": args.tool, "payload": payload,
-                           "timeout": args.timeout, "priority": args.priority or None}
-    if cmd == "peek":
-        return "peek", {"stream": args.stream}
-    if cmd == "claim":
-        return "claim", {"stream": args.stream, "worker": args.worker, "wait": args.wait or None}
+                           "timeout": args.timeout, "priority": args.priority or None,
+                           "delay": args.delay, "at": args.at, "after": args.after,
+                           "key": args.key, "lock": args.lock, "max_attempts": args.max_attempts}
+    if cmd in ("peek", "claim"):
+        fields = {"stream": args.stream or os.environ.get("SPARKQ_STREAM") or "default",
+                  "tool": args.tool}
+        if cmd == "claim":
+            fields.update(worker=args.worker, wait=args.wait or None)
+        return cmd, fields
     if cmd == "complete":
         result = None if args.result_json is None else json_arg(parser, args.result_json,
                                                                  "--result-json")
         return "complete", {"task": the_task_id(parser, args), "summary": args.summary,
-                            "result": result}
+                            "result": result, "lease": args.lease}
     if cmd == "fail":
-        return "fail", {"task": the_task_id(parser, args), "reason": args.reason}
-    if cmd in ("requeue", "task"):
+        return "fail", {"task": the_task_id(parser, args), "reason": args.reason,
+                        "final": args.final or None, "lease": args.lease}
+    if cmd == "touch":
+        return "touch", {"task": the_task_id(parser, args), "lease": args.lease}
+    if cmd == "requeue":
+        task = the_task_id(parser, args, required=False)
+        if (task is None) == (args.status is None) or (task is not None and args.stream):
+            parser.error("requeue takes ID, or --status (with --stream to narrow it)")
+        return "requeue", {"task": task, "stream": args.stream, "status": args.status}
+    if cmd in ("task", "cancel"):
         return cmd, {"task": the_task_id(parser, args)}
+    if cmd == "wait":
+        return "wait", {"tasks": args.tasks, "timeout": args.timeout}
     if cmd == "tasks":
         return "tasks", {"stream": args.stream, "session": args.session, "status": args.status,
                          "limit": args.limit}
@@ -331,18 +418,27 @@ def render(args, op: str, result) -> str | None:
         return None
     if op == "enqueue":
         return str(result["id"])
+    if op == "requeue" and "requeued" in result:
+        return f"requeued {result['requeued']} tasks"
+    if op == "wait":
+        return show_tasks(result["tasks"])
+    if op == "locks":
+        return table([[lk["lock"], lk["task"], lk["stream"], lk["worker"], lk["since"]]
+                      for lk in result], ["LOCK", "TASK", "STREAM", "WORKER", "SINCE"])
     if op in ("peek", "claim", "task"):
         return show_task(result)
-    if op in ("complete", "fail", "requeue"):
-        return f"task {result['id']} {result['status']}"
+    if op in ("complete", "fail", "requeue", "cancel", "touch"):
+        extra = f" (retry at {result['ready_at']})" if result["waiting_for"] == "retry" else ""
+        return f"task {result['id']} {result['status']}{extra}"
     if op == "tasks":
         return show_tasks(result)
     if op == "stream.list":
         return show_streams(result)
     if op == "session.list":
         return show_sessions(result)
-    if op in ("session.create", "session.end", "stream.create", "stream.end"):
-        return f"{op.split('.')[0]} {result['name']} {result['status']}"
+    if op.startswith(("session.", "stream.")):
+        paused = " (paused)" if result.get("paused") else ""
+        return f"{op.split('.')[0]} {result['name']} {result['status']}{paused}"
     if op == "purge":
         return f"purged {result['purged']} tasks"
     if op == "tools":
@@ -371,13 +467,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print("null")
         return EXIT_EMPTY
+    status = EXIT_OK
+    if op == "wait":
+        ended = [t["status"] for t in result["tasks"]]
+        status = (EXIT_EMPTY if not result["done"] else
+                  EXIT_OK if all(s == "completed" for s in ended) else EXIT_FAILED)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(result["tasks"] if op == "wait" else result, indent=2))
     else:
         text = render(args, op, result)
         if text:
             print(text)
-    return EXIT_OK
+    return status
 
 
 if __name__ == "__main__":

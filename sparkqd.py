@@ -38,11 +38,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import datetime
 import errno
 import fcntl
 import heapq
 import logging
 import os
+import re
 import select
 import signal
 import socket
@@ -123,8 +125,8 @@ class JournalDamaged(StartupError):
     """The journal is damaged before its tail; the message names file and offset."""
 
 
-STATUSES = ("pending", "running", "completed", "failed")
-TERMINAL = frozenset(("completed", "failed"))
+STATUSES = ("pending", "waiting", "running", "completed", "failed", "cancelled")
+TERMINAL = frozenset(("completed", "failed", "cancelled"))
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 DEFAULT = "default"
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL
@@ -370,6 +372,7 @@ class Stream(Struct, frozen=True, gc=False):
     created_at: float
     status: str = "active"
     ended_at: float | None = None
+    paused: bool = False
 
 
 class Task(Struct, frozen=True, gc=False):
@@ -393,6 +396,14 @@ class Task(Struct, frozen=True, gc=False):
     reason: str | None = None
     #: Transitions after creation, as (at, status, by, note); creation is implied.
     history: tuple = ()
+    max_attempts: int = 1
+    waiting_for: str | None = None  #: "delay", "retry" or "after" while waiting
+    ready_at: float | None = None  #: when a delay or retry back-off ends
+    after: tuple = ()  #: ids that must complete first
+    key: str | None = None  #: unique key within the stream
+    lock: str | None = None  #: at most one running task per lock key
+    lease: str | None = None
+    lease_expires_at: float | None = None
 
 
 class Event(Struct, frozen=True, gc=False, array_like=True, tag=True):
@@ -418,6 +429,14 @@ class StreamEnded(Event, tag="stream.ended"):
     name: str
 
 
+class StreamPaused(Event, tag="stream.paused"):
+    name: str
+
+
+class StreamResumed(Event, tag="stream.resumed"):
+    name: str
+
+
 class TaskEnqueued(Event, tag="task.enqueued"):
     id: int
     stream: str
@@ -426,11 +445,31 @@ class TaskEnqueued(Event, tag="task.enqueued"):
     payload: Any
     timeout: float
     priority: int = 0
+    max_attempts: int = 1
+    waiting_for: str | None = None
+    ready_at: float | None = None
+    after: tuple = ()
+    key: str | None = None
+    lock: str | None = None
+
+
+class TaskReleased(Event, tag="task.released"):
+    """A waiting task's condition changed: pending if ``waiting_for`` is None."""
+
+    id: int
+    waiting_for: str | None = None
 
 
 class TaskClaimed(Event, tag="task.claimed"):
     id: int
     worker: str | None = None
+    lease: str | None = None
+    lease_expires_at: float | None = None
+
+
+class TaskTouched(Event, tag="task.touched"):
+    id: int
+    lease_expires_at: float
 
 
 class TaskCompleted(Event, tag="task.completed"):
@@ -445,6 +484,20 @@ class TaskFailed(Event, tag="task.failed"):
     by: str | None = None
 
 
+class TaskRetrying(Event, tag="task.retrying"):
+    """A failed attempt with attempts left: waits for its back-off, then runs again."""
+
+    id: int
+    reason: str
+    ready_at: float
+    by: str | None = None
+
+
+class TaskCancelled(Event, tag="task.cancelled"):
+    id: int
+    by: str | None = None
+
+
 class TaskRequeued(Event, tag="task.requeued"):
     id: int
     by: str | None = None
@@ -454,8 +507,10 @@ class TasksPurged(Event, tag="tasks.purged"):
     ids: list[int]
 
 
-AnyEvent = Union[SessionCreated, SessionEnded, StreamCreated, StreamEnded, TaskEnqueued,
-                 TaskClaimed, TaskCompleted, TaskFailed, TaskRequeued, TasksPurged]
+AnyEvent = Union[SessionCreated, SessionEnded, StreamCreated, StreamEnded, StreamPaused,
+                 StreamResumed, TaskEnqueued, TaskReleased, TaskClaimed, TaskTouched,
+                 TaskCompleted, TaskFailed, TaskRetrying, TaskCancelled, TaskRequeued,
+                 TasksPurged]
 
 
 # ============================================================================
@@ -502,20 +557,31 @@ class StreamList(Request, tag="stream.list"):
     session: str | None = None
 
 
+Names = str | list[str]
+
+
 class Enqueue(Request, tag="enqueue"):
     tool: str
     stream: str = DEFAULT
     payload: Any = None
     timeout: Seconds | None = None
-    priority: int = 0
+    priority: Annotated[int, Meta(ge=-(1 << 31), le=(1 << 31) - 1)] = 0
+    delay: Annotated[float, Meta(ge=0)] | None = None
+    at: str | None = None
+    after: list[TaskId] | None = None
+    key: Annotated[str, Meta(min_length=1)] | None = None
+    lock: Annotated[str, Meta(min_length=1)] | None = None
+    max_attempts: Annotated[int, Meta(ge=1)] | None = None
 
 
 class Peek(Request, tag="peek"):
-    stream: str = DEFAULT
+    stream: Names = DEFAULT
+    tool: Names | None = None
 
 
 class Claim(Request, tag="claim"):
-    stream: str = DEFAULT
+    stream: Names = DEFAULT
+    tool: Names | None = None
     worker: str | None = None
     wait: Annotated[float, Meta(ge=0)] = 0.0
 
@@ -524,15 +590,48 @@ class Complete(Request, tag="complete"):
     task: TaskId
     summary: str | None = None
     result: Any = None
+    lease: str | None = None
 
 
 class Fail(Request, tag="fail"):
     task: TaskId
     reason: Annotated[str, Meta(min_length=1)]
+    final: bool = False
+    lease: str | None = None
+
+
+class Touch(Request, tag="touch"):
+    task: TaskId
+    lease: str | None = None
+
+
+class Cancel(Request, tag="cancel"):
+    task: TaskId
 
 
 class Requeue(Request, tag="requeue"):
-    task: TaskId
+    """One task by ``task``, or every match of ``stream`` and ``status``."""
+
+    task: TaskId | None = None
+    stream: str | None = None
+    status: Literal["running", "failed", "cancelled"] | None = None
+
+
+class StreamPause(Request, tag="stream.pause"):
+    name: str
+
+
+class StreamResume(Request, tag="stream.resume"):
+    name: str
+
+
+class Locks(Request, tag="locks"):
+    pass
+
+
+class Wait(Request, tag="wait"):
+    tasks: Annotated[list[TaskId], Meta(min_length=1)]
+    timeout: Annotated[float, Meta(ge=0)] | None = None
 
 
 class GetTask(Request, tag="task"):
@@ -542,7 +641,7 @@ class GetTask(Request, tag="task"):
 class ListTasks(Request, tag="tasks"):
     stream: str | None = None
     session: str | None = None
-    status: Literal["pending", "running", "completed", "failed"] | None = None
+    status: Literal[STATUSES] | None = None
     limit: Annotated[int, Meta(ge=0)] | None = None
 
 
@@ -567,11 +666,13 @@ class Schema(Request, tag="schema"):
 
 
 AnyRequest = Union[Hello, Status, SessionCreate, SessionEnd, SessionList, StreamCreate,
-                   StreamEnd, StreamList, Enqueue, Peek, Claim, Complete, Fail, Requeue,
-                   GetTask, ListTasks, Purge, Tools, Reload, Shutdown, Schema]
+                   StreamEnd, StreamList, StreamPause, StreamResume, Enqueue, Peek, Claim,
+                   Complete, Fail, Touch, Cancel, Requeue, GetTask, ListTasks, Wait, Locks,
+                   Purge, Tools, Reload, Shutdown, Schema]
 OPS = frozenset(cls.__struct_config__.tag for cls in AnyRequest.__args__)
 #: Ops that only read state: their replies need not wait for the journal.
-READ_ONLY = (Hello, Status, SessionList, StreamList, Peek, GetTask, ListTasks, Tools, Schema)
+READ_ONLY = (Hello, Status, SessionList, StreamList, Peek, GetTask, ListTasks, Wait, Locks,
+             Tools, Schema)
 
 
 def request_schema() -> dict:
@@ -680,11 +781,43 @@ def error_reply(request_id: Any, exc: SparkQError) -> dict:
 
 PRIORITY_BIAS = 1 << 62  # ready-heap keys: (BIAS - priority) << 64 | id, smallest first
 ID_MASK = (1 << 64) - 1
+WAIT_NOTES = {"delay": "delay over", "retry": "back-off over", "after": "dependencies completed"}
 
 
 def ready_key(task: Task) -> int:
     """Heap key ordering higher priority first, then lower id (older) first."""
     return ((PRIORITY_BIAS - task.priority) << 64) | task.id
+
+
+def normalise_lock(key: str) -> str:
+    """One lock per repository however its URL is written; other keys stay as given."""
+    text = key.strip()
+    if "://" in text:
+        scheme, _, rest = text.partition("://")
+        host, _, path = rest.partition("/")
+    elif re.match(r"^[\w.-]+@[\w.-]+:", text):  # scp-like: git@github.com:user/repo
+        host, _, path = text.partition(":")
+    else:
+        return key
+    host = host.rpartition("@")[2].lower()
+    path = path.strip("/")
+    path = path[:-4] if path.endswith(".git") else path
+    return f"{host}/{path}".rstrip("/")
+
+
+def parse_time(text: str) -> float:
+    """Epoch seconds of an RFC 3339 time; it must say its offset."""
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise BadRequest(f"at: {text!r} is not an RFC 3339 time") from None
+    if moment.tzinfo is None:
+        raise BadRequest(f"at: {text!r} has no UTC offset (add Z or +01:00)")
+    return moment.timestamp()
+
+
+def names(value: str | list[str] | None) -> list[str] | None:
+    return [value] if isinstance(value, str) else value
 
 
 class Changes:
@@ -707,6 +840,13 @@ class Queue:
     it out (applying each at once) and returns the result. The caller takes
     the emitted events with ``take_events()`` and journals them. Nothing here
     does I/O or reads the clock.
+
+    Pending tasks sit in one heap per (stream, tool), so a claim looks at the
+    top of a few heaps: O(log n). A task whose lock is held is moved, when it
+    reaches a heap's top, to a heap of its lock; when the lock frees, the best
+    task of each of that lock's heaps goes back. Waiting tasks are in no ready
+    heap: the timer releases delays and back-offs, and a task's completion
+    releases (or fails) its dependents.
     """
 
     def __init__(self, config: Config):
@@ -715,32 +855,41 @@ class Queue:
         self.streams: dict[str, Stream] = {}
         self.tasks: dict[int, Task] = {}
         self.next_id = 1
-        #: Per stream, a heap of ready_key() of its pending tasks (stale keys skipped).
-        self.ready: dict[str, list[int]] = {}
-        #: Per stream, {status: count}.
-        self.counts: dict[str, dict[str, int]] = {}
-        #: (deadline, id, started_at) of running tasks, for the stale rule.
-        self.stale_heap: list[tuple[float, int, float]] = []
-        #: (finished_at, id) of terminal tasks, for purge.
-        self.purge_heap: list[tuple[float, int]] = []
-        #: Streams that gained pending tasks since last asked, with how many.
-        self.became_ready: dict[str, int] = {}
+        #: stream -> tool -> heap of ready_key() of pending tasks (stale keys skipped)
+        self.ready: dict[str, dict[str, list[int]]] = {}
+        #: lock -> (stream, tool) -> heap of pending tasks set aside while the lock is held
+        self.parked: dict[str, dict[tuple[str, str], list[int]]] = {}
+        self.lock_holder: dict[str, int] = {}
+        self.keys: dict[tuple[str, str], int] = {}  #: (stream, key) -> task id
+        self.dependents: dict[int, list[int]] = {}  #: id -> waiting tasks naming it in after
+        self.counts: dict[str, dict[str, int]] = {}  #: stream -> status -> n
+        self.stale_heap: list[tuple[float, int, str]] = []  #: (lease_expires_at, id, lease)
+        self.delay_heap: list[tuple[float, int]] = []  #: (ready_at, id)
+        self.purge_heap: list[tuple[float, int]] = []  #: (finished_at, id)
+        #: Streams that gained claimable tasks, and tasks that ended, since last taken.
+        self.became_ready: set[str] = set()
+        self.finished: list[int] = []
         self.changes = Changes()
         self._events: list[Event] = []
         self._apply = {
             SessionCreated: self._apply_session_created, SessionEnded: self._apply_session_ended,
             StreamCreated: self._apply_stream_created, StreamEnded: self._apply_stream_ended,
-            TaskEnqueued: self._apply_enqueued, TaskClaimed: self._apply_claimed,
+            StreamPaused: self._apply_stream_paused, StreamResumed: self._apply_stream_resumed,
+            TaskEnqueued: self._apply_enqueued, TaskReleased: self._apply_released,
+            TaskClaimed: self._apply_claimed, TaskTouched: self._apply_touched,
             TaskCompleted: self._apply_completed, TaskFailed: self._apply_failed,
+            TaskRetrying: self._apply_retrying, TaskCancelled: self._apply_cancelled,
             TaskRequeued: self._apply_requeued, TasksPurged: self._apply_purged,
         }
         self._handlers = {
             SessionCreate: self.session_create, SessionEnd: self.session_end,
             SessionList: self.session_list, StreamCreate: self.stream_create,
-            StreamEnd: self.stream_end, StreamList: self.stream_list, Enqueue: self.enqueue,
-            Peek: self.peek, Claim: self.claim, Complete: self.complete, Fail: self.fail,
-            Requeue: self.requeue, GetTask: self.get_task, ListTasks: self.list_tasks,
-            Purge: self.purge,
+            StreamEnd: self.stream_end, StreamList: self.stream_list,
+            StreamPause: self.stream_pause, StreamResume: self.stream_resume,
+            Enqueue: self.enqueue, Peek: self.peek, Claim: self.claim, Complete: self.complete,
+            Fail: self.fail, Touch: self.touch, Cancel: self.cancel, Requeue: self.requeue,
+            GetTask: self.get_task, ListTasks: self.list_tasks, Wait: self.wait,
+            Locks: self.locks, Purge: self.purge,
         }
 
     # -- entry points -------------------------------------------------------
@@ -762,10 +911,11 @@ class Queue:
         changes, self.changes = self.changes, Changes()
         return changes
 
-    def take_ready(self) -> dict[str, int]:
-        """Streams that gained pending tasks since the last call."""
-        ready, self.became_ready = self.became_ready, {}
-        return ready
+    def take_wakeups(self) -> tuple[set[str], list[int]]:
+        """Streams that gained claimable tasks and tasks that ended, since the last call."""
+        ready, finished = self.became_ready, self.finished
+        self.became_ready, self.finished = set(), []
+        return ready, finished
 
     def apply(self, event: Event) -> None:
         """Change state by one event: the same path live and on replay."""
@@ -780,6 +930,10 @@ class Queue:
         if not self.sessions:
             self._emit(SessionCreated(at=now, name=DEFAULT))
             self._emit(StreamCreated(at=now, name=DEFAULT, session=DEFAULT))
+
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded configuration; leases already granted keep their expiry."""
+        self.config = config
 
     # -- lookups ------------------------------------------------------------
 
@@ -801,11 +955,20 @@ class Queue:
         except KeyError:
             raise NotFound(f"no task {task_id}") from None
 
-    def _running(self, task_id: int, verb: str) -> Task:
+    def _running(self, task_id: int, verb: str, lease: str | None) -> Task:
+        """The task, if it is running and ``lease`` (when given) still holds it."""
         task = self._task(task_id)
         if task.status != "running":
             raise Conflict(f"cannot {verb} task {task_id}: it is {task.status}, not running")
+        if lease is not None and lease != task.lease:
+            raise Conflict(f"cannot {verb} task {task_id}: lease {lease} no longer holds it "
+                           f"(it expired and the task was claimed again)")
         return task
+
+    def _tool_settings(self, tool_name: str) -> tuple[Tool | None, TaskClass]:
+        tool = self.config.tools.get(tool_name)
+        klass = self.config.task_classes.get(tool.task_class) if tool else None
+        return tool, klass or TaskClass(timeout=300)
 
     # -- sessions and streams -----------------------------------------------
 
@@ -844,7 +1007,19 @@ class Queue:
         return [self.stream_record(s) for s in self.streams.values()
                 if req.session is None or s.session == req.session]
 
-    # -- tasks --------------------------------------------------------------
+    def stream_pause(self, req: StreamPause, now: float) -> dict:
+        if self._stream(req.name).paused:
+            raise Conflict(f"stream {req.name!r} is paused already")
+        self._emit(StreamPaused(at=now, name=req.name))
+        return self.stream_record(self.streams[req.name])
+
+    def stream_resume(self, req: StreamResume, now: float) -> dict:
+        if not self._stream(req.name).paused:
+            raise Conflict(f"stream {req.name!r} is not paused")
+        self._emit(StreamResumed(at=now, name=req.name))
+        return self.stream_record(self.streams[req.name])
+
+    # -- enqueue ------------------------------------------------------------
 
     def enqueue(self, req: Enqueue, now: float) -> dict:
         stream = self._stream(req.stream)
@@ -854,51 +1029,185 @@ class Queue:
         if tool is None:
             known = ", ".join(sorted(self.config.tools)) or "none"
             raise BadRequest(f"unknown tool {req.tool!r} (known: {known})")
-        timeout = req.timeout or tool.timeout or self.config.task_classes[tool.task_class].timeout
-        self._emit(TaskEnqueued(at=now, id=self.next_id, stream=stream.name, tool=req.tool,
-                                task_class=tool.task_class, payload=req.payload,
-                                timeout=timeout, priority=req.priority))
-        return self.task_record(self.tasks[self.next_id - 1])
+        if req.key is not None and (stream.name, req.key) in self.keys:
+            return {**self.task_record(self.tasks[self.keys[stream.name, req.key]]), "existing": True}
+        if req.delay is not None and req.at is not None:
+            raise BadRequest("give delay or at, not both")
+        ready_at = parse_time(req.at) if req.at is not None else (
+            now + req.delay if req.delay else None)
+        after = tuple(dict.fromkeys(req.after or ()))
+        for dep in after:
+            if dep not in self.tasks:
+                raise NotFound(f"no task {dep} (named in after)")
+        klass = self.config.task_classes[tool.task_class]
+        unfinished = [dep for dep in after if self.tasks[dep].status != "completed"]
+        waiting_for = "after" if unfinished else (
+            "delay" if ready_at is not None and ready_at > now else None)
+        task_id = self.next_id
+        self._emit(TaskEnqueued(
+            at=now, id=task_id, stream=stream.name, tool=req.tool, task_class=tool.task_class,
+            payload=req.payload, timeout=req.timeout or tool.timeout or klass.timeout,
+            priority=req.priority,
+            max_attempts=req.max_attempts or tool.max_attempts or klass.max_attempts,
+            waiting_for=waiting_for, ready_at=ready_at, after=after, key=req.key,
+            lock=normalise_lock(req.lock) if req.lock else None))
+        for dep in unfinished:
+            if self.tasks[dep].status in TERMINAL:
+                self._settle_dependents(dep, now)  # a dependency that failed already
+        return {**self.task_record(self.tasks[task_id]), "existing": False}
 
-    def _next_ready(self, stream: str) -> Task | None:
-        heap = self.ready.get(stream)
+    # -- claim and peek -------------------------------------------------------
+
+    def _best_ready(self, stream_names: list[str], tools: list[str] | None) -> Task | None:
+        """The task a claim would take: highest priority, then oldest, across the filters."""
+        best = None
+        for name in stream_names:
+            self._stream(name)
+        for name in stream_names:
+            if self.streams[name].paused:
+                continue
+            by_tool = self.ready[name]
+            for tool in (tools if tools is not None else list(by_tool)):
+                task = self._top(name, tool)
+                if task is not None and (best is None or ready_key(task) < ready_key(best)):
+                    best = task
+        return best
+
+    def _top(self, stream: str, tool: str) -> Task | None:
+        """The best claimable task of one heap, setting aside those whose lock is held."""
+        heap = self.ready[stream].get(tool)
         while heap:
             task = self.tasks.get(heap[0] & ID_MASK)
-            if task is not None and task.status == "pending" and ready_key(task) == heap[0]:
+            if task is None or task.status != "pending" or ready_key(task) != heap[0]:
+                heapq.heappop(heap)  # a stale key: the task moved on since it was pushed
+            elif task.lock is not None and task.lock in self.lock_holder:
+                heapq.heappop(heap)
+                groups = self.parked.setdefault(task.lock, {})
+                heapq.heappush(groups.setdefault((stream, tool), []), ready_key(task))
+            else:
                 return task
-            heapq.heappop(heap)  # a stale key: the task moved on since it was pushed
         return None
 
+    def _unpark(self, lock: str) -> None:
+        """The lock is free: the best parked task of each heap may be claimed again."""
+        groups = self.parked.get(lock)
+        if not groups:
+            return
+        for (stream, tool), heap in list(groups.items()):
+            while heap:
+                task = self.tasks.get(heapq.heappop(heap) & ID_MASK)
+                if task is not None and task.status == "pending":
+                    heapq.heappush(self.ready[stream].setdefault(tool, []), ready_key(task))
+                    self.became_ready.add(stream)
+                    break
+            if not heap:
+                del groups[(stream, tool)]
+        if not groups:
+            del self.parked[lock]
+
     def peek(self, req: Peek, now: float) -> dict | None:
-        self._stream(req.stream)
-        task = self._next_ready(req.stream)
+        task = self._best_ready(names(req.stream), names(req.tool))
         return task and self.task_record(task)
 
     def claim(self, req: Claim, now: float) -> dict | None:
-        self._stream(req.stream)
-        task = self._next_ready(req.stream)
+        task = self._best_ready(names(req.stream), names(req.tool))
         if task is None:
             return None
-        self._emit(TaskClaimed(at=now, id=task.id, worker=req.worker))
+        self._emit(TaskClaimed(at=now, id=task.id, worker=req.worker,
+                               lease=f"{task.id}.{len(task.history) + 1}",
+                               lease_expires_at=now + self.config.stale.factor * task.timeout))
         return self.task_record(self.tasks[task.id])
 
+    # -- finishing ------------------------------------------------------------
+
     def complete(self, req: Complete, now: float) -> dict:
-        self._running(req.task, "complete")
+        self._running(req.task, "complete", req.lease)
         self._emit(TaskCompleted(at=now, id=req.task, summary=req.summary, result=req.result))
+        self._settle_dependents(req.task, now)
         return self.task_record(self.tasks[req.task])
 
     def fail(self, req: Fail, now: float) -> dict:
-        self._running(req.task, "fail")
-        self._emit(TaskFailed(at=now, id=req.task, reason=req.reason))
+        task = self._running(req.task, "fail", req.lease)
+        self._fail_attempt(task, req.reason, now, final=req.final)
+        return self.task_record(self.tasks[req.task])
+
+    def _fail_attempt(self, task: Task, reason: str, now: float, final: bool = False,
+                      by: str | None = None) -> None:
+        """A failed attempt: retried after a back-off while attempts remain, else failed."""
+        if not final and task.attempts < task.max_attempts:
+            self._emit(TaskRetrying(at=now, id=task.id, reason=reason, by=by,
+                                    ready_at=now + self._backoff(task)))
+        else:
+            self._emit(TaskFailed(at=now, id=task.id, reason=reason, by=by))
+            self._settle_dependents(task.id, now)
+
+    def _backoff(self, task: Task) -> float:
+        """Exponential back-off for the attempt just failed; jitter only lengthens it."""
+        tool, klass = self._tool_settings(task.tool)
+        base = tool.retry_backoff if tool and tool.retry_backoff is not None else klass.retry_backoff
+        cap = (tool.retry_backoff_max if tool and tool.retry_backoff_max is not None
+               else klass.retry_backoff_max)
+        delay = min(cap, base * 2 ** (task.attempts - 1))
+        jitter = (zlib.crc32(f"{task.id}:{task.attempts}".encode()) % 1024) / 4096  # [0, 0.25)
+        return delay * (1 + jitter)
+
+    def _settle_dependents(self, task_id: int, now: float) -> None:
+        """A task ended: release dependents whose every dependency completed, fail the rest."""
+        settled = [task_id]
+        while settled:
+            done = self.tasks[settled.pop()]
+            for dep_id in self.dependents.pop(done.id, ()):
+                dependent = self.tasks.get(dep_id)
+                if dependent is None or dependent.waiting_for != "after":
+                    continue
+                if done.status != "completed":
+                    self._emit(TaskFailed(at=now, id=dep_id, by="sparkqd",
+                                          reason=f"dependency {done.id} {done.status}"))
+                    settled.append(dep_id)
+                elif all(self.tasks[d].status == "completed" for d in dependent.after
+                         if d in self.tasks):
+                    delayed = dependent.ready_at is not None and dependent.ready_at > now
+                    self._emit(TaskReleased(at=now, id=dep_id,
+                                            waiting_for="delay" if delayed else None))
+
+    def touch(self, req: Touch, now: float) -> dict:
+        task = self._running(req.task, "touch", req.lease)
+        self._emit(TaskTouched(at=now, id=req.task,
+                               lease_expires_at=now + self.config.stale.factor * task.timeout))
+        return self.task_record(self.tasks[req.task])
+
+    def cancel(self, req: Cancel, now: float) -> dict:
+        task = self._task(req.task)
+        if task.status in TERMINAL:
+            raise Conflict(f"cannot cancel task {req.task}: it is {task.status} already")
+        self._emit(TaskCancelled(at=now, id=req.task))
+        self._settle_dependents(req.task, now)
         return self.task_record(self.tasks[req.task])
 
     def requeue(self, req: Requeue, now: float) -> dict:
+        if req.task is None:
+            return self._requeue_matching(req, now)
+        if req.stream is not None or req.status is not None:
+            raise BadRequest("give task, or stream and status, not both")
         task = self._task(req.task)
-        if task.status in ("pending", "completed"):
+        if task.status in ("pending", "waiting", "completed"):
             raise Conflict(f"cannot requeue task {req.task}: it is {task.status}"
                            + (" (enqueue it again instead)" if task.status == "completed" else ""))
         self._emit(TaskRequeued(at=now, id=req.task))
         return self.task_record(self.tasks[req.task])
+
+    def _requeue_matching(self, req: Requeue, now: float) -> dict:
+        if req.status is None:
+            raise BadRequest("requeue needs task, or status (and optionally stream)")
+        if req.stream is not None:
+            self._stream(req.stream)
+        ids = [t.id for t in self.tasks.values()
+               if t.status == req.status and (req.stream is None or t.stream == req.stream)]
+        for task_id in ids:
+            self._emit(TaskRequeued(at=now, id=task_id))
+        return {"requeued": len(ids), "tasks": ids}
+
+    # -- reading ----------------------------------------------------------------
 
     def get_task(self, req: GetTask, now: float) -> dict:
         return self.task_record(self._task(req.task), with_history=True)
@@ -919,6 +1228,18 @@ class Queue:
                 out.append(self.task_record(task))
         return out
 
+    def wait(self, req: Wait, now: float) -> dict:
+        """Whether every task named has ended, with their records."""
+        tasks = [self._task(task_id) for task_id in req.tasks]
+        return {"done": all(t.status in TERMINAL for t in tasks),
+                "tasks": [self.task_record(t) for t in tasks]}
+
+    def locks(self, req: Locks, now: float) -> list:
+        return [{"lock": lock, "task": task_id, "stream": self.tasks[task_id].stream,
+                 "worker": self.tasks[task_id].worker,
+                 "since": rfc3339(self.tasks[task_id].started_at)}
+                for lock, task_id in sorted(self.lock_holder.items())]
+
     def purge(self, req: Purge, now: float) -> dict:
         days = self.config.purge.older_than_days if req.older_than_days is None else req.older_than_days
         return {"purged": self._purge_before(now - days * DAY, now)}
@@ -938,59 +1259,69 @@ class Queue:
     # -- timers -------------------------------------------------------------
 
     def tick(self, now: float) -> float | None:
-        """Fail stale tasks and purge old ones; returns the next deadline or None."""
+        """Expire leases, end delays and back-offs, purge; returns the next deadline."""
         heap = self.stale_heap
         while heap and heap[0][0] <= now:
-            deadline, task_id, started_at = heapq.heappop(heap)
+            expires, task_id, lease = heapq.heappop(heap)
             task = self.tasks.get(task_id)
-            if task is not None and task.status == "running" and task.started_at == started_at:
-                factor = self.config.stale.factor
-                self._emit(TaskFailed(
-                    at=now, id=task_id, by="sparkqd",
-                    reason=f"stale: still running {deadline - started_at:g} s after it was "
-                           f"claimed (stale.factor {factor:g} x timeout {task.timeout:g} s)"))
+            if (task is not None and task.status == "running" and task.lease == lease
+                    and task.lease_expires_at == expires):
+                self._fail_attempt(task, (
+                    f"stale: lease expired, no complete, fail or touch for "
+                    f"{self.config.stale.factor:g} x timeout {task.timeout:g} s"), now, by="sparkqd")
+        heap = self.delay_heap
+        while heap and heap[0][0] <= now:
+            ready_at, task_id = heapq.heappop(heap)
+            task = self.tasks.get(task_id)
+            if (task is not None and task.status == "waiting" and task.ready_at == ready_at
+                    and task.waiting_for in ("delay", "retry")):
+                self._emit(TaskReleased(at=now, id=task_id))
         self._purge_before(now - self.config.purge.older_than_days * DAY, now)
         return self.next_deadline()
 
     def next_deadline(self) -> float | None:
         """The earliest time tick() may have work to do."""
-        deadlines = []
-        if self.stale_heap:
-            deadlines.append(self.stale_heap[0][0])
+        deadlines = [heap[0][0] for heap in (self.stale_heap, self.delay_heap) if heap]
         if self.purge_heap:
             deadlines.append(self.purge_heap[0][0] + self.config.purge.older_than_days * DAY)
         return min(deadlines, default=None)
 
     # -- apply: one method per event; these must never fail --------------------
 
-    def _count(self, stream: str, old: str | None, new: str | None) -> None:
-        counts = self.counts[stream]
-        if old:
-            counts[old] -= 1
-        if new:
-            counts[new] += 1
-
-    def _put(self, task: Task, old_status: str | None) -> None:
-        """Store a new version of a task and keep the indexes in step."""
+    def _put(self, task: Task, old: Task | None) -> None:
+        """Store a new version of a task and keep every index in step."""
         self.tasks[task.id] = task
         self.changes.tasks[task.id] = task
-        if old_status != task.status:
-            self._count(task.stream, old_status, task.status)
-        if task.status == "pending":
-            heapq.heappush(self.ready[task.stream], ready_key(task))
-            self.became_ready[task.stream] = self.became_ready.get(task.stream, 0) + 1
-        elif task.status == "running":
-            deadline = task.started_at + self.config.stale.factor * task.timeout
-            heapq.heappush(self.stale_heap, (deadline, task.id, task.started_at))
-        elif task.status in TERMINAL:
+        status, old_status = task.status, old and old.status
+        if old_status != status:
+            counts = self.counts[task.stream]
+            if old_status:
+                counts[old_status] -= 1
+            counts[status] += 1
+        if status == "pending":
+            heapq.heappush(self.ready[task.stream].setdefault(task.tool, []), ready_key(task))
+            self.became_ready.add(task.stream)
+        elif status == "running":
+            heapq.heappush(self.stale_heap, (task.lease_expires_at, task.id, task.lease))
+            if task.lock is not None:
+                self.lock_holder[task.lock] = task.id
+        elif status == "waiting":
+            if task.waiting_for in ("delay", "retry"):
+                heapq.heappush(self.delay_heap, (task.ready_at, task.id))
+        elif old_status != status:  # it just ended
             heapq.heappush(self.purge_heap, (task.finished_at, task.id))
+            self.finished.append(task.id)
+        if old_status == "running" and status != "running" and task.lock is not None:
+            if self.lock_holder.get(task.lock) == task.id:
+                del self.lock_holder[task.lock]
+        if task.lock is not None and task.lock not in self.lock_holder:
+            self._unpark(task.lock)
 
     def _transition(self, event: Event, status: str, by: str | None, note: str | None,
                     **fields) -> None:
         task = self.tasks[event.id]
         history = task.history + ((event.at, status, by, note),)
-        self._put(msgspec.structs.replace(task, status=status, history=history, **fields),
-                  task.status)
+        self._put(msgspec.structs.replace(task, status=status, history=history, **fields), task)
 
     def _apply_session_created(self, e: SessionCreated) -> None:
         self.sessions[e.name] = self.changes.sessions[e.name] = Session(e.name, e.at)
@@ -1004,56 +1335,98 @@ class Queue:
 
     def _apply_stream_created(self, e: StreamCreated) -> None:
         self.streams[e.name] = self.changes.streams[e.name] = Stream(e.name, e.session, e.at)
-        self.ready[e.name] = []
+        self.ready[e.name] = {}
         self.counts[e.name] = dict.fromkeys(STATUSES, 0)
 
+    def _replace_stream(self, name: str, **fields) -> None:
+        stream = msgspec.structs.replace(self.streams[name], **fields)
+        self.streams[name] = self.changes.streams[name] = stream
+
     def _apply_stream_ended(self, e: StreamEnded) -> None:
-        stream = msgspec.structs.replace(self.streams[e.name], status="ended", ended_at=e.at)
-        self.streams[e.name] = self.changes.streams[e.name] = stream
+        self._replace_stream(e.name, status="ended", ended_at=e.at)
+
+    def _apply_stream_paused(self, e: StreamPaused) -> None:
+        self._replace_stream(e.name, paused=True)
+
+    def _apply_stream_resumed(self, e: StreamResumed) -> None:
+        self._replace_stream(e.name, paused=False)
+        self.became_ready.add(e.name)
 
     def _apply_enqueued(self, e: TaskEnqueued) -> None:
-        stream = self.streams[e.stream].name  # share one string object per stream
-        self._put(Task(id=e.id, stream=stream, tool=sys.intern(e.tool),
-                       task_class=sys.intern(e.task_class),
-                       payload=e.payload, status="pending", priority=e.priority,
-                       timeout=e.timeout, created_at=e.at), None)
+        status = "waiting" if e.waiting_for else "pending"
+        history = ((e.at, status, None, f"enqueued, waits for {e.waiting_for}"),) if e.waiting_for else ()
+        task = Task(id=e.id, stream=self.streams[e.stream].name, tool=sys.intern(e.tool),
+                    task_class=sys.intern(e.task_class), payload=e.payload, status=status,
+                    priority=e.priority, timeout=e.timeout, created_at=e.at, history=history,
+                    max_attempts=e.max_attempts, waiting_for=e.waiting_for,
+                    ready_at=e.ready_at, after=tuple(e.after), key=e.key, lock=e.lock)
+        self._put(task, None)
+        self._index_new(task)
         self.next_id = max(self.next_id, e.id + 1)
+
+    def _index_new(self, task: Task) -> None:
+        """Index a task's unique key and the dependencies it waits for."""
+        if task.key is not None:
+            self.keys[task.stream, task.key] = task.id
+        if task.waiting_for == "after":
+            for dep in task.after:
+                if dep in self.tasks and self.tasks[dep].status != "completed":
+                    self.dependents.setdefault(dep, []).append(task.id)
+
+    def _apply_released(self, e: TaskReleased) -> None:
+        task = self.tasks[e.id]
+        status = "waiting" if e.waiting_for else "pending"
+        self._transition(e, status, "sparkqd", WAIT_NOTES[task.waiting_for],
+                         waiting_for=e.waiting_for)
 
     def _apply_claimed(self, e: TaskClaimed) -> None:
         task = self.tasks[e.id]
-        heap = self.ready[task.stream]
+        heap = self.ready[task.stream].get(task.tool)
         if heap and heap[0] == ready_key(task):
             heapq.heappop(heap)
-        self._transition(e, "running", e.worker, None, started_at=e.at, worker=e.worker,
-                         attempts=task.attempts + 1, finished_at=None)
+        self._transition(e, "running", e.worker, f"attempt {task.attempts + 1}",
+                         started_at=e.at, worker=e.worker, attempts=task.attempts + 1,
+                         finished_at=None, lease=e.lease, lease_expires_at=e.lease_expires_at,
+                         waiting_for=None, ready_at=None)
+
+    def _apply_touched(self, e: TaskTouched) -> None:
+        task = msgspec.structs.replace(self.tasks[e.id], lease_expires_at=e.lease_expires_at)
+        self._put(task, self.tasks[e.id])
 
     def _apply_completed(self, e: TaskCompleted) -> None:
         task = self.tasks[e.id]
         self._transition(e, "completed", task.worker, None, finished_at=e.at,
-                         summary=e.summary, result=e.result)
+                         summary=e.summary, result=e.result, lease=None, lease_expires_at=None)
 
     def _apply_failed(self, e: TaskFailed) -> None:
         task = self.tasks[e.id]
         self._transition(e, "failed", e.by or task.worker, e.reason, finished_at=e.at,
-                         reason=e.reason)
+                         reason=e.reason, lease=None, lease_expires_at=None, waiting_for=None)
+
+    def _apply_retrying(self, e: TaskRetrying) -> None:
+        task = self.tasks[e.id]
+        note = f"attempt {task.attempts} of {task.max_attempts} failed: {e.reason}"
+        self._transition(e, "waiting", e.by or task.worker, note, reason=e.reason,
+                         waiting_for="retry", ready_at=e.ready_at, lease=None,
+                         lease_expires_at=None)
+
+    def _apply_cancelled(self, e: TaskCancelled) -> None:
+        self._transition(e, "cancelled", e.by, None, finished_at=e.at, lease=None,
+                         lease_expires_at=None, waiting_for=None)
 
     def _apply_requeued(self, e: TaskRequeued) -> None:
-        self._transition(e, "pending", e.by, "requeued", finished_at=None)
+        self._transition(e, "pending", e.by, "requeued", finished_at=None, attempts=0,
+                         reason=None, summary=None, result=None, lease=None,
+                         lease_expires_at=None, waiting_for=None, ready_at=None)
 
     def _apply_purged(self, e: TasksPurged) -> None:
         for task_id in e.ids:
             task = self.tasks.pop(task_id)
-            self._count(task.stream, task.status, None)
+            self.counts[task.stream][task.status] -= 1
+            if task.key is not None and self.keys.get((task.stream, task.key)) == task_id:
+                del self.keys[task.stream, task.key]
             self.changes.tasks.pop(task_id, None)
             self.changes.purged.add(task_id)
-
-    def reconfigure(self, config: Config) -> None:
-        """Take a reloaded configuration; stale deadlines follow the new factor."""
-        self.config = config
-        factor = config.stale.factor
-        self.stale_heap = [(t.started_at + factor * t.timeout, t.id, t.started_at)
-                           for t in self.tasks.values() if t.status == "running"]
-        heapq.heapify(self.stale_heap)
 
     # -- loading from a snapshot -------------------------------------------
 
@@ -1063,21 +1436,28 @@ class Queue:
         self.sessions = {s.name: s for s in sessions}
         for s in streams:
             self.streams[s.name] = s
-            self.ready[s.name] = []
+            self.ready[s.name] = {}
             self.counts[s.name] = dict.fromkeys(STATUSES, 0)
-        factor = self.config.stale.factor
         for task in tasks:
             task = msgspec.structs.replace(task, stream=self.streams[task.stream].name)
             self.tasks[task.id] = task
             self.counts[task.stream][task.status] += 1
             if task.status == "pending":
-                self.ready[task.stream].append(ready_key(task))
+                self.ready[task.stream].setdefault(task.tool, []).append(ready_key(task))
             elif task.status == "running":
-                self.stale_heap.append((task.started_at + factor * task.timeout, task.id,
-                                        task.started_at))
+                self.stale_heap.append((task.lease_expires_at, task.id, task.lease))
+                if task.lock is not None:
+                    self.lock_holder[task.lock] = task.id
+            elif task.status == "waiting" and task.waiting_for in ("delay", "retry"):
+                self.delay_heap.append((task.ready_at, task.id))
             elif task.status in TERMINAL:
                 self.purge_heap.append((task.finished_at, task.id))
-        for heap in (*self.ready.values(), self.stale_heap, self.purge_heap):
+        for task in self.tasks.values():
+            self._index_new(task)
+        for by_tool in self.ready.values():
+            for heap in by_tool.values():
+                heapq.heapify(heap)
+        for heap in (self.stale_heap, self.delay_heap, self.purge_heap):
             heapq.heapify(heap)
         self.next_id = next_id
 
@@ -1096,7 +1476,7 @@ class Queue:
                 "streams": [t.name for t in self.streams.values() if t.session == s.name]}
 
     def stream_record(self, s: Stream) -> dict:
-        return {"name": s.name, "session": s.session, "status": s.status,
+        return {"name": s.name, "session": s.session, "status": s.status, "paused": s.paused,
                 "created_at": rfc3339(s.created_at), "ended_at": rfc3339(s.ended_at),
                 "counts": dict(self.counts[s.name])}
 
@@ -1105,9 +1485,12 @@ class Queue:
             "id": t.id, "stream": t.stream, "session": self.streams[t.stream].session,
             "tool": t.tool, "task_class": t.task_class, "payload": t.payload,
             "status": t.status, "priority": t.priority, "timeout": t.timeout,
-            "attempts": t.attempts, "created_at": rfc3339(t.created_at),
-            "started_at": rfc3339(t.started_at), "finished_at": rfc3339(t.finished_at),
-            "worker": t.worker, "summary": t.summary, "result": t.result, "reason": t.reason,
+            "attempts": t.attempts, "max_attempts": t.max_attempts,
+            "created_at": rfc3339(t.created_at), "started_at": rfc3339(t.started_at),
+            "finished_at": rfc3339(t.finished_at), "worker": t.worker, "summary": t.summary,
+            "result": t.result, "reason": t.reason, "waiting_for": t.waiting_for,
+            "ready_at": rfc3339(t.ready_at), "after": list(t.after), "key": t.key,
+            "lock": t.lock, "lease": t.lease, "lease_expires_at": rfc3339(t.lease_expires_at),
         }
         if with_history:
             record["history"] = [{"at": rfc3339(at), "status": status, "by": by, "note": note}
@@ -1117,6 +1500,8 @@ class Queue:
 
 def full_history(task: Task) -> tuple:
     """Every transition of a task, its creation included."""
+    if task.history and (task.history[0][3] or "").startswith("enqueued"):
+        return task.history  # created waiting: the creation entry is stored
     return ((task.created_at, "pending", None, "enqueued"),) + task.history
 
 
@@ -1446,18 +1831,28 @@ CREATE TABLE IF NOT EXISTS sessions (
     name TEXT PRIMARY KEY, status TEXT NOT NULL, created_at REAL NOT NULL, ended_at REAL);
 CREATE TABLE IF NOT EXISTS streams (
     name TEXT PRIMARY KEY, session TEXT NOT NULL, status TEXT NOT NULL,
-    created_at REAL NOT NULL, ended_at REAL);
+    created_at REAL NOT NULL, ended_at REAL, paused INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS tasks (
     id INTEGER PRIMARY KEY, stream TEXT NOT NULL, session TEXT NOT NULL, tool TEXT NOT NULL,
     task_class TEXT NOT NULL, payload TEXT, status TEXT NOT NULL, priority INTEGER NOT NULL,
     timeout REAL NOT NULL, attempts INTEGER NOT NULL, created_at REAL NOT NULL,
-    started_at REAL, finished_at REAL, worker TEXT, summary TEXT, result TEXT, reason TEXT);
+    started_at REAL, finished_at REAL, worker TEXT, summary TEXT, result TEXT, reason TEXT,
+    max_attempts INTEGER NOT NULL DEFAULT 1, waiting_for TEXT, ready_at REAL,
+    after_ids TEXT, key TEXT, lock TEXT, lease TEXT, lease_expires_at REAL);
 CREATE TABLE IF NOT EXISTS task_history (
     task_id INTEGER NOT NULL, n INTEGER NOT NULL, at REAL NOT NULL, status TEXT NOT NULL,
     by TEXT, note TEXT, PRIMARY KEY (task_id, n)) WITHOUT ROWID;
 """
 TASK_COLUMNS = ("id, stream, tool, task_class, payload, status, priority, timeout, created_at, "
-                "attempts, started_at, finished_at, worker, summary, result, reason")
+                "attempts, started_at, finished_at, worker, summary, result, reason, "
+                "max_attempts, waiting_for, ready_at, after_ids, key, lock, lease, "
+                "lease_expires_at")
+#: Columns added since the first snapshot format, added in place to older files.
+ADDED_COLUMNS = {
+    "streams": ["paused INTEGER NOT NULL DEFAULT 0"],
+    "tasks": ["max_attempts INTEGER NOT NULL DEFAULT 1", "waiting_for TEXT", "ready_at REAL",
+              "after_ids TEXT", "key TEXT", "lock TEXT", "lease TEXT", "lease_expires_at REAL"],
+}
 
 
 def to_json(value: Any) -> str | None:
@@ -1488,6 +1883,11 @@ class Snapshot:
         db.execute("PRAGMA journal_mode=WAL")  # people may read while we write
         db.execute("PRAGMA synchronous=FULL")  # journal segments are deleted after commit
         db.executescript(SNAPSHOT_SCHEMA)
+        for table, columns in ADDED_COLUMNS.items():
+            have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+            for column in columns:
+                if column.split()[0] not in have:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
         return db
 
     def load(self) -> SnapshotState:
@@ -1504,8 +1904,9 @@ class Snapshot:
         meta = dict(db.execute("SELECT key, value FROM meta"))
         sessions = [Session(*row) for row in
                     db.execute("SELECT name, created_at, status, ended_at FROM sessions")]
-        streams = [Stream(*row) for row in db.execute(
-            "SELECT name, session, created_at, status, ended_at FROM streams ORDER BY created_at")]
+        streams = [Stream(*row[:5], bool(row[5])) for row in db.execute(
+            "SELECT name, session, created_at, status, ended_at, paused FROM streams "
+            "ORDER BY created_at")]
         history: dict[int, list] = {}
         for task_id, *entry in db.execute(
                 "SELECT task_id, at, status, by, note FROM task_history WHERE n > 0 "
@@ -1516,9 +1917,11 @@ class Snapshot:
                       None if payload is None else decode(payload), intern(status), prio,
                       timeout, created, attempts, started, finished, worker, summary,
                       None if result is None else decode(result), reason,
-                      tuple(history.get(i, ())))
+                      tuple(history.get(i, ())), max_attempts, waiting_for, ready_at,
+                      tuple(decode(after)) if after else (), key, lock, lease, expires)
                  for (i, stream, tool, cls, payload, status, prio, timeout, created, attempts,
-                      started, finished, worker, summary, result, reason)
+                      started, finished, worker, summary, result, reason, max_attempts,
+                      waiting_for, ready_at, after, key, lock, lease, expires)
                  in db.execute(f"SELECT {TASK_COLUMNS} FROM tasks ORDER BY id")]
         return SnapshotState(sessions, streams, tasks, int(meta.get("next_id", 1)),
                              int(meta.get("journal_seq", 0)))
@@ -1531,14 +1934,18 @@ class Snapshot:
             db.executemany("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?)",
                            [(s.name, s.status, s.created_at, s.ended_at)
                             for s in changes.sessions.values()])
-            db.executemany("INSERT OR REPLACE INTO streams VALUES (?, ?, ?, ?, ?)",
-                           [(s.name, s.session, s.status, s.created_at, s.ended_at)
+            db.executemany("INSERT OR REPLACE INTO streams (name, session, status, created_at, "
+                           "ended_at, paused) VALUES (?, ?, ?, ?, ?, ?)",
+                           [(s.name, s.session, s.status, s.created_at, s.ended_at, s.paused)
                             for s in changes.streams.values()])
             db.executemany(
-                "INSERT OR REPLACE INTO tasks VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                [(t.id, t.stream, session_of[t.stream], t.tool, t.task_class, to_json(t.payload),
-                  t.status, t.priority, t.timeout, t.attempts, t.created_at, t.started_at,
-                  t.finished_at, t.worker, t.summary, to_json(t.result), t.reason)
+                f"INSERT OR REPLACE INTO tasks (session, {TASK_COLUMNS}) VALUES "
+                f"({', '.join('?' * 25)})",
+                [(session_of[t.stream], t.id, t.stream, t.tool, t.task_class, to_json(t.payload),
+                  t.status, t.priority, t.timeout, t.created_at, t.attempts, t.started_at,
+                  t.finished_at, t.worker, t.summary, to_json(t.result), t.reason,
+                  t.max_attempts, t.waiting_for, t.ready_at, to_json(list(t.after)) if t.after
+                  else None, t.key, t.lock, t.lease, t.lease_expires_at)
                  for t in changes.tasks.values()])
             db.executemany("INSERT OR REPLACE INTO task_history VALUES (?, ?, ?, ?, ?, ?)",
                            [(t.id, n, *entry) for t in changes.tasks.values()
@@ -1650,9 +2057,9 @@ class Connection(asyncio.Protocol):
         #: (journal seq the reply may have seen, reply), oldest first
         self.replies: collections.deque = collections.deque()
         self.awaiting_journal = False
-        self.blocked: Claim | None = None  #: a claim waiting for a task
-        self.ticket = 0  #: tells a current claim wake-up from a stale one
-        self.claim_timer: asyncio.TimerHandle | None = None
+        self.blocked: Request | None = None  #: a claim or wait that is waiting
+        self.ticket = 0  #: tells a current wake-up from a stale one
+        self.block_timer: asyncio.TimerHandle | None = None
         self.write_paused = False
         self.eof = False
         self.closing = False  #: close once every reply is out
@@ -1731,10 +2138,10 @@ class Connection(asyncio.Protocol):
             return error_reply(self.codec.request_id(frame), exc)
         try:
             result = self.daemon.answer(request, len(frame))
-            if result is None and type(request) is Claim and request.wait > 0:
-                if not self.daemon.stopping and not (self.eof and self._peer_gone()):
-                    self._block(request)
-                    return None
+            blocking = self.daemon.blocks(request, result)
+            if blocking and not self.daemon.stopping and not (self.eof and self._peer_gone()):
+                self._block(request, *blocking)
+                return None
             return ok_reply(request.id, result)
         except SparkQError as exc:
             return error_reply(request.id, exc)
@@ -1788,53 +2195,60 @@ class Connection(asyncio.Protocol):
         poller.register(self.transport.get_extra_info("socket").fileno(), select.POLLIN)
         return any(events & select.POLLHUP for _, events in poller.poll(0))
 
-    # -- claims that wait ---------------------------------------------------------
+    # -- requests that wait -------------------------------------------------------
 
-    def _block(self, request: Claim) -> None:
+    def _block(self, request: Request, keys: list[tuple], timeout: float | None) -> None:
         self.blocked = request
-        loop = asyncio.get_running_loop()
-        self.claim_timer = loop.call_later(request.wait, self._claim_timed_out)
-        self._register_claim()
+        if timeout is not None:
+            self.block_timer = asyncio.get_running_loop().call_later(timeout, self._timed_out)
+        self._register(keys)
 
-    def _register_claim(self) -> None:
+    def _register(self, keys: list[tuple]) -> None:
         self.ticket += 1
-        self.daemon.add_claim_waiter(self.blocked.stream, self, self.ticket)
+        for key in keys:
+            self.daemon.add_waiter(key, self, self.ticket)
 
-    def claim_woken(self, ticket: int) -> bool:
-        """A task became ready; True if this connection took the wake-up."""
+    def woken(self, ticket: int) -> None:
+        """Something this request waits on changed: answer it again."""
         if self.blocked is None or ticket != self.ticket or self.lost:
-            return False
+            return  # a stale wake-up: answered, timed out or gone since
         if self.eof and self._peer_gone():
             self.transport.close()
-            return False
+            return
         try:
             result = self.daemon.answer(self.blocked, 0)
         except SparkQError as exc:
-            self._finish_claim(error_reply(self.blocked.id, exc))
-            return True
-        if result is None:
-            self._register_claim()  # someone else was quicker
+            return self._finish_blocked(error_reply(self.blocked.id, exc))
+        blocking = self.daemon.blocks(self.blocked, result)
+        if blocking:
+            self._register(blocking[0])  # someone else was quicker, or not all done yet
         else:
-            self._finish_claim(ok_reply(self.blocked.id, result))
-        return True
+            self._finish_blocked(ok_reply(self.blocked.id, result))
 
-    def _claim_timed_out(self) -> None:
-        self._finish_claim(ok_reply(self.blocked.id, None))
+    def _timed_out(self) -> None:
+        request = self.blocked
+        try:
+            result = None if type(request) is Claim else self.daemon.answer(request, 0)
+            self._finish_blocked(ok_reply(request.id, result))
+        except SparkQError as exc:
+            self._finish_blocked(error_reply(request.id, exc))
 
-    def _finish_claim(self, reply: dict) -> None:
+    def _finish_blocked(self, reply: dict) -> None:
         self._unblock()
         self._add_reply(reply)
         self._process()
 
     def _unblock(self) -> None:
-        self.claim_timer.cancel()
+        if self.block_timer is not None:
+            self.block_timer.cancel()
+            self.block_timer = None
         self.blocked = None
         self.ticket += 1
 
     def stop(self) -> None:
-        """Answer what has arrived, refuse a waiting claim, then close."""
+        """Answer what has arrived, refuse a waiting request, then close."""
         if self.blocked is not None:
-            self._finish_claim(error_reply(self.blocked.id, Unavailable("shutting down")))
+            self._finish_blocked(error_reply(self.blocked.id, Unavailable("shutting down")))
         self.closing = True
         self._process()
 
@@ -1858,8 +2272,8 @@ class Daemon:
         self.snapshot_pool = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
         self.started = time.time()
         self.stopping = False
-        #: Per stream, (connection, ticket) of claims waiting for a task, oldest first.
-        self.claim_waiters: dict[str, collections.deque] = {}
+        #: ("stream", name) or ("task", id) -> (connection, ticket) of requests blocked on it
+        self.waiters: dict[tuple, list] = {}
         self.connections: set[Connection] = set()
         self.next_snapshot = 0.0
         self.snapshot_task: asyncio.Task | None = None
@@ -1926,7 +2340,7 @@ class Daemon:
         for event in self.journal.replay(snapshot_seq):
             self.queue.apply(event)
             replayed += 1
-        self.queue.take_ready()
+        self.queue.take_wakeups()
         self.journal.open()
         self.queue.bootstrap(time.time())
         self.commit()
@@ -1998,13 +2412,16 @@ class Daemon:
             self.commit()
 
     def commit(self) -> None:
-        """Journal what the queue emitted, wake claimers, re-arm the timer if needed."""
+        """Journal what the queue emitted, wake blocked requests, re-arm the timer."""
         events = self.queue.take_events()
         if not events:
             return
         self.journal.append(events)
-        for stream, count in self.queue.take_ready().items():
-            self.wake_claimers(stream, count)
+        streams, finished = self.queue.take_wakeups()
+        for stream in streams:
+            self.wake(("stream", stream))
+        for task_id in finished:
+            self.wake(("task", task_id))
         deadline = self.queue.next_deadline()
         if deadline is not None and deadline < self.timer_deadline:
             self._timer_wake.set()
@@ -2012,22 +2429,30 @@ class Daemon:
         if sync_at is not None and sync_at < self.timer_deadline:
             self._timer_wake.set()
 
-    def add_claim_waiter(self, stream: str, conn: Connection, ticket: int) -> None:
-        self.claim_waiters.setdefault(stream, collections.deque()).append((conn, ticket))
+    def add_waiter(self, key: tuple, conn: Connection, ticket: int) -> None:
+        """Wake ``conn`` when ``key`` (a stream gaining tasks, a task ending) fires."""
+        waiters = self.waiters.setdefault(key, [])
+        if len(waiters) >= 64:  # drop wake-ups of requests answered or gone since
+            waiters[:] = [(c, t) for c, t in waiters if c.ticket == t and not c.lost]
+        waiters.append((conn, ticket))
 
-    def wake_claimers(self, stream: str, count: int) -> None:
-        """Offer newly ready tasks to the claims waiting on their stream, oldest first."""
-        waiters = self.claim_waiters.get(stream)
-        loop = asyncio.get_running_loop()
-        while waiters and count:
-            conn, ticket = waiters.popleft()
-            if conn.blocked is not None and conn.ticket == ticket and not conn.lost:
-                loop.call_soon(self._offer_claim, stream, conn, ticket)
-                count -= 1
+    @staticmethod
+    def blocks(request: Request, result: Any) -> tuple[list[tuple], float | None] | None:
+        """For a request that must wait: what can end the wait, and the longest wait."""
+        if type(request) is Claim and result is None and request.wait > 0:
+            return [("stream", s) for s in names(request.stream)], request.wait
+        if type(request) is Wait and not result["done"] and request.timeout != 0:
+            return ([("task", t["id"]) for t in result["tasks"] if t["status"] not in TERMINAL],
+                    request.timeout)
+        return None
 
-    def _offer_claim(self, stream: str, conn: Connection, ticket: int) -> None:
-        if not conn.claim_woken(ticket):
-            self.wake_claimers(stream, 1)  # pass on a wake-up it could not use
+    def wake(self, key: tuple) -> None:
+        """Let every request blocked on ``key`` try again, on the next loop turn."""
+        waiters = self.waiters.pop(key, None)
+        if waiters:
+            loop = asyncio.get_running_loop()
+            for conn, ticket in waiters:
+                loop.call_soon(conn.woken, ticket)
 
     # -- daemon ops ---------------------------------------------------------
 
@@ -2042,7 +2467,8 @@ class Daemon:
             "data_dir": self.paths.data_dir, "database": self.paths.database,
             "config": self.paths.config, "counts": self.queue.totals(),
             "tasks": len(self.queue.tasks), "sessions": len(self.queue.sessions),
-            "streams": len(self.queue.streams), "connections": len(self.connections),
+            "streams": len(self.queue.streams), "locks": len(self.queue.lock_holder),
+            "connections": len(self.connections),
             "journal": {"seq": journal.last_seq, "durable_seq": journal.durable_seq,
                         "fsync": journal.policy, "segments": len(journal.sealed) + 1,
                         "failure": journal.failure},
