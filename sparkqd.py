@@ -1624,10 +1624,7 @@ class Journal:
                     yield pos, body
                     pos = end
                     continue
-                intact_after = end < size and self._valid_record_at(data, end)
-            else:
-                intact_after = False
-            if not newest or intact_after:
+            if not newest or self._valid_record_after(data, pos):
                 raise JournalDamaged(f"{path}: damaged record at offset {pos}; refusing to start "
                                      f"rather than skip data (move the file aside to start "
                                      f"without it)")
@@ -1637,28 +1634,51 @@ class Journal:
             return
 
     @staticmethod
-    def _valid_record_at(data: bytes, pos: int) -> bool:
-        if len(data) - pos < RECORD_HEADER.size:
-            return False
-        length, crc = RECORD_HEADER.unpack_from(data, pos)
-        body = data[pos + RECORD_HEADER.size: pos + RECORD_HEADER.size + length]
-        return length > 0 and len(body) == length and zlib.crc32(body) == crc
+    def _valid_record_after(data: bytes, pos: int) -> bool:
+        """Whether an intact record starts anywhere after ``pos``.
+
+        A write cut short by a crash leaves nothing intact behind it; an intact
+        record after a bad one means the damage is in the middle: not a torn tail.
+        """
+        end = len(data.rstrip(b"\0"))
+        unpack, crc32 = RECORD_HEADER.unpack_from, zlib.crc32
+        for offset in range(pos + 1, end - RECORD_HEADER.size):
+            length, crc = unpack(data, offset)
+            if 0 < length <= end - offset - RECORD_HEADER.size and crc32(
+                    data[offset + RECORD_HEADER.size: offset + RECORD_HEADER.size + length]) == crc:
+                return True
+        return False
 
     # -- appending ----------------------------------------------------------
 
     def open(self) -> None:
-        """Start a fresh segment after recovery; appends go there."""
-        self.current = self._new_segment(self.segment_bytes)
+        """Start a fresh segment after recovery; on a full disk, start without one."""
+        try:
+            self.current = self._new_segment(0)
+        except Unavailable as exc:
+            log.error("%s; changes are refused until there is room", exc)
 
-    def _new_segment(self, size: int) -> Segment:
+    def _new_segment(self, min_bytes: int) -> Segment:
+        """A new segment, preallocated so that a full disk says so now, not mid-write.
+
+        On a nearly full disk a smaller one is taken, so the queue keeps working
+        until the space is truly gone.
+        """
         first = self.last_seq + 1
         path = os.path.join(self.directory, f"{first:020d}{SEGMENT_SUFFIX}")
+        needed = min_bytes + RECORD_HEADER.size
         step = "create"
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 step = "preallocate"
-                os.posix_fallocate(fd, 0, size)  # a full disk says so now, not mid-write
+                for size in (max(self.segment_bytes, needed), max(1 << 20, needed)):
+                    try:
+                        os.posix_fallocate(fd, 0, size)
+                        break
+                    except OSError as exc:
+                        if exc.errno != errno.ENOSPC or size <= max(1 << 20, needed):
+                            raise
                 step = "fsync directory of"
                 fsync_directory(self.directory)
             except OSError:
@@ -1673,14 +1693,17 @@ class Journal:
         """Refuse a change up front when the journal cannot take ``nbytes`` more."""
         if self.failure:
             raise Unavailable(f"storage failing, changes refused: {self.failure}")
-        if self.current.reserved + nbytes > self.current.allocated:
+        if self.current is None:
+            self.current = self._new_segment(nbytes)
+        elif self.current.reserved + nbytes > self.current.allocated:
             self.rotate(nbytes)
 
     def rotate(self, min_bytes: int = 0) -> None:
         """Seal the current segment and continue in a new one."""
-        segment = self._new_segment(max(self.segment_bytes, min_bytes + RECORD_HEADER.size))
-        self.current.sealed = True
-        self.sealed.append(self.current)
+        segment = self._new_segment(min_bytes)
+        if self.current is not None:
+            self.current.sealed = True
+            self.sealed.append(self.current)
         self.current = segment
 
     def append(self, events: list[Event]) -> int:
@@ -1767,7 +1790,8 @@ class Journal:
         """Close sealed segments whose every record is fsynced."""
         for index, segment in enumerate(self.sealed):
             following = self.sealed[index + 1] if index + 1 < len(self.sealed) else self.current
-            if segment.fd is not None and self.synced_seq >= following.first_seq - 1:
+            if (segment.fd is not None and following is not None
+                    and self.synced_seq >= following.first_seq - 1):
                 os.close(segment.fd)
                 segment.fd = None
 
@@ -1903,14 +1927,15 @@ class Snapshot:
     def _read(db: sqlite3.Connection) -> SnapshotState:
         meta = dict(db.execute("SELECT key, value FROM meta"))
         sessions = [Session(*row) for row in
-                    db.execute("SELECT name, created_at, status, ended_at FROM sessions")]
+                    db.execute("SELECT name, created_at, status, ended_at FROM sessions "
+                               "ORDER BY created_at")]
         streams = [Stream(*row[:5], bool(row[5])) for row in db.execute(
             "SELECT name, session, created_at, status, ended_at, paused FROM streams "
             "ORDER BY created_at")]
         history: dict[int, list] = {}
         for task_id, *entry in db.execute(
-                "SELECT task_id, at, status, by, note FROM task_history WHERE n > 0 "
-                "ORDER BY task_id, n"):
+                "SELECT task_id, at, status, by, note FROM task_history "
+                "WHERE n > 0 OR status != 'pending' ORDER BY task_id, n"):  # see full_history
             history.setdefault(task_id, []).append(tuple(entry))
         decode, intern = msgspec.json.decode, sys.intern
         tasks = [Task(i, stream, intern(tool), intern(cls),
@@ -2342,6 +2367,8 @@ class Daemon:
             replayed += 1
         self.queue.take_wakeups()
         self.journal.open()
+        if not self.queue.sessions:
+            self.journal.ensure_room(4096)
         self.queue.bootstrap(time.time())
         self.commit()
         gc_freeze()
@@ -2574,7 +2601,7 @@ class Daemon:
         session_of = {s.name: s.session for s in self.queue.streams.values()}
         started = time.perf_counter()
         try:
-            if self.journal.current.reserved:
+            if self.journal.current is None or self.journal.current.reserved:
                 self.journal.rotate()  # later records go to a segment this snapshot does not cover
             self.journal.sync_now()
             await asyncio.get_running_loop().run_in_executor(
