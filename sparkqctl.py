@@ -178,6 +178,146 @@ def show_tools(result: dict) -> str:
 
 
 # ---------------------------------------------------------------------------
+# sparkqctl work
+# ---------------------------------------------------------------------------
+
+
+def seconds_until(rfc3339_time: str) -> float:
+    import datetime
+
+    moment = datetime.datetime.fromisoformat(rfc3339_time.replace("Z", "+00:00"))
+    return moment.timestamp() - __import__("time").time()
+
+
+class Worker:
+    """Claim tasks and run COMMAND for each, ``--concurrency`` at a time.
+
+    The first SIGINT or SIGTERM stops claiming and lets running commands finish
+    (exit 0); a second kills them, records their attempts failed and exits 1.
+    """
+
+    def __init__(self, parser, args):
+        import threading
+
+        command = args.run[1:] if args.run[:1] == ["--"] else args.run
+        if not command:
+            parser.error("work needs a command: sparkqctl work [options] -- COMMAND [ARGS...]")
+        if args.concurrency < 1:
+            parser.error("--concurrency must be at least 1")
+        self.command = command
+        self.args = args
+        self.path = args.socket or default_socket_path()
+        self.prefix = args.worker or f"{socket.gethostname()}:{os.getpid()}"
+        self.stopping = threading.Event()
+        self.killed = False
+        self.lock = threading.Lock()
+        self.procs: dict[int, object] = {}  # task id -> Popen
+        self.clients: list[Client] = []
+
+    def run(self) -> int:
+        import signal
+        import threading
+
+        try:
+            Client(self.path).close()
+        except Unreachable as exc:
+            print(f"sparkqctl: {exc}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        slots = [threading.Thread(target=self._slot, args=(n,), daemon=True)
+                 for n in range(1, self.args.concurrency + 1)]
+        for slot in slots:
+            slot.start()
+        for slot in slots:
+            while slot.is_alive():
+                slot.join(0.2)  # wakes up to let the main thread take signals
+        return EXIT_REFUSED if self.killed else EXIT_OK
+
+    def _on_signal(self, signum, frame) -> None:
+        import signal
+
+        if not self.stopping.is_set():
+            self.stopping.set()
+            print(f"sparkqctl work: stopping; waiting for {len(self.procs)} running task(s) "
+                  f"(signal again to kill them)", file=sys.stderr, flush=True)
+            for client in list(self.clients):  # wake claims that wait: nothing is taken
+                try:
+                    client.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            return
+        self.killed = True
+        with self.lock:
+            for proc in self.procs.values():
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def _slot(self, number: int) -> None:
+        name = f"{self.prefix}/{number}"
+        streams = self.args.stream or [os.environ.get("SPARKQ_STREAM") or "default"]
+        try:
+            with Client(self.path) as claimer, Client(self.path) as reporter:
+                self.clients.append(claimer)
+                while not self.stopping.is_set():
+                    task = claimer.call("claim", stream=streams, tool=self.args.tool,
+                                        worker=name, pid=os.getpid(), wait=30)
+                    if task is not None:
+                        self._execute(reporter, task)
+        except Unreachable:
+            if not self.stopping.is_set():
+                print("sparkqctl work: lost the daemon", file=sys.stderr)
+                self.killed = True
+        except SparkQError as exc:
+            print(f"sparkqctl work: {exc.code}: {exc}", file=sys.stderr)
+            self.killed = True
+
+    def _execute(self, client: Client, task: dict) -> None:
+        import subprocess
+        import time
+
+        payload = task["payload"]
+        env = dict(os.environ, SPARKQ_TASK_ID=str(task["id"]), SPARKQ_STREAM=task["stream"],
+                   SPARKQ_SESSION=task["session"], SPARKQ_TOOL=task["tool"],
+                   SPARKQ_ATTEMPT=str(task["attempts"]), SPARKQ_SOCKET=self.path,
+                   SPARKQ_PAYLOAD=payload if isinstance(payload, str) else json.dumps(payload))
+        argv = [*self.command, *([payload] if isinstance(payload, str) else [])]
+        started = time.monotonic()
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        except OSError as exc:
+            return self._report(client, "fail", task, reason=f"cannot start: {exc.strerror}")
+        with self.lock:
+            self.procs[task["id"]] = proc
+        heartbeat = max(0.5, seconds_until(task["lease_expires_at"]) / 3)
+        while True:
+            try:
+                code = proc.wait(timeout=heartbeat)
+                break
+            except subprocess.TimeoutExpired:
+                self._report(client, "touch", task)
+        with self.lock:
+            del self.procs[task["id"]]
+        if self.killed:
+            self._report(client, "fail", task, reason="interrupted: worker stopped")
+        elif code == 0:
+            self._report(client, "complete", task,
+                         result={"exit_code": 0, "duration": round(time.monotonic() - started, 3)})
+        else:
+            why = f"exit code {code}" if code > 0 else f"killed by signal {-code}"
+            self._report(client, "fail", task, reason=why)
+
+    @staticmethod
+    def _report(client: Client, op: str, task: dict, **fields) -> None:
+        try:
+            client.call(op, task=task["id"], lease=task["lease"], **fields)
+        except SparkQError as exc:
+            print(f"sparkqctl work: task {task['id']}: {op} refused: {exc}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 
@@ -233,7 +373,11 @@ def build_parser():
 
     p = command("enqueue", "add a task; prints its id")
     p.add_argument("--stream", default=stream_default)
-    p.add_argument("--tool", required=True)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--tool")
+    what.add_argument("--script", metavar="NAME", help="run a script from script_dirs; "
+                      "its arguments follow --")
+    p.add_argument("script_args", nargs="*", metavar="ARGS", help=argparse.SUPPRESS)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--payload", help="payload text")
     group.add_argument("--payload-json", metavar="JSON", help="payload as a JSON value")
@@ -286,6 +430,17 @@ def build_parser():
     p.add_argument("tasks", nargs="+", type=int, metavar="ID")
     p.add_argument("--timeout", type=float, metavar="SECS")
     command("locks", "list held locks and their tasks")
+    p = command("logs", "show a task's output (from runs by the daemon)")
+    task_id(p)
+    p.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing until it ends")
+    command("scripts", "list the scripts found under script_dirs")
+    command("workers", "list the daemon's worker slots and external workers")
+    p = command("work", "claim tasks and run COMMAND for each: turn this shell into a worker")
+    filters(p)
+    p.add_argument("--concurrency", type=int, default=1, metavar="N")
+    p.add_argument("--worker", default=os.environ.get("SPARKQ_WORKER"), help="worker name prefix")
+    p.add_argument("run", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
 
     p = command("tasks", "list tasks, oldest first")
     p.add_argument("--stream")
@@ -358,7 +513,16 @@ def to_request(parser, args) -> tuple[str, dict]:
         if cmd == "session":
             fields.pop("session")
         return f"{cmd}.{args.action}", fields
+    if cmd == "enqueue" and args.script is not None:
+        if args.payload is not None or args.payload_json is not None or args.payload_file:
+            parser.error("a script takes its arguments after --, not a payload")
+        return "enqueue", {"stream": args.stream, "script": args.script, "args": args.script_args,
+                           "timeout": args.timeout, "priority": args.priority or None,
+                           "delay": args.delay, "at": args.at, "after": args.after,
+                           "key": args.key, "lock": args.lock, "max_attempts": args.max_attempts}
     if cmd == "enqueue":
+        if args.script_args:
+            parser.error(f"unexpected arguments: {' '.join(args.script_args)}")
         payload = args.payload
         if args.payload_json is not None:
             payload = json_arg(parser, args.payload_json, "--payload-json")
@@ -398,6 +562,9 @@ def to_request(parser, args) -> tuple[str, dict]:
         return "requeue", {"task": task, "stream": args.stream, "status": args.status}
     if cmd in ("task", "cancel"):
         return cmd, {"task": the_task_id(parser, args)}
+    if cmd == "logs":
+        return "logs", {"task": the_task_id(parser, args), "tail": args.tail,
+                        "follow": args.follow or None}
     if cmd == "wait":
         return "wait", {"tasks": args.tasks, "timeout": args.timeout}
     if cmd == "tasks":
@@ -422,6 +589,15 @@ def render(args, op: str, result) -> str | None:
         return f"requeued {result['requeued']} tasks"
     if op == "wait":
         return show_tasks(result["tasks"])
+    if op == "logs":
+        return result["log"].rstrip("\n") or None
+    if op == "scripts":
+        return table([[s["name"], s["task_class"], s["timeout"], s["args"], s["description"]]
+                      for s in result], ["NAME", "CLASS", "TIMEOUT", "ARGS", "DESCRIPTION"])
+    if op == "workers":
+        return table([[w["name"], w["kind"], w["pid"], w["state"], w["task"], w["done"],
+                       w["restarts"], w["last_seen"]] for w in result],
+                     ["NAME", "KIND", "PID", "STATE", "TASK", "DONE", "RESTARTS", "LAST SEEN"])
     if op == "locks":
         return table([[lk["lock"], lk["task"], lk["stream"], lk["worker"], lk["since"]]
                       for lk in result], ["LOCK", "TASK", "STREAM", "WORKER", "SINCE"])
@@ -448,13 +624,34 @@ def render(args, op: str, result) -> str | None:
     return show_status(result) if isinstance(result, dict) else json.dumps(result)
 
 
+def follow_logs(client: Client, fields: dict, as_json: bool) -> int:
+    """Print a task's output as it comes, until the task ends."""
+    first = client.call("logs", **fields)
+    print(json.dumps(first) if as_json else first["log"], end="" if not as_json else "\n",
+          flush=True)
+    if first["status"] in ("completed", "failed", "cancelled") and not first["running"]:
+        return EXIT_OK
+    while True:
+        message = client.receive()
+        if as_json:
+            print(json.dumps(message), flush=True)
+        elif "chunk" in message:
+            print(message["chunk"], end="", flush=True)
+        if message.get("end") or "error" in message:
+            return EXIT_OK if message.get("end") else EXIT_REFUSED
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "work":
+        return Worker(parser, args).run()
     op, fields = to_request(parser, args)
     path = args.socket or default_socket_path()
     try:
         with Client(path) as client:
+            if op == "logs" and fields.get("follow"):
+                return follow_logs(client, fields, args.json)
             result = client.call(op, **fields)
     except Unreachable as exc:
         print(f"sparkqctl: {exc}\nIs the daemon running? Start it with `sparkqd` or "

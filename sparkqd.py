@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import collections
 import datetime
 import errno
@@ -51,6 +52,7 @@ import socket
 import sqlite3
 import stat
 import struct
+import subprocess
 import sys
 import time
 import zlib
@@ -181,6 +183,18 @@ class StaleConfig(ConfigStruct):
     factor: Annotated[float, Meta(gt=0)] = 2.0
 
 
+class WorkersConfig(ConfigStruct):
+    count: Annotated[int, Meta(ge=0)] = field(default_factory=lambda: os.cpu_count() or 1)
+    streams: list[str] | None = None
+    max_restarts: Annotated[int, Meta(ge=0)] = 5
+    restart_window: Seconds = 60.0
+    kill_grace: Annotated[float, Meta(ge=0)] = 10.0
+
+
+class LogsConfig(ConfigStruct):
+    max_bytes: Annotated[int, Meta(ge=1024)] = 1 << 20
+
+
 class TaskClass(ConfigStruct):
     timeout: Seconds
     max_attempts: Annotated[int, Meta(ge=1)] = 1
@@ -229,6 +243,8 @@ class Config(ConfigStruct):
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     purge: PurgeConfig = field(default_factory=PurgeConfig)
     stale: StaleConfig = field(default_factory=StaleConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    logs: LogsConfig = field(default_factory=LogsConfig)
     script_dirs: list[str] = field(default_factory=list)
     task_classes: dict[str, TaskClass] = field(default_factory=builtin_task_classes)
     tools: dict[str, Tool] = field(default_factory=builtin_tools)
@@ -404,6 +420,20 @@ class Task(Struct, frozen=True, gc=False):
     lock: str | None = None  #: at most one running task per lock key
     lease: str | None = None
     lease_expires_at: float | None = None
+    run_pid: int | None = None  #: process group of the daemon's own run of it
+    run_start: int | None = None  #: that process's start time, in clock ticks after boot
+
+
+class Script(Struct, frozen=True):
+    """A script found under ``script_dirs``, run as a task by its name."""
+
+    name: str
+    path: str
+    argv: list[str]
+    description: str = ""
+    task_class: str = "MEDIUM_SCRIPT"
+    timeout: float | None = None
+    args: str = ""
 
 
 class Event(Struct, frozen=True, gc=False, array_like=True, tag=True):
@@ -467,6 +497,14 @@ class TaskClaimed(Event, tag="task.claimed"):
     lease_expires_at: float | None = None
 
 
+class TaskRunStarted(Event, tag="task.run_started"):
+    """The daemon started a process for the task: its group, to kill if orphaned."""
+
+    id: int
+    pid: int
+    start: int | None = None
+
+
 class TaskTouched(Event, tag="task.touched"):
     id: int
     lease_expires_at: float
@@ -508,7 +546,8 @@ class TasksPurged(Event, tag="tasks.purged"):
 
 
 AnyEvent = Union[SessionCreated, SessionEnded, StreamCreated, StreamEnded, StreamPaused,
-                 StreamResumed, TaskEnqueued, TaskReleased, TaskClaimed, TaskTouched,
+                 StreamResumed, TaskEnqueued, TaskReleased, TaskClaimed, TaskRunStarted,
+                 TaskTouched,
                  TaskCompleted, TaskFailed, TaskRetrying, TaskCancelled, TaskRequeued,
                  TasksPurged]
 
@@ -561,7 +600,9 @@ Names = str | list[str]
 
 
 class Enqueue(Request, tag="enqueue"):
-    tool: str
+    tool: str | None = None
+    script: str | None = None
+    args: list[str] | None = None
     stream: str = DEFAULT
     payload: Any = None
     timeout: Seconds | None = None
@@ -583,6 +624,7 @@ class Claim(Request, tag="claim"):
     stream: Names = DEFAULT
     tool: Names | None = None
     worker: str | None = None
+    pid: int | None = None
     wait: Annotated[float, Meta(ge=0)] = 0.0
 
 
@@ -603,6 +645,7 @@ class Fail(Request, tag="fail"):
 class Touch(Request, tag="touch"):
     task: TaskId
     lease: str | None = None
+    pid: int | None = None
 
 
 class Cancel(Request, tag="cancel"):
@@ -626,6 +669,20 @@ class StreamResume(Request, tag="stream.resume"):
 
 
 class Locks(Request, tag="locks"):
+    pass
+
+
+class Logs(Request, tag="logs"):
+    task: TaskId
+    tail: Annotated[int, Meta(ge=0)] | None = None
+    follow: bool = False
+
+
+class Scripts(Request, tag="scripts"):
+    pass
+
+
+class Workers(Request, tag="workers"):
     pass
 
 
@@ -668,11 +725,11 @@ class Schema(Request, tag="schema"):
 AnyRequest = Union[Hello, Status, SessionCreate, SessionEnd, SessionList, StreamCreate,
                    StreamEnd, StreamList, StreamPause, StreamResume, Enqueue, Peek, Claim,
                    Complete, Fail, Touch, Cancel, Requeue, GetTask, ListTasks, Wait, Locks,
-                   Purge, Tools, Reload, Shutdown, Schema]
+                   Logs, Scripts, Workers, Purge, Tools, Reload, Shutdown, Schema]
 OPS = frozenset(cls.__struct_config__.tag for cls in AnyRequest.__args__)
 #: Ops that only read state: their replies need not wait for the journal.
 READ_ONLY = (Hello, Status, SessionList, StreamList, Peek, GetTask, ListTasks, Wait, Locks,
-             Tools, Schema)
+             Logs, Scripts, Workers, Tools, Schema)
 
 
 def request_schema() -> dict:
@@ -816,6 +873,9 @@ def parse_time(text: str) -> float:
     return moment.timestamp()
 
 
+SCRIPT_TOOL_PREFIX = "script:"
+
+
 def names(value: str | list[str] | None) -> list[str] | None:
     return [value] if isinstance(value, str) else value
 
@@ -849,8 +909,9 @@ class Queue:
     releases (or fails) its dependents.
     """
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, scripts: dict | None = None):
         self.config = config
+        self.scripts: dict[str, Script] = scripts or {}  #: indexed from script_dirs by the daemon
         self.sessions: dict[str, Session] = {}
         self.streams: dict[str, Stream] = {}
         self.tasks: dict[int, Task] = {}
@@ -876,7 +937,8 @@ class Queue:
             StreamCreated: self._apply_stream_created, StreamEnded: self._apply_stream_ended,
             StreamPaused: self._apply_stream_paused, StreamResumed: self._apply_stream_resumed,
             TaskEnqueued: self._apply_enqueued, TaskReleased: self._apply_released,
-            TaskClaimed: self._apply_claimed, TaskTouched: self._apply_touched,
+            TaskClaimed: self._apply_claimed, TaskRunStarted: self._apply_run_started,
+            TaskTouched: self._apply_touched,
             TaskCompleted: self._apply_completed, TaskFailed: self._apply_failed,
             TaskRetrying: self._apply_retrying, TaskCancelled: self._apply_cancelled,
             TaskRequeued: self._apply_requeued, TasksPurged: self._apply_purged,
@@ -931,9 +993,10 @@ class Queue:
             self._emit(SessionCreated(at=now, name=DEFAULT))
             self._emit(StreamCreated(at=now, name=DEFAULT, session=DEFAULT))
 
-    def reconfigure(self, config: Config) -> None:
+    def reconfigure(self, config: Config, scripts: dict) -> None:
         """Take a reloaded configuration; leases already granted keep their expiry."""
         self.config = config
+        self.scripts = scripts
 
     # -- lookups ------------------------------------------------------------
 
@@ -969,6 +1032,27 @@ class Queue:
         tool = self.config.tools.get(tool_name)
         klass = self.config.task_classes.get(tool.task_class) if tool else None
         return tool, klass or TaskClass(timeout=300)
+
+    def _what_to_run(self, req: Enqueue) -> tuple[Tool, Any]:
+        """The tool settings of an enqueue (a script's come from its header), and the payload."""
+        if (req.tool is None) == (req.script is None):
+            raise BadRequest("enqueue needs tool or script, and not both")
+        if req.script is not None:
+            script = self.scripts.get(req.script)
+            if script is None:
+                known = ", ".join(sorted(self.scripts)) or "none: set script_dirs"
+                raise NotFound(f"no script {req.script!r} (known: {known})")
+            if req.payload is not None:
+                raise BadRequest("a script takes args, not a payload")
+            klass = script.task_class if script.task_class in self.config.task_classes else "MEDIUM_SCRIPT"
+            return Tool(task_class=klass, timeout=script.timeout), list(req.args or ())
+        if req.args is not None:
+            raise BadRequest("args go with script; give a tool a payload")
+        tool = self.config.tools.get(req.tool)
+        if tool is None:
+            known = ", ".join(sorted(self.config.tools)) or "none"
+            raise BadRequest(f"unknown tool {req.tool!r} (known: {known})")
+        return tool, req.payload
 
     # -- sessions and streams -----------------------------------------------
 
@@ -1025,10 +1109,8 @@ class Queue:
         stream = self._stream(req.stream)
         if stream.status == "ended":
             raise Conflict(f"stream {stream.name!r} has ended and takes no new tasks")
-        tool = self.config.tools.get(req.tool)
-        if tool is None:
-            known = ", ".join(sorted(self.config.tools)) or "none"
-            raise BadRequest(f"unknown tool {req.tool!r} (known: {known})")
+        tool, payload = self._what_to_run(req)
+        tool_name = req.tool or SCRIPT_TOOL_PREFIX + req.script
         if req.key is not None and (stream.name, req.key) in self.keys:
             return {**self.task_record(self.tasks[self.keys[stream.name, req.key]]), "existing": True}
         if req.delay is not None and req.at is not None:
@@ -1045,8 +1127,8 @@ class Queue:
             "delay" if ready_at is not None and ready_at > now else None)
         task_id = self.next_id
         self._emit(TaskEnqueued(
-            at=now, id=task_id, stream=stream.name, tool=req.tool, task_class=tool.task_class,
-            payload=req.payload, timeout=req.timeout or tool.timeout or klass.timeout,
+            at=now, id=task_id, stream=stream.name, tool=tool_name, task_class=tool.task_class,
+            payload=payload, timeout=float(req.timeout or tool.timeout or klass.timeout),
             priority=req.priority,
             max_attempts=req.max_attempts or tool.max_attempts or klass.max_attempts,
             waiting_for=waiting_for, ready_at=ready_at, after=after, key=req.key,
@@ -1169,6 +1251,16 @@ class Queue:
                     delayed = dependent.ready_at is not None and dependent.ready_at > now
                     self._emit(TaskReleased(at=now, id=dep_id,
                                             waiting_for="delay" if delayed else None))
+
+    def run_started(self, task_id: int, pid: int, start: int | None, now: float) -> None:
+        """Record the process group the daemon started for a running task."""
+        self._emit(TaskRunStarted(at=now, id=task_id, pid=pid, start=start))
+
+    def interrupt(self, task_id: int, reason: str, now: float) -> None:
+        """A run ended by the daemon's stop: a failed attempt, retried if attempts remain."""
+        task = self.tasks.get(task_id)
+        if task is not None and task.status == "running":
+            self._fail_attempt(task, reason, now, by="sparkqd")
 
     def touch(self, req: Touch, now: float) -> dict:
         task = self._running(req.task, "touch", req.lease)
@@ -1321,6 +1413,8 @@ class Queue:
                     **fields) -> None:
         task = self.tasks[event.id]
         history = task.history + ((event.at, status, by, note),)
+        if task.run_pid is not None:
+            fields.update(run_pid=None, run_start=None)  # the run is over once it leaves running
         self._put(msgspec.structs.replace(task, status=status, history=history, **fields), task)
 
     def _apply_session_created(self, e: SessionCreated) -> None:
@@ -1388,6 +1482,10 @@ class Queue:
                          started_at=e.at, worker=e.worker, attempts=task.attempts + 1,
                          finished_at=None, lease=e.lease, lease_expires_at=e.lease_expires_at,
                          waiting_for=None, ready_at=None)
+
+    def _apply_run_started(self, e: TaskRunStarted) -> None:
+        task = msgspec.structs.replace(self.tasks[e.id], run_pid=e.pid, run_start=e.start)
+        self._put(task, self.tasks[e.id])
 
     def _apply_touched(self, e: TaskTouched) -> None:
         task = msgspec.structs.replace(self.tasks[e.id], lease_expires_at=e.lease_expires_at)
@@ -1726,12 +1824,14 @@ class Journal:
     def flush(self) -> None:
         """Write what is buffered; under ``always`` fsync too, then tell the waiters.
 
+        (Scheduled with call_soon by ``append``; a no-op once ``close`` has run.)
+
         The fsync runs on the event loop, as Redis does for ``appendfsync always``:
         requests that arrive meanwhile wait in the socket buffers and share the
         next write, and no thread hand-off is paid on every acknowledgement.
         """
         self._flush_scheduled = False
-        if self.failure or not self._chunks:
+        if self.failure or not self._chunks or self.current is None and not self.sealed:
             return
         chunks, self._chunks = self._chunks, []
         seq = self.last_seq
@@ -1839,6 +1939,9 @@ class Journal:
             self.current = None
 
     def close(self) -> None:
+        """Write what is still buffered, then close every segment."""
+        if self._chunks and not self.failure:
+            self.flush()
         for segment in (*self.sealed, self.current):
             if segment is not None and segment.fd is not None:
                 os.close(segment.fd)
@@ -1862,7 +1965,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     timeout REAL NOT NULL, attempts INTEGER NOT NULL, created_at REAL NOT NULL,
     started_at REAL, finished_at REAL, worker TEXT, summary TEXT, result TEXT, reason TEXT,
     max_attempts INTEGER NOT NULL DEFAULT 1, waiting_for TEXT, ready_at REAL,
-    after_ids TEXT, key TEXT, lock TEXT, lease TEXT, lease_expires_at REAL);
+    after_ids TEXT, key TEXT, lock TEXT, lease TEXT, lease_expires_at REAL,
+    run_pid INTEGER, run_start INTEGER);
 CREATE TABLE IF NOT EXISTS task_history (
     task_id INTEGER NOT NULL, n INTEGER NOT NULL, at REAL NOT NULL, status TEXT NOT NULL,
     by TEXT, note TEXT, PRIMARY KEY (task_id, n)) WITHOUT ROWID;
@@ -1870,12 +1974,13 @@ CREATE TABLE IF NOT EXISTS task_history (
 TASK_COLUMNS = ("id, stream, tool, task_class, payload, status, priority, timeout, created_at, "
                 "attempts, started_at, finished_at, worker, summary, result, reason, "
                 "max_attempts, waiting_for, ready_at, after_ids, key, lock, lease, "
-                "lease_expires_at")
+                "lease_expires_at, run_pid, run_start")
 #: Columns added since the first snapshot format, added in place to older files.
 ADDED_COLUMNS = {
     "streams": ["paused INTEGER NOT NULL DEFAULT 0"],
     "tasks": ["max_attempts INTEGER NOT NULL DEFAULT 1", "waiting_for TEXT", "ready_at REAL",
-              "after_ids TEXT", "key TEXT", "lock TEXT", "lease TEXT", "lease_expires_at REAL"],
+              "after_ids TEXT", "key TEXT", "lock TEXT", "lease TEXT", "lease_expires_at REAL",
+              "run_pid INTEGER", "run_start INTEGER"],
 }
 
 
@@ -1943,10 +2048,11 @@ class Snapshot:
                       timeout, created, attempts, started, finished, worker, summary,
                       None if result is None else decode(result), reason,
                       tuple(history.get(i, ())), max_attempts, waiting_for, ready_at,
-                      tuple(decode(after)) if after else (), key, lock, lease, expires)
+                      tuple(decode(after)) if after else (), key, lock, lease, expires,
+                      run_pid, run_start)
                  for (i, stream, tool, cls, payload, status, prio, timeout, created, attempts,
                       started, finished, worker, summary, result, reason, max_attempts,
-                      waiting_for, ready_at, after, key, lock, lease, expires)
+                      waiting_for, ready_at, after, key, lock, lease, expires, run_pid, run_start)
                  in db.execute(f"SELECT {TASK_COLUMNS} FROM tasks ORDER BY id")]
         return SnapshotState(sessions, streams, tasks, int(meta.get("next_id", 1)),
                              int(meta.get("journal_seq", 0)))
@@ -1965,12 +2071,12 @@ class Snapshot:
                             for s in changes.streams.values()])
             db.executemany(
                 f"INSERT OR REPLACE INTO tasks (session, {TASK_COLUMNS}) VALUES "
-                f"({', '.join('?' * 25)})",
+                f"({', '.join('?' * 27)})",
                 [(session_of[t.stream], t.id, t.stream, t.tool, t.task_class, to_json(t.payload),
                   t.status, t.priority, t.timeout, t.created_at, t.attempts, t.started_at,
                   t.finished_at, t.worker, t.summary, to_json(t.result), t.reason,
                   t.max_attempts, t.waiting_for, t.ready_at, to_json(list(t.after)) if t.after
-                  else None, t.key, t.lock, t.lease, t.lease_expires_at)
+                  else None, t.key, t.lock, t.lease, t.lease_expires_at, t.run_pid, t.run_start)
                  for t in changes.tasks.values()])
             db.executemany("INSERT OR REPLACE INTO task_history VALUES (?, ?, ?, ?, ?, ?)",
                            [(t.id, n, *entry) for t in changes.tasks.values()
@@ -1983,7 +2089,8 @@ class Snapshot:
                             ("written_at", rfc3339(time.time())), ("version", VERSION)])
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite may have rolled back already (a full disk)
+                db.execute("ROLLBACK")
             raise
 
     def close(self) -> None:
@@ -2004,7 +2111,385 @@ def merge_changes(older: Changes, newer: Changes) -> Changes:
 
 
 # ============================================================================
-# 8. Server
+# 8. Runner
+# ============================================================================
+
+#: Variables of the daemon's own service manager that must not reach a task.
+PRIVATE_ENV_PREFIXES = ("NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_", "SPARKQ_")
+SCRIPT_HEADER_KEYS = ("description", "task_class", "timeout", "args")
+
+
+def scan_scripts(dirs: list[str]) -> dict[str, Script]:
+    """Index every executable, .sh or .py file under ``dirs`` by name, with its header."""
+    found: dict[str, Script] = {}
+    for top in dirs:
+        top = os.path.expanduser(top)
+        for folder, subdirs, files in sorted(os.walk(top)):
+            subdirs.sort()
+            for file_name in sorted(files):
+                path = os.path.join(folder, file_name)
+                executable = os.access(path, os.X_OK)
+                if not (executable or file_name.endswith((".sh", ".py"))):
+                    continue
+                name = re.sub(r"\.(sh|py)$", "", file_name)
+                if name in found:
+                    log.warning("script %s: name %r is taken by %s", path, name, found[name].path)
+                    continue
+                found[name] = read_script(name, path, executable)
+    return found
+
+
+def read_script(name: str, path: str, executable: bool) -> Script:
+    """A script's metadata from its leading comment lines."""
+    header: dict[str, str] = {}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.startswith("#"):
+                    if line.strip():
+                        break
+                    continue
+                key, sep, value = line[1:].partition(":")
+                if sep and key.strip() in SCRIPT_HEADER_KEYS:
+                    header[key.strip()] = value.strip()
+    except OSError as exc:
+        log.warning("script %s: cannot read: %s", path, exc.strerror)
+    try:
+        timeout = float(header["timeout"]) if "timeout" in header else None
+    except ValueError:
+        log.warning("script %s: timeout %r is not a number; ignored", path, header["timeout"])
+        timeout = None
+    interpreter = [] if executable else (["bash"] if path.endswith(".sh") else [sys.executable])
+    return Script(name=name, path=path, argv=[*interpreter, path],
+                  description=header.get("description", ""),
+                  task_class=header.get("task_class", "MEDIUM_SCRIPT"), timeout=timeout,
+                  args=header.get("args", ""))
+
+
+def process_start_time(pid: int) -> int | None:
+    """A process's start time in clock ticks after boot, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+    except OSError:
+        return None
+    return int(stat_line.rpartition(b")")[2].split()[19])
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to a process group; False if no process of it is left."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def kill_orphan(pid: int, start: int | None) -> bool:
+    """Kill the process group a crashed daemon left running, never a reused pid's.
+
+    A process group id is not reused while any member lives, so a group whose
+    leader is gone is still ours; a live leader must have the recorded start time.
+    """
+    now_start = process_start_time(pid)
+    if now_start is not None and start is not None and now_start != start:
+        return False  # the pid was reused: not our process, and our group is gone
+    if not signal_group(pid, signal.SIGKILL):
+        return False
+    deadline = time.monotonic() + 5
+    while signal_group(pid, 0) and time.monotonic() < deadline:
+        time.sleep(0.01)  # a retried attempt must not start beside its predecessor
+    return True
+
+
+class TaskLog:
+    """A run's output file, capped at ``max_bytes`` by keeping its head and its tail."""
+
+    def __init__(self, path: str, max_bytes: int, attempt: int):
+        self.path = path
+        self.head_room = max_bytes // 2
+        self.tail_limit = max_bytes - self.head_room
+        self.tail = bytearray()
+        self.cut = 0
+        self.last = bytearray()  #: the last few KiB, for the summary and a failure's reason
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        if attempt > 1:
+            self.write(f"\n--- sparkqd: attempt {attempt} ---\n".encode())
+
+    def write(self, chunk: bytes) -> None:
+        self.last += chunk
+        del self.last[:-4096]
+        if self.head_room > 0:
+            head, chunk = chunk[: self.head_room], chunk[self.head_room:]
+            os.write(self.fd, head)
+            self.head_room -= len(head)
+        self.tail += chunk
+        if len(self.tail) > self.tail_limit:
+            self.cut += len(self.tail) - self.tail_limit
+            del self.tail[: len(self.tail) - self.tail_limit]
+
+    def pending_tail(self) -> bytes:
+        """What the file does not hold yet: the tail kept in memory while it runs."""
+        marker = f"\n[sparkqd: {self.cut} bytes of output cut here]\n".encode() if self.cut else b""
+        return marker + bytes(self.tail)
+
+    def close(self) -> None:
+        os.write(self.fd, self.pending_tail())
+        os.close(self.fd)
+
+    def lines(self, count: int) -> list[str]:
+        text = self.last.decode(errors="replace")
+        return [line for line in text.splitlines() if line.strip()][-count:]
+
+
+class Run:
+    """One process the daemon started for a task."""
+
+    def __init__(self, task: dict, slot: Slot, log_file: TaskLog):
+        self.task_id = task["id"]
+        self.lease = task["lease"]
+        self.slot = slot
+        self.log = log_file
+        self.proc: asyncio.subprocess.Process | None = None
+        self.started = time.monotonic()
+        self.stop_reason: str | None = None  #: set when the daemon ends the run itself
+        self.finished = False
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+
+class Slot:
+    """One of the daemon's own workers."""
+
+    def __init__(self, index: int):
+        self.name = f"sparkqd/{index}"
+        self.run: Run | None = None
+        self.done = 0
+        self.restarts: collections.deque = collections.deque()
+        self.restart_count = 0
+        self.failed: str | None = None  #: why it was given up after too many restarts
+        self.last_seen = time.time()
+
+
+class Pool:
+    """The daemon's worker slots: claim runnable tasks through the core and run them.
+
+    Each slot is a loop under a supervisor that restarts it when it dies, up to
+    ``workers.max_restarts`` within ``workers.restart_window``, then reports it.
+    Each run has its own process group, so a timeout or cancel ends its whole tree.
+    """
+
+    def __init__(self, daemon: Daemon):
+        self.daemon = daemon
+        self.slots: list[Slot] = []
+        self.loops: list[asyncio.Task] = []
+        self.runs: dict[int, Run] = {}
+        self.wake = asyncio.Event()
+        self.stopping = False
+
+    @property
+    def config(self) -> Config:
+        return self.daemon.config
+
+    def start(self) -> None:
+        self.resize()
+
+    def resize(self) -> None:
+        """Match the slots to ``workers.count`` (at start and on reload)."""
+        while len(self.slots) < self.config.workers.count:
+            slot = Slot(len(self.slots) + 1)
+            self.slots.append(slot)
+            self.loops.append(asyncio.get_running_loop().create_task(self._supervise(slot)))
+        self.wake.set()
+
+    def active(self, slot: Slot) -> bool:
+        return not self.stopping and self.slots.index(slot) < self.config.workers.count
+
+    async def _supervise(self, slot: Slot) -> None:
+        workers = self.config.workers
+        while self.active(slot):
+            try:
+                await self._work(slot)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                now = time.monotonic()
+                slot.restarts.append(now)
+                slot.restart_count += 1
+                while slot.restarts and slot.restarts[0] < now - workers.restart_window:
+                    slot.restarts.popleft()
+                log.exception("worker %s died; restart %d", slot.name, slot.restart_count)
+                self.daemon.broadcast_worker("worker.restarted", slot)
+                if len(slot.restarts) > workers.max_restarts:
+                    slot.failed = (f"gave up after {len(slot.restarts)} restarts in "
+                                   f"{workers.restart_window:g} s; last error: {exc!r}")
+                    log.error("worker %s: %s", slot.name, slot.failed)
+                    return
+                await asyncio.sleep(min(1.0, 0.05 * 2 ** len(slot.restarts)))
+
+    async def _work(self, slot: Slot) -> None:
+        self.daemon.broadcast_worker("worker.started", slot)
+        while self.active(slot):
+            task = self._claim(slot)
+            if task is None:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            await self._run(slot, task)
+
+    def runnable_tools(self) -> list[str]:
+        """Tools with a command and room under their concurrency, and every script."""
+        busy = collections.Counter(self.daemon.queue.tasks[r.task_id].tool for r in self.runs.values()
+                                   if r.task_id in self.daemon.queue.tasks)
+        tools = [name for name, tool in self.config.tools.items()
+                 if tool.command and (tool.concurrency is None or busy[name] < tool.concurrency)]
+        return tools + [SCRIPT_TOOL_PREFIX + name for name in self.daemon.queue.scripts]
+
+    def _claim(self, slot: Slot) -> dict | None:
+        queue = self.daemon.queue
+        wanted = self.config.workers.streams
+        streams = [s for s in (wanted if wanted is not None else queue.streams) if s in queue.streams]
+        tools = self.runnable_tools()
+        if not streams or not tools or self.daemon.journal.failure:
+            return None
+        slot.last_seen = time.time()
+        try:
+            return self.daemon.answer(Claim(stream=streams, tool=tools, worker=slot.name), 0)
+        except Unavailable:
+            return None
+
+    def command(self, task: dict) -> tuple[list[str], str | None, dict[str, str]]:
+        """The argv, working directory and extra environment of a task's run."""
+        tool_name = task["tool"]
+        if tool_name.startswith(SCRIPT_TOOL_PREFIX):
+            script = self.daemon.queue.scripts.get(tool_name[len(SCRIPT_TOOL_PREFIX):])
+            if script is None:
+                raise LookupError(f"script {tool_name[len(SCRIPT_TOOL_PREFIX):]!r} is no longer indexed")
+            return [*script.argv, *(task["payload"] or [])], os.path.dirname(script.path), {}
+        tool = self.config.tools.get(tool_name)
+        if tool is None or not tool.command:
+            raise LookupError(f"tool {tool_name!r} has no command any more")
+        payload = task["payload"]
+        argv = [*tool.command, *([payload] if isinstance(payload, str) else [])]
+        cwd = tool.cwd or self.config.project.repo_path
+        return argv, cwd and os.path.expanduser(cwd), tool.env or {}
+
+    def environment(self, task: dict, extra: dict[str, str]) -> dict[str, str]:
+        """What every run sees: the daemon's environment less its private variables."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(PRIVATE_ENV_PREFIXES)}
+        env.update(extra)
+        payload = task["payload"]
+        env.update(
+            SPARKQ_TASK_ID=str(task["id"]), SPARKQ_STREAM=task["stream"],
+            SPARKQ_SESSION=task["session"], SPARKQ_TOOL=task["tool"],
+            SPARKQ_ATTEMPT=str(task["attempts"]), SPARKQ_SOCKET=self.daemon.paths.socket,
+            SPARKQ_PAYLOAD=payload if isinstance(payload, str) else
+            msgspec.json.encode(payload).decode())
+        return env
+
+    async def _run(self, slot: Slot, task: dict) -> None:
+        """Run one claimed task to its outcome; the core records what became of it."""
+        daemon = self.daemon
+        log_file = TaskLog(daemon.log_path(task["id"]), self.config.logs.max_bytes,
+                           task["attempts"])
+        run = slot.run = self.runs[task["id"]] = Run(task, slot, log_file)
+        try:
+            try:
+                argv, cwd, extra = self.command(task)
+                run.proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT, cwd=cwd, env=self.environment(task, extra),
+                    start_new_session=True)  # its own process group: a timeout ends the tree
+            except (OSError, LookupError) as exc:
+                message = exc.strerror if isinstance(exc, OSError) else str(exc)
+                log_file.write(f"sparkqd: cannot start the run: {message}\n".encode())
+                return self._record(run, None, f"cannot start: {message}")
+            daemon.record_run(run)
+            await self._watch(run, task["timeout"])
+            self._record(run, run.proc.returncode, run.stop_reason)
+        finally:
+            run.finished = True
+            log_file.close()
+            del self.runs[task["id"]]
+            slot.run = None
+            slot.done += 1
+            slot.last_seen = time.time()
+            daemon.run_finished(task["id"])
+            self.wake.set()  # a concurrency slot may have freed
+
+    async def _watch(self, run: Run, timeout: float) -> None:
+        pump = asyncio.get_running_loop().create_task(self._pump(run))
+        try:
+            await asyncio.wait_for(asyncio.shield(run.proc.wait()), timeout)
+        except TimeoutError:
+            await self.stop_run(run, f"timed out after {timeout:g} s")
+        # Members of the group left behind (a backgrounded child) do not outlive the run.
+        signal_group(run.proc.pid, signal.SIGKILL)
+        try:
+            await asyncio.wait_for(pump, 5)
+        except TimeoutError:
+            log.warning("task %d: output still open 5 s after the run ended", run.task_id)
+
+    async def _pump(self, run: Run) -> None:
+        while chunk := await run.proc.stdout.read(65536):
+            run.log.write(chunk)
+            text = run.decoder.decode(chunk)
+            if text:
+                self.daemon.log_chunk(run.task_id, text)
+
+    async def stop_run(self, run: Run, reason: str) -> None:
+        """SIGTERM the run's group, then SIGKILL after ``workers.kill_grace``."""
+        if run.finished or run.proc is None:
+            return
+        run.stop_reason = run.stop_reason or reason
+        signal_group(run.proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(run.proc.wait()), self.config.workers.kill_grace)
+        except TimeoutError:
+            signal_group(run.proc.pid, signal.SIGKILL)
+            await run.proc.wait()
+
+    def _record(self, run: Run, code: int | None, stop_reason: str | None) -> None:
+        """Complete or fail the attempt; refused quietly if the task moved on (cancelled)."""
+        duration = round(time.monotonic() - run.started, 3)
+        tail = "\n".join(run.log.lines(20))
+        if stop_reason is None and code == 0:
+            last = run.log.lines(1)
+            request = Complete(task=run.task_id, summary=last[0] if last else None,
+                               result={"exit_code": 0, "duration": duration}, lease=run.lease)
+        else:
+            why = stop_reason or (f"exit code {code}" if code >= 0 else f"killed by signal {-code}")
+            request = Fail(task=run.task_id, reason=f"{why}: {tail}" if tail else why,
+                           lease=run.lease)
+        try:
+            self.daemon.answer(request, len(tail))
+        except Conflict:
+            pass  # cancelled, requeued or expired meanwhile: that decision stands
+        except SparkQError as exc:
+            log.error("task %d: cannot record its outcome: %s", run.task_id, exc)
+
+    async def stop(self) -> None:
+        """Stop claiming; end every run as "interrupted by shutdown" within the grace."""
+        self.stopping = True
+        self.wake.set()
+        runs = list(self.runs.values())
+        for run in runs:
+            run.stop_reason = "interrupted by shutdown"
+        await asyncio.gather(*(self.stop_run(run, "interrupted by shutdown") for run in runs))
+        if self.loops:
+            await asyncio.wait(self.loops, timeout=5)
+        for loop_task in self.loops:
+            loop_task.cancel()
+
+    def slot_records(self) -> list[dict]:
+        return [{"name": s.name, "kind": "builtin", "pid": s.run.proc.pid if s.run and s.run.proc
+                 else None, "task": s.run.task_id if s.run else None,
+                 "state": "failed" if s.failed else "busy" if s.run else "idle",
+                 "done": s.done, "restarts": s.restart_count, "error": s.failed,
+                 "last_seen": rfc3339(s.last_seen)} for s in self.slots]
+
+
+# ============================================================================
+# 9. Server
 # ============================================================================
 
 
@@ -2163,6 +2648,9 @@ class Connection(asyncio.Protocol):
             return error_reply(self.codec.request_id(frame), exc)
         try:
             result = self.daemon.answer(request, len(frame))
+            if type(request) is Logs and request.follow and self.daemon.follow_log(request.task, self):
+                self.blocked = request  # later frames wait until the stream ends
+                return ok_reply(request.id, result)
             blocking = self.daemon.blocks(request, result)
             if blocking and not self.daemon.stopping and not (self.eof and self._peer_gone()):
                 self._block(request, *blocking)
@@ -2187,7 +2675,7 @@ class Connection(asyncio.Protocol):
         while self.replies and (self.replies[0][0] <= durable or failure):
             seq, reply = self.replies.popleft()
             if seq > durable:
-                reply = error_reply(reply["id"], Unavailable(f"storage failing: {failure}"))
+                reply = error_reply(reply.get("id"), Unavailable(f"storage failing: {failure}"))
             out.append(encode(reply))
         if out:
             self.transport.write(b"".join(out))
@@ -2270,6 +2758,16 @@ class Connection(asyncio.Protocol):
         self.blocked = None
         self.ticket += 1
 
+    def push(self, message: dict) -> None:
+        """Send a message of a stream this connection asked for (after its reply)."""
+        if not self.lost:
+            self._add_reply(message)
+            self._send_durable()
+
+    def end_stream(self, message: dict) -> None:
+        if self.blocked is not None and not self.lost:
+            self._finish_blocked(message)
+
     def stop(self) -> None:
         """Answer what has arrived, refuse a waiting request, then close."""
         if self.blocked is not None:
@@ -2279,7 +2777,7 @@ class Connection(asyncio.Protocol):
 
 
 # ============================================================================
-# 9. Daemon wiring and timers
+# 10. Daemon wiring and timers
 # ============================================================================
 
 
@@ -2290,7 +2788,12 @@ class Daemon:
         self.paths = paths
         self.config = config
         self.config_arg = config_arg
-        self.queue = Queue(config)
+        self.queue = Queue(config, scan_scripts(config.script_dirs))
+        self.pool = Pool(self)
+        #: task id -> connections following its log
+        self.followers: dict[int, set[Connection]] = {}
+        #: worker name -> what agents and `sparkqctl work` told us, for `workers`
+        self.external: dict[str, dict] = {}
         self.journal = Journal(paths.journal, config.database.fsync,
                                config.database.fsync_interval_ms)
         self.snapshot = Snapshot(paths.database)
@@ -2309,6 +2812,7 @@ class Daemon:
         self._daemon_ops = {
             Hello: self.op_hello, Status: self.op_status, Tools: self.op_tools,
             Reload: self.op_reload, Shutdown: self.op_shutdown, Schema: self.op_schema,
+            Logs: self.op_logs, Scripts: self.op_scripts, Workers: self.op_workers,
         }
 
     # -- startup and shutdown ----------------------------------------------
@@ -2328,6 +2832,7 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
             loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
+            self.pool.start()
             self.next_snapshot = time.time() + (0 if replayed else self.config.database.snapshot_interval)
             log.info("sparkqd %s ready: socket %s, data %s, %d tasks", VERSION,
                      self.paths.socket, self.paths.data_dir, len(self.queue.tasks))
@@ -2370,12 +2875,26 @@ class Daemon:
         if not self.queue.sessions:
             self.journal.ensure_room(4096)
         self.queue.bootstrap(time.time())
+        os.makedirs(os.path.join(self.paths.data_dir, "logs"), mode=0o700, exist_ok=True)
+        self.end_orphaned_runs()
         self.commit()
+        self.journal.sync_now()  # what recovery decided is durable before anyone is answered
         gc_freeze()
         log.info("recovered %d tasks from snapshot seq %s and %d journal records in %.2f s",
                  len(self.queue.tasks), snapshot_seq, replayed,
                  time.perf_counter() - started)
         return replayed
+
+    def end_orphaned_runs(self) -> None:
+        """Kill the runs a crashed daemon left behind, then record their attempts failed."""
+        orphans = [t for t in self.queue.tasks.values() if t.status == "running" and t.run_pid]
+        if orphans:
+            self.journal.ensure_room(4096 * len(orphans))
+        for task in orphans:
+            if kill_orphan(task.run_pid, task.run_start):
+                log.warning("task %d: killed process group %d left by the previous daemon",
+                            task.id, task.run_pid)
+            self.queue.interrupt(task.id, "interrupted: daemon stopped", time.time())
 
     def request_stop(self) -> None:
         if not self.stopping:
@@ -2385,6 +2904,7 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         self.server.close()
+        await self.pool.stop()
         for conn in list(self.connections):
             conn.stop()
         if self.connections:
@@ -2434,9 +2954,28 @@ class Daemon:
         if not isinstance(request, READ_ONLY):
             self.journal.ensure_room(size + 65536)
         try:
-            return self.queue.handle(request, time.time())
+            result = self.queue.handle(request, time.time())
         finally:
             self.commit()
+        if type(request) in (Claim, Touch, Complete, Fail):
+            self._note_worker(request, result)
+        return result
+
+    def _note_worker(self, request: Request, result: Any) -> None:
+        """Remember the external workers seen, for the `workers` op."""
+        name = request.worker if type(request) is Claim else self.queue.tasks.get(request.task) and \
+            self.queue.tasks[request.task].worker
+        if not name or name.startswith("sparkqd/"):
+            return
+        seen = self.external.setdefault(name, {"pid": None, "task": None, "done": 0})
+        seen["last_seen"] = time.time()
+        if getattr(request, "pid", None):
+            seen["pid"] = request.pid
+        if type(request) is Claim and result is not None:
+            seen["task"] = result["id"]
+        elif type(request) in (Complete, Fail) and seen["task"] == request.task:
+            seen["task"] = None
+            seen["done"] += 1
 
     def commit(self) -> None:
         """Journal what the queue emitted, wake blocked requests, re-arm the timer."""
@@ -2447,14 +2986,81 @@ class Daemon:
         streams, finished = self.queue.take_wakeups()
         for stream in streams:
             self.wake(("stream", stream))
+            self.pool.wake.set()
         for task_id in finished:
             self.wake(("task", task_id))
+            if task_id not in self.pool.runs:
+                self.end_followers(task_id)
+        self._stop_overtaken_runs()
+        purged = [i for e in events if type(e) is TasksPurged for i in e.ids]
+        if purged:
+            asyncio.get_running_loop().run_in_executor(
+                self.snapshot_pool, remove_files, [self.log_path(i) for i in purged])
         deadline = self.queue.next_deadline()
         if deadline is not None and deadline < self.timer_deadline:
             self._timer_wake.set()
         sync_at = self.journal.sync_deadline()
         if sync_at is not None and sync_at < self.timer_deadline:
             self._timer_wake.set()
+
+    def _stop_overtaken_runs(self) -> None:
+        """End a run whose task was cancelled, requeued or expired under it."""
+        for run in self.pool.runs.values():
+            task = self.queue.tasks.get(run.task_id)
+            if run.stop_reason is None and (task is None or task.status != "running"
+                                            or task.lease != run.lease):
+                run.stop_reason = f"task {task.status if task else 'purged'} while it ran"
+                asyncio.get_running_loop().create_task(self.pool.stop_run(run, run.stop_reason))
+
+    def log_path(self, task_id: int) -> str:
+        return os.path.join(self.paths.data_dir, "logs", f"{task_id}.log")
+
+    def record_run(self, run: Run) -> None:
+        """Journal the process group of a run, so a crash cannot orphan it unseen."""
+        self.journal.ensure_room(4096)
+        self.queue.run_started(run.task_id, run.proc.pid, process_start_time(run.proc.pid),
+                               time.time())
+        self.commit()
+
+    def run_finished(self, task_id: int) -> None:
+        task = self.queue.tasks.get(task_id)
+        if task is None or task.status in TERMINAL:
+            self.end_followers(task_id)
+
+    def read_log(self, task_id: int, tail: int | None) -> str:
+        try:
+            with open(self.log_path(task_id), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            data = b""
+        run = self.pool.runs.get(task_id)
+        if run is not None:
+            data += run.log.pending_tail()
+        text = data.decode(errors="replace")
+        if tail is not None:
+            text = "".join(text.splitlines(keepends=True)[-tail:]) if tail else ""
+        return text
+
+    def follow_log(self, task_id: int, conn: Connection) -> bool:
+        """Stream a task's output to ``conn`` until it ends; False if it has ended."""
+        task = self.queue.tasks.get(task_id)
+        if task is None or (task.status in TERMINAL and task_id not in self.pool.runs):
+            return False
+        self.followers.setdefault(task_id, set()).add(conn)
+        return True
+
+    def log_chunk(self, task_id: int, text: str) -> None:
+        for conn in self.followers.get(task_id, ()):
+            conn.push({"task": task_id, "chunk": text})
+
+    def end_followers(self, task_id: int) -> None:
+        task = self.queue.tasks.get(task_id)
+        for conn in self.followers.pop(task_id, ()):
+            conn.end_stream({"task": task_id, "end": True,
+                             "status": task.status if task else "purged"})
+
+    def broadcast_worker(self, event: str, slot: Slot) -> None:
+        log.debug("%s %s", event, slot.name)
 
     def add_waiter(self, key: tuple, conn: Connection, ticket: int) -> None:
         """Wake ``conn`` when ``key`` (a stream gaining tasks, a task ending) fires."""
@@ -2496,6 +3102,10 @@ class Daemon:
             "tasks": len(self.queue.tasks), "sessions": len(self.queue.sessions),
             "streams": len(self.queue.streams), "locks": len(self.queue.lock_holder),
             "connections": len(self.connections),
+            "workers": {"slots": len(self.pool.slots),
+                        "busy": sum(1 for s in self.pool.slots if s.run),
+                        "restarts": sum(s.restart_count for s in self.pool.slots),
+                        "failed": {s.name: s.failed for s in self.pool.slots if s.failed}},
             "journal": {"seq": journal.last_seq, "durable_seq": journal.durable_seq,
                         "fsync": journal.policy, "segments": len(journal.sealed) + 1,
                         "failure": journal.failure},
@@ -2512,6 +3122,26 @@ class Daemon:
                       for name, t in self.config.tools.items()},
             "task_classes": {name: msgspec.structs.asdict(c) for name, c in classes.items()},
         }
+
+    def op_logs(self, req: Logs) -> dict:
+        task = self.queue.tasks.get(req.task)
+        if task is None:
+            raise NotFound(f"no task {req.task}")
+        return {"task": req.task, "status": task.status, "running": req.task in self.pool.runs,
+                "log": self.read_log(req.task, req.tail)}
+
+    def op_scripts(self, req: Scripts) -> list:
+        return [{"name": s.name, "path": s.path, "description": s.description,
+                 "task_class": s.task_class, "timeout": s.timeout, "args": s.args}
+                for s in self.queue.scripts.values()]
+
+    def op_workers(self, req: Workers) -> list:
+        hour_ago = time.time() - 3600
+        external = [{"name": name, "kind": "external", "pid": w["pid"], "task": w["task"],
+                     "state": "busy" if w["task"] else "idle", "done": w["done"], "restarts": 0,
+                     "error": None, "last_seen": rfc3339(w["last_seen"])}
+                    for name, w in self.external.items() if w["last_seen"] >= hour_ago]
+        return self.pool.slot_records() + external
 
     def op_reload(self, req: Reload) -> dict:
         return self.reload()
@@ -2538,7 +3168,8 @@ class Daemon:
         if restart:
             log.warning("reload: %s take effect at the next restart", ", ".join(restart))
         self.config = config
-        self.queue.reconfigure(config)
+        self.queue.reconfigure(config, scan_scripts(config.script_dirs))
+        self.pool.resize()
         self.journal.policy = config.database.fsync
         self.journal.interval = config.database.fsync_interval_ms / 1000
         self._timer_wake.set()
@@ -2620,6 +3251,17 @@ class Daemon:
                   seq, len(changes.tasks), seconds, removed)
 
 
+def remove_files(paths: list[str]) -> None:
+    """Remove files that may not exist (a purged task's log); in a worker thread."""
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", path, exc.strerror)
+
+
 def gc_freeze() -> None:
     """Keep the loaded state out of every later garbage collection."""
     import gc
@@ -2628,7 +3270,7 @@ def gc_freeze() -> None:
 
 
 # ============================================================================
-# 10. main()
+# 11. main()
 # ============================================================================
 
 

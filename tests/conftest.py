@@ -67,9 +67,11 @@ class Conn:
 
     def recv(self):
         if self.framing == "json":
-            while b"\n" not in self.buf:
+            searched = 0
+            while (end := self.buf.find(b"\n", searched)) < 0:
+                searched = len(self.buf)  # a long reply is scanned once, not once per chunk
                 self._read()
-            line, self.buf = self.buf.split(b"\n", 1)
+            line, self.buf = self.buf[:end], self.buf[end + 1:]
             return json.loads(line)
         while len(self.buf) < 4:
             self._read()
@@ -209,12 +211,19 @@ def workdir():
 
 @pytest.fixture
 def make_daemon(workdir):
-    """Factory for daemons in this test's temp dir; each is killed at the end."""
+    """Factory for daemons in this test's temp dir; each is killed at the end.
+
+    Unless a test asks for them, the daemon runs no worker pool, so tasks of the
+    built-in run-bash tool stay for the test to claim.
+    """
     daemons = []
 
-    def make(config=None, env=None, start=True, subdir=None):
+    def make(config=None, env=None, start=True, subdir=None, workers=0):
+        """``workers``: the daemon's own worker slots; 0 (no pool) unless a test runs tasks."""
         where = workdir / subdir if subdir else workdir
         where.mkdir(exist_ok=True)
+        if workers is not None and "workers:" not in (config or ""):
+            config = f"{config or ''}\nworkers:\n  count: {workers}\n"
         daemon = Daemon(where, config, env)
         daemons.append(daemon)
         return daemon.start() if start else daemon
