@@ -178,6 +178,131 @@ def show_tools(result: dict) -> str:
 
 
 # ---------------------------------------------------------------------------
+# sparkqctl service: the systemd user units
+# ---------------------------------------------------------------------------
+
+#: The one source of the unit files: `service install` writes these, and the files
+#: in the repository's systemd/ are `sparkqctl service show` of them (a test checks).
+SERVICE_UNIT = """\
+[Unit]
+Description=SparkQ task queue daemon
+Requires=sparkqd.socket
+After=sparkqd.socket
+
+[Service]
+Type=notify
+NotifyAccess=main
+ExecStart={sparkqd}
+ExecReload=/bin/kill -HUP $MAINPID
+Restart=on-failure
+RestartSec=2
+# sparkqd pings from its event loop every WatchdogSec/2: a hung loop is restarted.
+WatchdogSec=30
+# SIGTERM reaches sparkqd alone; it ends its task processes within workers.kill_grace
+# (default 10 s), flushes and snapshots. Anything left after TimeoutStopSec is killed.
+KillMode=mixed
+TimeoutStopSec=60
+UMask=0077
+# Only hardening that leaves the tasks it runs unsandboxed: NoNewPrivileges, Protect*,
+# Private* and system-call filters would bind every task (sudo, writes to the repo).
+KeyringMode=private
+
+[Install]
+WantedBy=default.target
+Also=sparkqd.socket
+"""
+
+SOCKET_UNIT = """\
+[Unit]
+Description=SparkQ task queue socket
+
+[Socket]
+# Not RuntimeDirectory=: systemd removes that on stop, and the socket with it.
+ListenStream=%t/sparkq/sparkqd.sock
+SocketMode=0600
+DirectoryMode=0700
+
+[Install]
+WantedBy=sockets.target
+"""
+
+UNITS = ("sparkqd.socket", "sparkqd.service")
+
+
+def sparkqd_beside_me() -> str:
+    """The ExecStart: the sparkqd installed beside this sparkqctl, as an absolute path."""
+    here = os.path.dirname(os.path.realpath(sys.argv[0]))
+    installed = os.path.join(here, "sparkqd")
+    if os.access(installed, os.X_OK):
+        return installed
+    source = os.path.join(here, "sparkqd.py")
+    if os.path.exists(source):  # run from a checkout: python3 sparkqctl.py
+        return f"{sys.executable} {source}"
+    raise FileNotFoundError(f"no sparkqd beside {sys.argv[0]} (looked for {installed})")
+
+
+def unit_texts(sparkqd: str) -> dict[str, str]:
+    return {"sparkqd.service": SERVICE_UNIT.format(sparkqd=sparkqd),
+            "sparkqd.socket": SOCKET_UNIT}
+
+
+def user_unit_dir() -> str:
+    config = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    return os.path.join(config, "systemd", "user")
+
+
+def systemctl_steps(steps: list[list[str]]) -> int:
+    """Run each `systemctl --user` step, printing it; or print them where it cannot."""
+    import shutil
+    import subprocess
+
+    reachable = shutil.which("systemctl") and subprocess.run(
+        ["systemctl", "--user", "show-environment"], capture_output=True).returncode == 0
+    if not reachable:
+        print("systemctl cannot reach your user manager here; run these in your login session:")
+        for step in steps:
+            print("  " + " ".join(step))
+        return EXIT_OK
+    for step in steps:
+        print("$ " + " ".join(step), flush=True)
+        if subprocess.run(step).returncode != 0:
+            return EXIT_REFUSED
+    return EXIT_OK
+
+
+def service(args) -> int:
+    """`sparkqctl service install|uninstall|show`."""
+    if args.action == "show":
+        for name, text in unit_texts(args.exec or sparkqd_beside_me()).items():
+            print(f"# {name}\n{text}")
+        return EXIT_OK
+    directory = user_unit_dir()
+    if args.action == "install":
+        try:
+            units = unit_texts(sparkqd_beside_me())
+        except FileNotFoundError as exc:
+            print(f"sparkqctl: {exc}", file=sys.stderr)
+            return EXIT_REFUSED
+        os.makedirs(directory, exist_ok=True)
+        for name, text in units.items():
+            path = os.path.join(directory, name)
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+            print(f"wrote {path}")
+        enable = ["systemctl", "--user", "enable", *(["--now"] if args.now else []), *UNITS]
+        status = systemctl_steps([["systemctl", "--user", "daemon-reload"], enable])
+        print("Tasks stop when you log out unless you run: loginctl enable-linger $USER")
+        return status
+    status = systemctl_steps([["systemctl", "--user", "disable", "--now", *UNITS]])
+    for name in UNITS:
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            os.unlink(path)
+            print(f"removed {path}")
+    return systemctl_steps([["systemctl", "--user", "daemon-reload"]]) or status
+
+
+# ---------------------------------------------------------------------------
 # sparkqctl work
 # ---------------------------------------------------------------------------
 
@@ -436,6 +561,13 @@ def build_parser():
     p.add_argument("--follow", "-f", action="store_true", help="keep printing until it ends")
     command("scripts", "list the scripts found under script_dirs")
     command("workers", "list the daemon's worker slots and external workers")
+    p = command("service", "install the systemd user units (socket-activated sparkqd)")
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    command("install", "write the units, enable them (--now: start too)", sub).add_argument(
+        "--now", action="store_true")
+    command("uninstall", "disable and remove the units", sub)
+    command("show", "print the unit files", sub).add_argument(
+        "--exec", metavar="PATH", help="ExecStart to show (default: the sparkqd beside this one)")
     p = command("work", "claim tasks and run COMMAND for each: turn this shell into a worker")
     filters(p)
     p.add_argument("--concurrency", type=int, default=1, metavar="N")
@@ -646,6 +778,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "work":
         return Worker(parser, args).run()
+    if args.command == "service":
+        return service(args)
     op, fields = to_request(parser, args)
     path = args.socket or default_socket_path()
     try:

@@ -345,7 +345,8 @@ class Paths(Struct, frozen=True):
     journal: str
 
 
-def resolve_paths(args, config: Config, config_path: str | None, env=os.environ) -> Paths:
+def resolve_paths(args, config: Config, config_path: str | None, env=os.environ,
+                  activated: bool = False) -> Paths:
     """Apply the precedence rules of DESIGN.md to flags, environment and config."""
     def expand(p: str) -> str:
         return os.path.abspath(os.path.expanduser(p))
@@ -354,7 +355,7 @@ def resolve_paths(args, config: Config, config_path: str | None, env=os.environ)
     explicit = bool(sock)
     if not sock:
         sock, fallback = default_socket_path(env)
-        if fallback:
+        if fallback and not activated:
             log.warning("XDG_RUNTIME_DIR is not set; using %s", sock)
     db_path = config.database.path and expand(config.database.path)
     data_dir = args.data_dir or env.get("SPARKQ_DATA_DIR")
@@ -2781,10 +2782,73 @@ class Connection(asyncio.Protocol):
 # ============================================================================
 
 
+class Notifier:
+    """The service manager's notify protocol (sd_notify) with no dependency.
+
+    Datagrams of ``KEY=value`` lines to ``$NOTIFY_SOCKET`` (``@`` is the abstract
+    namespace). Without that variable every call does nothing.
+    """
+
+    def __init__(self, env: dict[str, str]):
+        path = env.get("NOTIFY_SOCKET")
+        self.address = "\0" + path[1:] if path and path.startswith("@") else path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) if path else None
+        usec, pid = env.get("WATCHDOG_USEC"), env.get("WATCHDOG_PID")
+        ours = not pid or pid == str(os.getpid())
+        #: seconds between WATCHDOG=1 pings: half the manager's timeout, or None
+        self.watchdog_interval = int(usec) / 2e6 if usec and usec.isdigit() and ours else None
+        self.warned = False
+
+    def send(self, *lines: str) -> None:
+        if self.sock is None:
+            return
+        try:
+            self.sock.sendto("\n".join(lines).encode(), self.address)
+        except OSError as exc:
+            if not self.warned:
+                log.warning("cannot notify the service manager at %s: %s", self.address,
+                            exc.strerror)
+                self.warned = True
+
+
+def inherited_socket(env: dict[str, str]) -> socket.socket | None:
+    """The listening socket passed by socket activation, when LISTEN_PID is us."""
+    if env.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    count = int(env.get("LISTEN_FDS") or 0)
+    names = (env.get("LISTEN_FDNAMES") or "").split(":")
+    fds = list(range(3, 3 + count))
+    if len(fds) > 1 and "sparkqd" in names:
+        fds = [fds[names.index("sparkqd")]]
+    for fd in fds:
+        sock = socket.socket(fileno=fd)
+        if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM:
+            os.set_inheritable(fd, False)  # tasks must not hold our listening socket
+            sock.setblocking(False)
+            return sock
+        sock.detach()
+    raise StartupError(f"socket activation passed {count} fds but no Unix stream socket")
+
+
+#: What the service manager hands the daemon: read once at startup, then removed
+#: from the environment so that no task inherits it.
+SERVICE_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID",
+                     "LISTEN_FDS", "LISTEN_FDNAMES")
+
+
+def take_service_environment() -> dict[str, str]:
+    return {name: os.environ.pop(name) for name in SERVICE_VARIABLES if name in os.environ}
+
+
 class Daemon:
     """The edges around the queue core: journal, snapshot, socket, timers, signals."""
 
-    def __init__(self, paths: Paths, config: Config, config_arg: str | None = None):
+    def __init__(self, paths: Paths, config: Config, config_arg: str | None = None,
+                 service_env: dict[str, str] | None = None):
+        self.service_env = service_env or {}
+        self.notifier = Notifier(self.service_env)
+        self.next_watchdog = self.next_status = 0.0
+        self.last_status = ""
         self.paths = paths
         self.config = config
         self.config_arg = config_arg
@@ -2825,10 +2889,17 @@ class Daemon:
         self.acquire_lock()
         try:
             replayed = self.recover()
-            sock = bind_socket(self.paths.socket, self.paths.socket_explicit)
-            self._socket_inode = os.stat(self.paths.socket).st_ino
+            sock = inherited_socket(self.service_env)
+            if sock is not None:
+                self.paths = msgspec.structs.replace(self.paths, socket=sock.getsockname())
+                log.info("listening on the socket the service manager passed: %s", self.paths.socket)
+            else:
+                sock = bind_socket(self.paths.socket, self.paths.socket_explicit)
+                self._socket_inode = os.stat(self.paths.socket).st_ino  # ours to remove
             loop = asyncio.get_running_loop()
-            self.server = await loop.create_unix_server(lambda: Connection(self), sock=sock)
+            # We remove the socket file ourselves, and only one we created.
+            keep = {"cleanup_socket": False} if sys.version_info >= (3, 13) else {}
+            self.server = await loop.create_unix_server(lambda: Connection(self), sock=sock, **keep)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
             loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
@@ -2836,6 +2907,8 @@ class Daemon:
             self.next_snapshot = time.time() + (0 if replayed else self.config.database.snapshot_interval)
             log.info("sparkqd %s ready: socket %s, data %s, %d tasks", VERSION,
                      self.paths.socket, self.paths.data_dir, len(self.queue.tasks))
+            self.last_status = self.status_line()
+            self.notifier.send("READY=1", self.last_status)
             timers = loop.create_task(self._run_timers())
             await self._stopped.wait()
             timers.cancel()
@@ -2898,6 +2971,7 @@ class Daemon:
 
     def request_stop(self) -> None:
         if not self.stopping:
+            self.notifier.send("STOPPING=1")
             log.info("stopping: finishing requests in flight, then a last snapshot")
             self.stopping = True
             self._stopped.set()
@@ -3154,6 +3228,14 @@ class Daemon:
         return request_schema()
 
     def reload(self) -> dict:
+        """Re-read the configuration, telling the service manager around it."""
+        self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            return self._reload()
+        finally:
+            self.notifier.send("READY=1", self.status_line())
+
+    def _reload(self) -> dict:
         """Re-read the configuration; a bad one is refused and the old one stays."""
         path = self.paths.config or find_config_path(self.config_arg)
         try:
@@ -3186,6 +3268,14 @@ class Daemon:
         except BadRequest:
             pass  # already logged with the reason
 
+    def status_line(self) -> str:
+        """The queue in one line, for the service manager's STATUS=."""
+        counts = self.queue.totals()
+        busy = sum(1 for s in self.pool.slots if s.run)
+        return (f"STATUS={counts['pending']} pending, {counts['waiting']} waiting, "
+                f"{counts['running']} running, {counts['failed']} failed; "
+                f"workers {busy}/{len(self.pool.slots)} busy")
+
     # -- timers and snapshots ---------------------------------------------------
 
     async def _run_timers(self) -> None:
@@ -3202,7 +3292,8 @@ class Daemon:
             if sync_at is not None and sync_at <= now:
                 self._sync_journal()
                 sync_at = self.journal.sync_deadline()
-            deadlines = [self.next_snapshot, self.queue.next_deadline(), sync_at]
+            deadlines = [self.next_snapshot, self.queue.next_deadline(), sync_at,
+                         *self._notify_duties(now)]
             self.timer_deadline = min(d for d in deadlines if d is not None)
             self._timer_wake.clear()
             try:
@@ -3210,6 +3301,22 @@ class Daemon:
                                        max(0.0, self.timer_deadline - time.time()))
             except TimeoutError:
                 pass
+
+    def _notify_duties(self, now: float) -> list[float]:
+        """Ping the watchdog from this loop (a hung loop stops the pings); keep STATUS fresh."""
+        if self.notifier.sock is None:
+            return []
+        interval = self.notifier.watchdog_interval
+        if interval is not None and now >= self.next_watchdog:
+            self.notifier.send("WATCHDOG=1")
+            self.next_watchdog = now + interval
+        if now >= self.next_status:
+            line = self.status_line()
+            if line != self.last_status:
+                self.notifier.send(line)
+                self.last_status = line
+            self.next_status = now + 2
+        return [self.next_status] + ([self.next_watchdog] if interval is not None else [])
 
     def _sync_journal(self) -> None:
         try:
@@ -3274,6 +3381,37 @@ def gc_freeze() -> None:
 # ============================================================================
 
 
+class JournalFormatter(logging.Formatter):
+    """Lines for journald: a <N> priority prefix on every line, no timestamp."""
+
+    PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                  logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = self.PRIORITIES.get(record.levelno, 6)
+        return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
+
+
+def stderr_is_journal(env=os.environ) -> bool:
+    """Whether stderr is the journal: JOURNAL_STREAM names its device and inode."""
+    dev, _, ino = env.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return dev.isdigit() and ino.isdigit() and (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if stderr_is_journal():
+        handler.setFormatter(JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s sparkqd[%(process)d] %(levelname)s %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="sparkqd", description="The SparkQ task queue daemon.")
     parser.add_argument("--config", help="configuration file (default: see README)")
@@ -3287,16 +3425,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s sparkqd[%(process)d] %(levelname)s %(message)s")
+    service_env = take_service_environment()
+    setup_logging(args.log_level)
     try:
         config_path = find_config_path(args.config)
         config = load_config(config_path)
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
-    paths = resolve_paths(args, config, config_path)
-    daemon = Daemon(paths, config, args.config)
+    activated = service_env.get("LISTEN_PID") == str(os.getpid())
+    paths = resolve_paths(args, config, config_path, activated=activated)
+    daemon = Daemon(paths, config, args.config, service_env)
     try:
         asyncio.run(daemon.run())
     except StartupError as exc:
