@@ -443,6 +443,283 @@ class Worker:
 
 
 # ---------------------------------------------------------------------------
+# sparkqctl watch, top, completion
+# ---------------------------------------------------------------------------
+
+
+def watch(path: str, fields: dict) -> int:
+    """Print each event as one JSON line, flushed, until the daemon or the reader goes."""
+    with Client(path) as client:
+        client.call("watch", **fields)
+        try:
+            while True:
+                print(json.dumps(client.receive()), flush=True)
+        except (BrokenPipeError, KeyboardInterrupt):
+            return EXIT_OK
+        except Unreachable:
+            return EXIT_UNREACHABLE
+
+
+class EventReader:
+    """Events of a `watch` connection, read without blocking (for `top`)."""
+
+    def __init__(self, path: str):
+        self.client = Client(path)
+        self.client.call("watch")
+        self.client.sock.setblocking(False)
+        self.buf = b""
+
+    def fileno(self) -> int:
+        return self.client.sock.fileno()
+
+    def read(self) -> list[dict]:
+        try:
+            chunk = self.client.sock.recv(1 << 20)
+        except BlockingIOError:
+            return []
+        if not chunk:
+            raise Unreachable("sparkqd closed the connection")
+        self.buf += chunk
+        *lines, self.buf = self.buf.split(b"\n")
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+class Top:
+    """`sparkqctl top`: the queue on one screen, redrawn when events arrive."""
+
+    def __init__(self, path: str):
+        import collections
+
+        self.path = path
+        self.client = Client(path)
+        self.events = EventReader(path)
+        self.finished = collections.deque(maxlen=100_000)  # (epoch seconds, stream)
+        self.selected = 0
+        self.message = ""
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Fetch what the screen shows, in one pipelined round trip."""
+        ops = [("stream.list", {}), ("tasks", {"status": "running"}), ("locks", {}),
+               ("workers", {}), ("history", {"status": "failed", "limit": 5})]
+        for op, fields in ops:
+            self.client.send(op, **fields)
+        results = [Client._result(self.client.receive()) for _ in ops]
+        streams, self.running, self.locks, self.workers, self.failures = results
+        self.streams = [s for s in streams if s["status"] != "ended"]
+        self.selected = min(self.selected, max(0, len(self.streams) - 1))
+        if not self.finished:
+            for task in self.client.call("history", since=iso_ago(60), limit=100_000):
+                self.finished.append((parse_iso(task["finished_at"]), task["stream"]))
+
+    def take_events(self) -> bool:
+        events = self.events.read()
+        for event in events:
+            if event.get("event") in ("task.completed", "task.failed", "task.cancelled"):
+                self.finished.append((parse_iso(event["at"]), event["task"]["stream"]))
+        return bool(events)
+
+    def per_minute(self, stream: str) -> int:
+        import time
+
+        since = time.time() - 60
+        return sum(1 for at, name in self.finished if at >= since and name == stream)
+
+    def lines(self, width: int, height: int) -> list[tuple[str, bool]]:
+        """The screen as (text, highlighted) lines, cut to fit width x height."""
+        import time
+
+        now = time.time()
+        busy = sum(1 for w in self.workers if w["state"] == "busy")
+        counts = ("pending", "waiting", "running", "completed", "failed")
+        head = [(f"sparkq top  {time.strftime('%H:%M:%S')}  workers {busy}/{len(self.workers)} "
+                 f"busy  locks {len(self.locks)}  {self.message}", False),
+                (f"  {'STREAM':16} {'SESSION':12} {'PEND':>5} {'WAIT':>5} {'RUN':>4} "
+                 f"{'DONE':>6} {'FAIL':>5} {'/MIN':>5}", True)]
+        streams = [(f"{'>' if i == self.selected else ' '} {s['name'][:16]:16} "
+                    f"{s['session'][:12]:12} " + " ".join(
+                        f"{s['counts'].get(k, 0):>{w}}" for k, w in zip(counts, (5, 5, 4, 6, 5)))
+                    + f" {self.per_minute(s['name']):>5}" + ("  paused" if s.get("paused") else ""),
+                    i == self.selected) for i, s in enumerate(self.streams)]
+        running = [(f"  {t['id']:>6} {t['stream'][:12]:12} {t['tool'][:12]:12} "
+                    f"{(t['worker'] or '-')[:14]:14} {age(now - parse_iso(t['started_at'])):>6} "
+                    f"lease {age(parse_iso(t['lease_expires_at']) - now) if t['lease_expires_at'] else '-':>6}",
+                    False) for t in self.running]
+        locks = [(f"  {lk['lock'][:50]:50} task {lk['task']}", False) for lk in self.locks]
+        workers = [(f"  {w['name'][:24]:24} {w['kind']:8} {w['state']:6} "
+                    f"task {w['task'] or '-':<7} done {w['done']}", False) for w in self.workers]
+        failures = [(f"  {t['id']:>6} {t['stream'][:12]:12} {(t['reason'] or '').splitlines()[0][:55] if t['reason'] else ''}",
+                     False) for t in self.failures]
+        sections = [("RUNNING", running), ("LOCKS", locks), ("WORKERS", workers),
+                    ("RECENT FAILURES", failures)]
+        out = head + streams
+        room = height - len(out) - 1 - len(sections)
+        for title, rows in sections:
+            share = max(1, room // len(sections))
+            out.append((f"{title} ({len(rows)})", True))
+            out.extend(rows[:share])
+        out = out[: height - 1] + [("q quit  p pause/resume  up/down select", True)]
+        return [(text[:width - 1], hl) for text, hl in out]
+
+    def toggle_pause(self) -> None:
+        if self.streams:
+            stream = self.streams[self.selected]
+            op = "stream.resume" if stream.get("paused") else "stream.pause"
+            try:
+                self.client.call(op, name=stream["name"])
+                self.message = f"{op.split('.')[1]}d {stream['name']}"
+            except SparkQError as exc:
+                self.message = str(exc)
+
+    def run_terminal(self, screen) -> int:
+        import curses
+        import select
+        import time
+
+        curses.curs_set(0)
+        screen.nodelay(True)
+        screen.keypad(True)
+        dirty, last_fetch = False, 0.0
+        while True:
+            height, width = screen.getmaxyx()
+            screen.erase()
+            for row, (text, highlighted) in enumerate(self.lines(width, height)):
+                screen.addstr(row, 0, text, curses.A_REVERSE if highlighted else curses.A_NORMAL)
+            screen.refresh()
+            ready, _, _ = select.select([self.events, sys.stdin], [], [], 1.0)  # 1 s: ages tick
+            if self.events in ready:
+                dirty = self.take_events() or dirty
+            key = screen.getch()
+            if key in (ord("q"), ord("Q")):
+                return EXIT_OK
+            if key == ord("p"):
+                self.toggle_pause()
+                dirty = True
+            elif key in (curses.KEY_UP, curses.KEY_DOWN):
+                step = -1 if key == curses.KEY_UP else 1
+                self.selected = max(0, min(len(self.streams) - 1, self.selected + step))
+            if dirty and time.monotonic() - last_fetch > 0.25:  # redraw on events, at most 4/s
+                self.refresh()
+                dirty, last_fetch = False, time.monotonic()
+
+    def run_plain(self, interval: float = 2.0) -> int:
+        import select
+
+        try:
+            while True:
+                for text, _ in self.lines(200, 1000):
+                    print(text)
+                print(flush=True)
+                select.select([self.events], [], [], interval)
+                self.take_events()
+                self.refresh()
+        except (KeyboardInterrupt, BrokenPipeError):
+            return EXIT_OK
+
+
+def top(path: str) -> int:
+    view = Top(path)
+    if not sys.stdout.isatty():
+        return view.run_plain()
+    import curses
+
+    return curses.wrapper(view.run_terminal)
+
+
+def parse_iso(text: str) -> float:
+    import datetime
+
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def iso_ago(seconds: float) -> str:
+    import datetime
+
+    moment = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=seconds)
+    return moment.isoformat()
+
+
+def age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h"
+
+
+COMPLETION_BASH = r"""# sparkqctl completion for bash: source <(sparkqctl completion bash)
+_sparkqctl() {
+    local cur prev words
+    cur="${COMP_WORDS[COMP_CWORD]}"; prev="${COMP_WORDS[COMP_CWORD-1]}"
+    case "$prev" in
+        --stream) COMPREPLY=($(compgen -W "$(sparkqctl __complete streams 2>/dev/null)" -- "$cur")); return;;
+        --session) COMPREPLY=($(compgen -W "$(sparkqctl __complete sessions 2>/dev/null)" -- "$cur")); return;;
+        --tool) COMPREPLY=($(compgen -W "$(sparkqctl __complete tools 2>/dev/null)" -- "$cur")); return;;
+        --script) COMPREPLY=($(compgen -W "$(sparkqctl __complete scripts 2>/dev/null)" -- "$cur")); return;;
+        --status) COMPREPLY=($(compgen -W "pending waiting running completed failed cancelled" -- "$cur")); return;;
+        complete|fail|requeue|task|touch|cancel|logs|wait|--task-id|--task)
+            COMPREPLY=($(compgen -W "$(sparkqctl __complete tasks 2>/dev/null)" -- "$cur")); return;;
+        session|stream) COMPREPLY=($(compgen -W "create list end pause resume" -- "$cur")); return;;
+        service) COMPREPLY=($(compgen -W "install uninstall show" -- "$cur")); return;;
+        completion) COMPREPLY=($(compgen -W "bash zsh fish" -- "$cur")); return;;
+    esac
+    if [ "$COMP_CWORD" -eq 1 ]; then
+        COMPREPLY=($(compgen -W "@COMMANDS@" -- "$cur"))
+    elif [[ "$cur" == -* ]]; then
+        COMPREPLY=($(compgen -W "--json -q --socket --stream --session --tool --status --limit --wait --worker" -- "$cur"))
+    fi
+}
+complete -F _sparkqctl sparkqctl
+"""
+
+COMPLETION_ZSH = r"""#compdef sparkqctl
+# sparkqctl completion for zsh: source <(sparkqctl completion zsh)
+_sparkqctl() {
+    local prev=${words[CURRENT-1]}
+    case $prev in
+        --stream) compadd -- ${(f)"$(sparkqctl __complete streams 2>/dev/null)"}; return;;
+        --session) compadd -- ${(f)"$(sparkqctl __complete sessions 2>/dev/null)"}; return;;
+        --tool) compadd -- ${(f)"$(sparkqctl __complete tools 2>/dev/null)"}; return;;
+        --script) compadd -- ${(f)"$(sparkqctl __complete scripts 2>/dev/null)"}; return;;
+        complete|fail|requeue|task|touch|cancel|logs|wait|--task-id)
+            compadd -- ${(f)"$(sparkqctl __complete tasks 2>/dev/null)"}; return;;
+    esac
+    if (( CURRENT == 2 )); then compadd -- @COMMANDS@; fi
+}
+compdef _sparkqctl sparkqctl
+"""
+
+COMPLETION_FISH = r"""# sparkqctl completion for fish: sparkqctl completion fish | source
+complete -c sparkqctl -f
+complete -c sparkqctl -n "__fish_use_subcommand" -a "@COMMANDS@"
+complete -c sparkqctl -l stream -xa "(sparkqctl __complete streams 2>/dev/null)"
+complete -c sparkqctl -l session -xa "(sparkqctl __complete sessions 2>/dev/null)"
+complete -c sparkqctl -l tool -xa "(sparkqctl __complete tools 2>/dev/null)"
+complete -c sparkqctl -l script -xa "(sparkqctl __complete scripts 2>/dev/null)"
+complete -c sparkqctl -n "__fish_seen_subcommand_from complete fail requeue task touch cancel logs wait" -xa "(sparkqctl __complete tasks 2>/dev/null)"
+"""
+
+
+def completion_names(path: str, kind: str) -> list[str]:
+    """Names to complete, from the running daemon; nothing if it is not there."""
+    op, fields, key = {"streams": ("stream.list", {}, "name"),
+                       "sessions": ("session.list", {}, "name"),
+                       "tasks": ("tasks", {}, "id"), "scripts": ("scripts", {}, "name")}.get(
+        kind, ("tools", {}, None))
+    try:
+        with Client(path, timeout=2) as client:
+            result = client.call(op, **fields)
+    except (Unreachable, SparkQError, OSError):
+        return []
+    if kind == "tools":
+        return list(result["tools"])
+    if kind == "tasks":
+        return [str(t["id"]) for t in result if t["status"] not in ("completed", "failed", "cancelled")]
+    return [str(item[key]) for item in result]
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 
@@ -561,6 +838,24 @@ def build_parser():
     p.add_argument("--follow", "-f", action="store_true", help="keep printing until it ends")
     command("scripts", "list the scripts found under script_dirs")
     command("workers", "list the daemon's worker slots and external workers")
+    p = command("watch", "print events as JSON lines as they happen")
+    p.add_argument("--stream", action="append", dest="streams", metavar="S")
+    p.add_argument("--session", action="append", dest="sessions", metavar="S")
+    p.add_argument("--task", action="append", dest="tasks", type=int, metavar="ID")
+    p.add_argument("--event", action="append", dest="events", metavar="TYPE",
+                   help="task.created, task.pending, task.claimed, task.completed, ...")
+    command("top", "a live view of streams, running tasks, locks, workers and failures")
+    command("metrics", "print metrics in the Prometheus text format")
+    p = command("history", "ended tasks, newest first, with how long they waited and ran")
+    p.add_argument("--stream")
+    p.add_argument("--session")
+    p.add_argument("--status", choices=["completed", "failed", "cancelled"])
+    p.add_argument("--since", type=since, metavar="TIME",
+                   help="RFC 3339, local 'YYYY-MM-DD HH:MM', or a duration ago: 30m, 2h, 1d")
+    p.add_argument("--limit", type=int)
+    command("completion", "print a shell completion script").add_argument(
+        "shell", choices=["bash", "zsh", "fish"])
+    commands.add_parser("__complete").add_argument("kind")
     p = command("service", "install the systemd user units (socket-activated sparkqd)")
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     command("install", "write the units, enable them (--now: start too)", sub).add_argument(
@@ -612,6 +907,14 @@ def moment(text: str) -> str:
     return (parsed if parsed.tzinfo else parsed.astimezone()).isoformat()
 
 
+def since(text: str) -> str:
+    """A start time: RFC 3339, local 'YYYY-MM-DD HH:MM', or a duration ago."""
+    try:
+        return iso_ago(duration(text))
+    except Exception:
+        return moment(text)
+
+
 def id_list(text: str) -> list[int]:
     import argparse
 
@@ -619,6 +922,13 @@ def id_list(text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a list of task ids") from None
+
+
+def commands_of(parser) -> list[str]:
+    import argparse
+
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return list(action.choices)
 
 
 def json_arg(parser, text: str, flag: str):
@@ -699,6 +1009,12 @@ def to_request(parser, args) -> tuple[str, dict]:
                         "follow": args.follow or None}
     if cmd == "wait":
         return "wait", {"tasks": args.tasks, "timeout": args.timeout}
+    if cmd == "history":
+        return "history", {"stream": args.stream, "session": args.session,
+                           "status": args.status, "since": args.since, "limit": args.limit}
+    if cmd == "watch":
+        return "watch", {"streams": args.streams, "sessions": args.sessions,
+                         "tasks": args.tasks, "events": args.events}
     if cmd == "tasks":
         return "tasks", {"stream": args.stream, "session": args.session, "status": args.status,
                          "limit": args.limit}
@@ -723,6 +1039,13 @@ def render(args, op: str, result) -> str | None:
         return show_tasks(result["tasks"])
     if op == "logs":
         return result["log"].rstrip("\n") or None
+    if op == "metrics":
+        return result.rstrip("\n")
+    if op == "history":
+        return table([[t["id"], t["stream"], t["tool"], t["status"], t["waited"], t["duration"],
+                       t["finished_at"], short(t["summary"] or t["reason"] or "", 36)]
+                      for t in result],
+                     ["ID", "STREAM", "TOOL", "STATUS", "WAITED", "RAN", "FINISHED", "SUMMARY"])
     if op == "scripts":
         return table([[s["name"], s["task_class"], s["timeout"], s["args"], s["description"]]
                       for s in result], ["NAME", "CLASS", "TIMEOUT", "ARGS", "DESCRIPTION"])
@@ -780,9 +1103,26 @@ def main(argv: list[str] | None = None) -> int:
         return Worker(parser, args).run()
     if args.command == "service":
         return service(args)
+    path = args.socket or default_socket_path()
+    if args.command == "completion":
+        names = " ".join(sorted(n for n in commands_of(parser) if not n.startswith("_")))
+        print({"bash": COMPLETION_BASH, "zsh": COMPLETION_ZSH, "fish": COMPLETION_FISH}[
+            args.shell].replace("@COMMANDS@", names), end="")
+        return EXIT_OK
+    if args.command == "__complete":
+        print("\n".join(completion_names(path, args.kind)))
+        return EXIT_OK
+    if args.command == "top":
+        try:
+            return top(path)
+        except Unreachable as exc:
+            print(f"sparkqctl: {exc}", file=sys.stderr)
+            return EXIT_UNREACHABLE
     op, fields = to_request(parser, args)
     path = args.socket or default_socket_path()
     try:
+        if op == "watch":
+            return watch(path, fields)
         with Client(path) as client:
             if op == "logs" and fields.get("follow"):
                 return follow_logs(client, fields, args.json)

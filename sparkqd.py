@@ -28,15 +28,18 @@ Sections, in the order the data flows:
 5. Queue core (pure: no I/O, the time is an argument)
 6. Journal
 7. Snapshot
-8. Server
-9. Daemon wiring and timers
-10. main()
+8. Runner (the daemon's own workers)
+9. Observers: metrics, subscriptions, hooks
+10. Server
+11. Daemon wiring and timers
+12. main()
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import codecs
 import collections
 import datetime
@@ -195,6 +198,17 @@ class LogsConfig(ConfigStruct):
     max_bytes: Annotated[int, Meta(ge=1024)] = 1 << 20
 
 
+class MetricsConfig(ConfigStruct):
+    textfile: str | None = None
+    interval: Seconds = 15.0
+
+
+class HooksConfig(ConfigStruct):
+    on_finish: list[str] | None = None
+    timeout: Seconds = 30.0
+    concurrency: Annotated[int, Meta(ge=1)] = 4
+
+
 class TaskClass(ConfigStruct):
     timeout: Seconds
     max_attempts: Annotated[int, Meta(ge=1)] = 1
@@ -245,6 +259,8 @@ class Config(ConfigStruct):
     stale: StaleConfig = field(default_factory=StaleConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     logs: LogsConfig = field(default_factory=LogsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
     script_dirs: list[str] = field(default_factory=list)
     task_classes: dict[str, TaskClass] = field(default_factory=builtin_task_classes)
     tools: dict[str, Tool] = field(default_factory=builtin_tools)
@@ -679,6 +695,25 @@ class Logs(Request, tag="logs"):
     follow: bool = False
 
 
+class Watch(Request, tag="watch"):
+    streams: list[str] | None = None
+    sessions: list[str] | None = None
+    tasks: list[TaskId] | None = None
+    events: list[str] | None = None
+
+
+class History(Request, tag="history"):
+    stream: str | None = None
+    session: str | None = None
+    status: Literal["completed", "failed", "cancelled"] | None = None
+    since: str | None = None
+    limit: Annotated[int, Meta(ge=0)] | None = None
+
+
+class Metrics(Request, tag="metrics"):
+    pass
+
+
 class Scripts(Request, tag="scripts"):
     pass
 
@@ -726,11 +761,12 @@ class Schema(Request, tag="schema"):
 AnyRequest = Union[Hello, Status, SessionCreate, SessionEnd, SessionList, StreamCreate,
                    StreamEnd, StreamList, StreamPause, StreamResume, Enqueue, Peek, Claim,
                    Complete, Fail, Touch, Cancel, Requeue, GetTask, ListTasks, Wait, Locks,
-                   Logs, Scripts, Workers, Purge, Tools, Reload, Shutdown, Schema]
+                   Logs, Scripts, Workers, Watch, History, Metrics, Purge, Tools, Reload,
+                   Shutdown, Schema]
 OPS = frozenset(cls.__struct_config__.tag for cls in AnyRequest.__args__)
 #: Ops that only read state: their replies need not wait for the journal.
 READ_ONLY = (Hello, Status, SessionList, StreamList, Peek, GetTask, ListTasks, Wait, Locks,
-             Logs, Scripts, Workers, Tools, Schema)
+             Logs, Scripts, Workers, Watch, History, Metrics, Tools, Schema)
 
 
 def request_schema() -> dict:
@@ -928,6 +964,8 @@ class Queue:
         self.stale_heap: list[tuple[float, int, str]] = []  #: (lease_expires_at, id, lease)
         self.delay_heap: list[tuple[float, int]] = []  #: (ready_at, id)
         self.purge_heap: list[tuple[float, int]] = []  #: (finished_at, id)
+        #: (finished_at, id) in the order tasks ended, newest last; stale entries skipped
+        self.finish_log: list[tuple[float, int]] = []
         #: Streams that gained claimable tasks, and tasks that ended, since last taken.
         self.became_ready: set[str] = set()
         self.finished: list[int] = []
@@ -952,6 +990,7 @@ class Queue:
             Enqueue: self.enqueue, Peek: self.peek, Claim: self.claim, Complete: self.complete,
             Fail: self.fail, Touch: self.touch, Cancel: self.cancel, Requeue: self.requeue,
             GetTask: self.get_task, ListTasks: self.list_tasks, Wait: self.wait,
+            History: self.history,
             Locks: self.locks, Purge: self.purge,
         }
 
@@ -1257,10 +1296,10 @@ class Queue:
         """Record the process group the daemon started for a running task."""
         self._emit(TaskRunStarted(at=now, id=task_id, pid=pid, start=start))
 
-    def interrupt(self, task_id: int, reason: str, now: float) -> None:
-        """A run ended by the daemon's stop: a failed attempt, retried if attempts remain."""
+    def interrupt(self, task_id: int, reason: str, now: float, lease: str | None = None) -> None:
+        """A run the daemon could not finish: a failed attempt, retried if attempts remain."""
         task = self.tasks.get(task_id)
-        if task is not None and task.status == "running":
+        if task is not None and task.status == "running" and lease in (None, task.lease):
             self._fail_attempt(task, reason, now, by="sparkqd")
 
     def touch(self, req: Touch, now: float) -> dict:
@@ -1327,6 +1366,38 @@ class Queue:
         return {"done": all(t.status in TERMINAL for t in tasks),
                 "tasks": [self.task_record(t) for t in tasks]}
 
+    def history(self, req: History, now: float) -> list:
+        """Ended tasks, newest first, with how long they waited and ran."""
+        if req.stream is not None:
+            self._stream(req.stream)
+        if req.session is not None:
+            self._session(req.session)
+        since = parse_time(req.since) if req.since is not None else None
+        limit = req.limit if req.limit is not None else len(self.finish_log)
+        out, stale = [], 0
+        for finished_at, task_id in reversed(self.finish_log):
+            if len(out) >= limit or (since is not None and finished_at < since):
+                break
+            task = self.tasks.get(task_id)
+            if task is None or task.finished_at != finished_at or task.status not in TERMINAL:
+                stale += 1  # purged or requeued since it ended
+            elif ((req.status is None or task.status == req.status)
+                    and (req.stream is None or task.stream == req.stream)
+                    and (req.session is None or self.streams[task.stream].session == req.session)):
+                out.append(self.history_record(task))
+        if stale > len(self.finish_log) // 2 + 1000:
+            self.finish_log = self._live_finish_log()
+        return out
+
+    def _live_finish_log(self) -> list[tuple[float, int]]:
+        return sorted((t.finished_at, t.id) for t in self.tasks.values() if t.status in TERMINAL)
+
+    def history_record(self, task: Task) -> dict:
+        started = task.started_at
+        return {**self.task_record(task),
+                "waited": None if started is None else round(started - task.created_at, 3),
+                "duration": None if started is None else round(task.finished_at - started, 3)}
+
     def locks(self, req: Locks, now: float) -> list:
         return [{"lock": lock, "task": task_id, "stream": self.tasks[task_id].stream,
                  "worker": self.tasks[task_id].worker,
@@ -1345,6 +1416,7 @@ class Queue:
             task = self.tasks.get(task_id)
             if task is not None and task.status in TERMINAL and task.finished_at == finished_at:
                 ids.append(task_id)
+        ids = list(dict.fromkeys(ids))  # ended twice at the same instant: two heap entries
         if ids:
             self._emit(TasksPurged(at=now, ids=ids))
         return len(ids)
@@ -1403,6 +1475,7 @@ class Queue:
                 heapq.heappush(self.delay_heap, (task.ready_at, task.id))
         elif old_status != status:  # it just ended
             heapq.heappush(self.purge_heap, (task.finished_at, task.id))
+            self.finish_log.append((task.finished_at, task.id))
             self.finished.append(task.id)
         if old_status == "running" and status != "running" and task.lock is not None:
             if self.lock_holder.get(task.lock) == task.id:
@@ -1520,7 +1593,9 @@ class Queue:
 
     def _apply_purged(self, e: TasksPurged) -> None:
         for task_id in e.ids:
-            task = self.tasks.pop(task_id)
+            task = self.tasks.pop(task_id, None)
+            if task is None:
+                continue
             self.counts[task.stream][task.status] -= 1
             if task.key is not None and self.keys.get((task.stream, task.key)) == task_id:
                 del self.keys[task.stream, task.key]
@@ -1558,6 +1633,7 @@ class Queue:
                 heapq.heapify(heap)
         for heap in (self.stale_heap, self.delay_heap, self.purge_heap):
             heapq.heapify(heap)
+        self.finish_log = self._live_finish_log()
         self.next_id = next_id
 
     # -- records as replies show them -------------------------------------
@@ -1661,7 +1737,7 @@ class Journal:
         self._waiters: collections.deque = collections.deque()
         self._flush_scheduled = False
         self._encode = msgspec.msgpack.Encoder().encode
-        self.fsync_seconds: collections.deque = collections.deque(maxlen=1024)
+        self.fsync_seconds = Histogram(FSYNC_BUCKETS)
 
     # -- recovery -----------------------------------------------------------
 
@@ -1878,7 +1954,7 @@ class Journal:
             except OSError as exc:
                 self._fail(f"fsync journal segment {segment.path}: {exc.strerror}")
                 return
-        self.fsync_seconds.append(time.perf_counter() - started)
+        self.fsync_seconds.observe(time.perf_counter() - started)
         self.synced_seq = max(self.synced_seq, seq)
         self.last_sync = time.time()
 
@@ -2214,8 +2290,9 @@ class TaskLog:
         self.cut = 0
         self.last = bytearray()  #: the last few KiB, for the summary and a failure's reason
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        if attempt > 1:
+        if attempt > 1:  # a header in the file only: not part of this run's output tail
             self.write(f"\n--- sparkqd: attempt {attempt} ---\n".encode())
+            self.last.clear()
 
     def write(self, chunk: bytes) -> None:
         self.last += chunk
@@ -2388,6 +2465,14 @@ class Pool:
         return env
 
     async def _run(self, slot: Slot, task: dict) -> None:
+        """Run one claimed task; if the worker itself fails, the attempt fails with it."""
+        try:
+            await self._run_claimed(slot, task)
+        except Exception as exc:
+            self.daemon.interrupt(task["id"], task["lease"], f"worker {slot.name} crashed: {exc!r}")
+            raise  # the supervisor counts it and restarts the loop
+
+    async def _run_claimed(self, slot: Slot, task: dict) -> None:
         """Run one claimed task to its outcome; the core records what became of it."""
         daemon = self.daemon
         log_file = TaskLog(daemon.log_path(task["id"]), self.config.logs.max_bytes,
@@ -2490,7 +2575,202 @@ class Pool:
 
 
 # ============================================================================
-# 9. Server
+# 9. Observers: metrics, subscriptions, hooks
+# ============================================================================
+
+FSYNC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
+DURATION_BUCKETS = (0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 86400.0)
+WATCH_MAX_EVENTS = 1000
+WATCH_MAX_BYTES = 4 << 20
+#: The event a subscriber sees for each journaled event.
+WATCH_EVENTS = {
+    TaskEnqueued: "task.created", TaskReleased: "task.pending", TaskRequeued: "task.pending",
+    TaskClaimed: "task.claimed", TaskTouched: "task.touched", TaskCompleted: "task.completed",
+    TaskFailed: "task.failed", TaskRetrying: "task.retrying", TaskCancelled: "task.cancelled",
+    StreamPaused: "stream.paused", StreamResumed: "stream.resumed",
+}
+OUTCOMES = {TaskCompleted: "completed", TaskFailed: "failed", TaskCancelled: "cancelled"}
+
+
+class Histogram:
+    """A Prometheus histogram: counts per upper bound, a sum and a count."""
+
+    def __init__(self, buckets: tuple[float, ...]):
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+
+    def lines(self, name: str) -> list[str]:
+        out, running = [], 0
+        for bound, count in zip((*self.buckets, "+Inf"), self.counts):
+            running += count
+            out.append(f'{name}_bucket{{le="{bound}"}} {running}')
+        return out + [f"{name}_sum {self.sum:.6f}", f"{name}_count {running}"]
+
+
+class Stats:
+    """Counters and histograms fed by every event the daemon commits."""
+
+    def __init__(self):
+        self.enqueued = 0
+        self.claimed = 0
+        self.finished: collections.Counter = collections.Counter()  #: (stream, outcome)
+        self.wait = Histogram(DURATION_BUCKETS)
+        self.run = Histogram(DURATION_BUCKETS)
+
+    def count(self, events: list[Event], tasks: dict[int, Task]) -> None:
+        for event in events:
+            kind = type(event)
+            if kind is TaskEnqueued:
+                self.enqueued += 1
+            elif kind is TaskClaimed:
+                self.claimed += 1
+                task = tasks.get(event.id)
+                if task is not None:
+                    self.wait.observe(max(0.0, event.at - task.created_at))
+            elif kind in OUTCOMES:
+                task = tasks.get(event.id)
+                if task is not None:
+                    self.finished[task.stream, OUTCOMES[kind]] += 1
+                    if task.started_at is not None and kind is not TaskCancelled:
+                        self.run.observe(max(0.0, event.at - task.started_at))
+
+
+def metric(name: str, kind: str, help_text: str, samples: list[str]) -> list[str]:
+    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples]
+
+
+def label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render_metrics(daemon: Daemon) -> str:
+    """The daemon's state in the Prometheus text exposition format."""
+    queue, stats, pool = daemon.queue, daemon.stats, daemon.pool
+    snapshot = daemon.last_snapshot
+    busy = sum(1 for s in pool.slots if s.run)
+    failed = sum(1 for s in pool.slots if s.failed)
+    lines = [
+        *metric("sparkq_tasks", "gauge", "Tasks by stream and status.",
+                [f'sparkq_tasks{{stream="{label(stream)}",status="{status}"}} {n}'
+                 for stream, counts in queue.counts.items() for status, n in counts.items()]),
+        *metric("sparkq_tasks_finished_total", "counter", "Tasks that ended, by outcome.",
+                [f'sparkq_tasks_finished_total{{stream="{label(stream)}",outcome="{outcome}"}} {n}'
+                 for (stream, outcome), n in sorted(stats.finished.items())]),
+        *metric("sparkq_enqueued_total", "counter", "Tasks enqueued.",
+                [f"sparkq_enqueued_total {stats.enqueued}"]),
+        *metric("sparkq_claimed_total", "counter", "Tasks claimed.",
+                [f"sparkq_claimed_total {stats.claimed}"]),
+        *metric("sparkq_queue_wait_seconds", "histogram", "From enqueue to claim.",
+                stats.wait.lines("sparkq_queue_wait_seconds")),
+        *metric("sparkq_run_seconds", "histogram", "From claim to completed or failed.",
+                stats.run.lines("sparkq_run_seconds")),
+        *metric("sparkq_journal_fsync_seconds", "histogram", "Journal fsync latency.",
+                daemon.journal.fsync_seconds.lines("sparkq_journal_fsync_seconds")),
+        *metric("sparkq_snapshot_duration_seconds", "gauge", "Duration of the last snapshot.",
+                [f"sparkq_snapshot_duration_seconds {snapshot['seconds'] or 0}"]),
+        *metric("sparkq_snapshot_age_seconds", "gauge", "Seconds since the last snapshot.",
+                [f"sparkq_snapshot_age_seconds {time.time() - daemon.snapshot_time:.3f}"]),
+        *metric("sparkq_workers", "gauge", "The daemon's worker slots by state.",
+                [f'sparkq_workers{{state="busy"}} {busy}',
+                 f'sparkq_workers{{state="idle"}} {len(pool.slots) - busy - failed}',
+                 f'sparkq_workers{{state="failed"}} {failed}']),
+        *metric("sparkq_worker_restarts_total", "counter", "Worker loops restarted.",
+                [f"sparkq_worker_restarts_total {sum(s.restart_count for s in pool.slots)}"]),
+        *metric("sparkq_locks_held", "gauge", "Locks held by running tasks.",
+                [f"sparkq_locks_held {len(queue.lock_holder)}"]),
+        *metric("sparkq_subscribers", "gauge", "Connections watching events.",
+                [f"sparkq_subscribers {len(daemon.subscriptions)}"]),
+        *metric("sparkq_uptime_seconds", "gauge", "Seconds since the daemon started.",
+                [f"sparkq_uptime_seconds {time.time() - daemon.started:.3f}"]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Replace ``path`` so that a reader sees the old or the new file, never half of one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    temp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    with open(temp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(temp, path)
+
+
+class Subscription:
+    """What one `watch` asked to see."""
+
+    def __init__(self, req: Watch):
+        self.streams = set(req.streams) if req.streams else None
+        self.sessions = set(req.sessions) if req.sessions else None
+        self.tasks = set(req.tasks) if req.tasks else None
+        self.events = set(req.events) if req.events else None
+        self.narrowed = bool(self.streams or self.sessions or self.tasks)
+
+    def wants(self, kind: str, stream: str | None = None, session: str | None = None,
+              task_id: int | None = None) -> bool:
+        if self.events is not None and kind not in self.events:
+            return False
+        if stream is None:  # worker and config events: unless narrowed to some tasks
+            return not self.narrowed or self.events is not None
+        return ((self.streams is None or stream in self.streams)
+                and (self.sessions is None or session in self.sessions)
+                and (self.tasks is None or task_id in self.tasks))
+
+
+class Hooks:
+    """`hooks.on_finish`: a command per ended task, in the background, with a timeout."""
+
+    def __init__(self, daemon: Daemon):
+        self.daemon = daemon
+        self.waiting: collections.deque = collections.deque(maxlen=10_000)
+        self.running = 0
+
+    def task_ended(self, task: Task) -> None:
+        if self.daemon.config.hooks.on_finish:
+            self.waiting.append(task)
+            self._start_more()
+
+    def _start_more(self) -> None:
+        while self.waiting and self.running < self.daemon.config.hooks.concurrency:
+            self.running += 1
+            asyncio.get_running_loop().create_task(self._run(self.waiting.popleft()))
+
+    async def _run(self, task: Task) -> None:
+        hooks = self.daemon.config.hooks
+        duration = (task.finished_at - task.started_at) if task.started_at and task.finished_at else 0
+        env = {k: v for k, v in os.environ.items() if not k.startswith(PRIVATE_ENV_PREFIXES)}
+        env.update(SPARKQ_TASK_ID=str(task.id), SPARKQ_STATUS=task.status,
+                   SPARKQ_STREAM=task.stream,
+                   SPARKQ_SESSION=self.daemon.queue.streams[task.stream].session,
+                   SPARKQ_TOOL=task.tool, SPARKQ_SUMMARY=task.summary or "",
+                   SPARKQ_REASON=task.reason or "", SPARKQ_DURATION=f"{duration:.3f}",
+                   SPARKQ_SOCKET=self.daemon.paths.socket)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *hooks.on_finish, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE, env=env, start_new_session=True)
+            try:
+                _, stderr = await asyncio.wait_for(proc.communicate(), hooks.timeout)
+                if proc.returncode:
+                    log.warning("on_finish hook for task %d exited %d: %s", task.id,
+                                proc.returncode, stderr.decode(errors="replace").strip()[-500:])
+            except TimeoutError:
+                signal_group(proc.pid, signal.SIGKILL)
+                await proc.wait()
+                log.warning("on_finish hook for task %d killed after %g s", task.id, hooks.timeout)
+        except OSError as exc:
+            log.warning("on_finish hook %s cannot start: %s", hooks.on_finish[0], exc.strerror)
+        finally:
+            self.running -= 1
+            self._start_more()
+
+
+# ============================================================================
+# 10. Server
 # ============================================================================
 
 
@@ -2572,6 +2852,8 @@ class Connection(asyncio.Protocol):
         self.ticket = 0  #: tells a current wake-up from a stale one
         self.block_timer: asyncio.TimerHandle | None = None
         self.write_paused = False
+        self.queued_bytes = self.queued_events = 0  #: events waiting for a slow subscriber
+        self.missed = 0  #: events dropped since the subscriber fell behind
         self.eof = False
         self.closing = False  #: close once every reply is out
         self.lost = False
@@ -2588,6 +2870,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.lost = True
+        self.daemon.subscriptions.pop(self, None)
         if self.blocked is not None:
             self._unblock()
         self.daemon.connection_closed(self)
@@ -2606,6 +2889,7 @@ class Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         self._update_reading()
+        self._send_durable()
 
     def data_received(self, data: bytes) -> None:
         if self.codec is None:
@@ -2652,6 +2936,10 @@ class Connection(asyncio.Protocol):
             if type(request) is Logs and request.follow and self.daemon.follow_log(request.task, self):
                 self.blocked = request  # later frames wait until the stream ends
                 return ok_reply(request.id, result)
+            if type(request) is Watch:
+                self.daemon.subscribe(self, request)
+                self.blocked = request  # a stream of events from now on
+                return ok_reply(request.id, result)
             blocking = self.daemon.blocks(request, result)
             if blocking and not self.daemon.stopping and not (self.eof and self._peer_gone()):
                 self._block(request, *blocking)
@@ -2670,11 +2958,20 @@ class Connection(asyncio.Protocol):
         """Write every reply whose observations are durable; wait for the rest."""
         if self.awaiting_journal or self.lost or not self.replies:
             return self._close_when_done()
+        if self.write_paused and self in self.daemon.subscriptions:
+            return  # a slow subscriber: events wait here, within publish()'s limits
         journal = self.daemon.journal
         durable, failure = journal.durable_seq, journal.failure
         encode, out = self.codec.encode, []
         while self.replies and (self.replies[0][0] <= durable or failure):
             seq, reply = self.replies.popleft()
+            if type(reply) is bytes:
+                self.queued_bytes -= len(reply)
+                self.queued_events -= 1
+                if seq > durable:
+                    continue  # an event the journal failed to keep: it did not happen
+                out.append(reply)
+                continue
             if seq > durable:
                 reply = error_reply(reply.get("id"), Unavailable(f"storage failing: {failure}"))
             out.append(encode(reply))
@@ -2759,6 +3056,30 @@ class Connection(asyncio.Protocol):
         self.blocked = None
         self.ticket += 1
 
+    def publish(self, message: dict) -> None:
+        """Queue an event for this subscriber; drop the backlog if it cannot keep up."""
+        if self.lost:
+            return
+        if self.missed:
+            if self.write_paused:
+                self.missed += 1
+                return
+            self._queue_event({"event": "lagged", "missed": self.missed})
+            self.missed = 0
+        if self.queued_events >= WATCH_MAX_EVENTS or self.queued_bytes >= WATCH_MAX_BYTES:
+            self.missed = self.queued_events + 1
+            self.replies = collections.deque(e for e in self.replies if type(e[1]) is not bytes)
+            self.queued_bytes = self.queued_events = 0
+            return
+        self._queue_event(message)
+        self._send_durable()
+
+    def _queue_event(self, message: dict) -> None:
+        data = self.codec.encode(message)
+        self.queued_bytes += len(data)
+        self.queued_events += 1
+        self.replies.append((self.daemon.journal.last_seq, data))
+
     def push(self, message: dict) -> None:
         """Send a message of a stream this connection asked for (after its reply)."""
         if not self.lost:
@@ -2778,7 +3099,7 @@ class Connection(asyncio.Protocol):
 
 
 # ============================================================================
-# 10. Daemon wiring and timers
+# 11. Daemon wiring and timers
 # ============================================================================
 
 
@@ -2858,6 +3179,11 @@ class Daemon:
         self.followers: dict[int, set[Connection]] = {}
         #: worker name -> what agents and `sparkqctl work` told us, for `workers`
         self.external: dict[str, dict] = {}
+        self.stats = Stats()
+        self.subscriptions: dict[Connection, Subscription] = {}
+        self.hooks = Hooks(self)
+        self.snapshot_time = time.time()
+        self.next_metrics = 0.0
         self.journal = Journal(paths.journal, config.database.fsync,
                                config.database.fsync_interval_ms)
         self.snapshot = Snapshot(paths.database)
@@ -2877,6 +3203,7 @@ class Daemon:
             Hello: self.op_hello, Status: self.op_status, Tools: self.op_tools,
             Reload: self.op_reload, Shutdown: self.op_shutdown, Schema: self.op_schema,
             Logs: self.op_logs, Scripts: self.op_scripts, Workers: self.op_workers,
+            Watch: self.op_watch, Metrics: self.op_metrics,
         }
 
     # -- startup and shutdown ----------------------------------------------
@@ -3057,6 +3384,9 @@ class Daemon:
         if not events:
             return
         self.journal.append(events)
+        self.stats.count(events, self.queue.tasks)
+        if self.subscriptions:
+            self._publish(events)
         streams, finished = self.queue.take_wakeups()
         for stream in streams:
             self.wake(("stream", stream))
@@ -3065,6 +3395,7 @@ class Daemon:
             self.wake(("task", task_id))
             if task_id not in self.pool.runs:
                 self.end_followers(task_id)
+            self.hooks.task_ended(self.queue.tasks[task_id])
         self._stop_overtaken_runs()
         purged = [i for e in events if type(e) is TasksPurged for i in e.ids]
         if purged:
@@ -3088,6 +3419,16 @@ class Daemon:
 
     def log_path(self, task_id: int) -> str:
         return os.path.join(self.paths.data_dir, "logs", f"{task_id}.log")
+
+    def interrupt(self, task_id: int, lease: str, reason: str) -> None:
+        """Fail the attempt a worker could not finish, if that attempt still holds the task."""
+        try:
+            self.journal.ensure_room(4096)
+        except Unavailable as exc:
+            log.error("task %d: cannot record its failed attempt: %s", task_id, exc)
+            return
+        self.queue.interrupt(task_id, reason, time.time(), lease)
+        self.commit()
 
     def record_run(self, run: Run) -> None:
         """Journal the process group of a run, so a crash cannot orphan it unseen."""
@@ -3134,7 +3475,39 @@ class Daemon:
                              "status": task.status if task else "purged"})
 
     def broadcast_worker(self, event: str, slot: Slot) -> None:
-        log.debug("%s %s", event, slot.name)
+        record = next(r for r in self.pool.slot_records() if r["name"] == slot.name)
+        self._send_to_subscribers(event, {"worker": record})
+
+    def subscribe(self, conn: Connection, req: Watch) -> None:
+        self.subscriptions[conn] = Subscription(req)
+
+    def _publish(self, events: list[Event]) -> None:
+        """Tell each subscriber the events it asked for, each task rendered once."""
+        queue = self.queue
+        for event in events:
+            kind = WATCH_EVENTS.get(type(event))
+            if kind is None or (type(event) is TaskReleased and event.waiting_for):
+                continue
+            if kind.startswith("stream."):
+                stream = queue.streams[event.name]
+                self._send_to_subscribers(kind, {"stream": queue.stream_record(stream)},
+                                          event.at, stream.name, stream.session)
+                continue
+            task = queue.tasks.get(event.id)
+            if task is not None:
+                self._send_to_subscribers(kind, lambda: {"task": queue.task_record(task)}, event.at,
+                                          task.stream, queue.streams[task.stream].session, task.id)
+
+    def _send_to_subscribers(self, kind: str, body, at: float | None = None,
+                             stream: str | None = None, session: str | None = None,
+                             task_id: int | None = None) -> None:
+        message = None
+        for conn, subscription in self.subscriptions.items():
+            if subscription.wants(kind, stream, session, task_id):
+                if message is None:
+                    message = {"event": kind, "at": rfc3339(time.time() if at is None else at),
+                               **(body() if callable(body) else body)}
+                conn.publish(message)
 
     def add_waiter(self, key: tuple, conn: Connection, ticket: int) -> None:
         """Wake ``conn`` when ``key`` (a stream gaining tasks, a task ending) fires."""
@@ -3217,6 +3590,13 @@ class Daemon:
                     for name, w in self.external.items() if w["last_seen"] >= hour_ago]
         return self.pool.slot_records() + external
 
+    def op_watch(self, req: Watch) -> dict:
+        return {"watching": {k: v for k, v in msgspec.structs.asdict(req).items()
+                             if k != "id" and v is not None}}
+
+    def op_metrics(self, req: Metrics) -> str:
+        return render_metrics(self)
+
     def op_reload(self, req: Reload) -> dict:
         return self.reload()
 
@@ -3256,11 +3636,13 @@ class Daemon:
         self.journal.interval = config.database.fsync_interval_ms / 1000
         self._timer_wake.set()
         log.info("configuration reloaded from %s", path or "built-in defaults")
-        return {"config": path, "tools": sorted(config.tools),
+        summary = {"config": path, "tools": sorted(config.tools),
                 "task_classes": sorted(config.task_classes), "fsync": config.database.fsync,
                 "snapshot_interval": config.database.snapshot_interval,
                 "purge_older_than_days": config.purge.older_than_days,
                 "stale_factor": config.stale.factor, "restart_needed": restart}
+        self._send_to_subscribers("config.reloaded", {"config": summary})
+        return summary
 
     def _reload_on_signal(self) -> None:
         try:
@@ -3293,7 +3675,7 @@ class Daemon:
                 self._sync_journal()
                 sync_at = self.journal.sync_deadline()
             deadlines = [self.next_snapshot, self.queue.next_deadline(), sync_at,
-                         *self._notify_duties(now)]
+                         *self._notify_duties(now), self._metrics_duty(now)]
             self.timer_deadline = min(d for d in deadlines if d is not None)
             self._timer_wake.clear()
             try:
@@ -3317,6 +3699,23 @@ class Daemon:
                 self.last_status = line
             self.next_status = now + 2
         return [self.next_status] + ([self.next_watchdog] if interval is not None else [])
+
+    def _metrics_duty(self, now: float) -> float | None:
+        """Write metrics.textfile every metrics.interval, for node_exporter."""
+        path = self.config.metrics.textfile
+        if not path:
+            return None
+        if now >= self.next_metrics:
+            self.next_metrics = now + self.config.metrics.interval
+            future = asyncio.get_running_loop().run_in_executor(
+                self.snapshot_pool, write_atomically, os.path.expanduser(path), render_metrics(self))
+            future.add_done_callback(self._metrics_written)
+        return self.next_metrics
+
+    @staticmethod
+    def _metrics_written(future) -> None:
+        if future.exception() is not None:
+            log.warning("cannot write metrics.textfile: %s", future.exception())
 
     def _sync_journal(self) -> None:
         try:
@@ -3352,6 +3751,7 @@ class Daemon:
                       self.paths.database, exc)
             return
         seconds = time.perf_counter() - started
+        self.snapshot_time = time.time()
         self.last_snapshot = {"seq": seq, "at": rfc3339(time.time()),
                               "seconds": round(seconds, 4), "error": None}
         log.debug("snapshot at record %d: %d tasks written in %.3f s, %d segments removed",
@@ -3377,7 +3777,7 @@ def gc_freeze() -> None:
 
 
 # ============================================================================
-# 11. main()
+# 12. main()
 # ============================================================================
 
 
