@@ -235,6 +235,16 @@ def make_daemon(workdir):
             daemon.log.close()
 
 
+@pytest.fixture(scope="module")
+def shared():
+    """One daemon for the tests of a module that change nothing (refusals, listings)."""
+    with tempfile.TemporaryDirectory(prefix="sq-", dir="/tmp") as d:
+        daemon = Daemon(Path(d)).start()
+        yield daemon
+        daemon.kill()
+        daemon.log.close()
+
+
 @pytest.fixture
 def daemon(make_daemon):
     """A running daemon on built-in defaults."""

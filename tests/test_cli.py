@@ -5,13 +5,10 @@ beforehand is set up over the socket, which is quicker than a process per step.
 """
 
 import json
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import Daemon
 
 BUILTIN_TOOLS = {"run-bash", "run-python", "llm-haiku", "llm-sonnet"}
 
@@ -51,15 +48,6 @@ def add_stream(daemon, name, session="default"):
         daemon.ok(op="session.create", name=session)
     daemon.ok(op="stream.create", name=name, session=session)
 
-
-@pytest.fixture(scope="module")
-def shared():
-    """One daemon for the tests that change nothing (refusals, listings): they may share it."""
-    with tempfile.TemporaryDirectory(prefix="sq-", dir="/tmp") as d:
-        daemon = Daemon(Path(d)).start()
-        yield daemon
-        daemon.kill()
-        daemon.log.close()
 
 
 # -- the lifecycle --------------------------------------------------------------

@@ -12,10 +12,8 @@ import socket
 import stat
 import struct
 import subprocess
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import msgspec
 import pytest
@@ -127,15 +125,6 @@ class DefaultSocketDaemon(Daemon):
     def args(self):
         return [*SPARKQD, "--data-dir", str(self.data_dir)]
 
-
-@pytest.fixture(scope="module")
-def shared():
-    """One daemon for the tests that change nothing (refusals, introspection): they may share it."""
-    with tempfile.TemporaryDirectory(prefix="sq-", dir="/tmp") as d:
-        daemon = Daemon(Path(d)).start()
-        yield daemon
-        daemon.kill()
-        daemon.log.close()
 
 
 @pytest.fixture
