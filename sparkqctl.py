@@ -724,7 +724,38 @@ def completion_names(path: str, kind: str) -> list[str]:
 # ---------------------------------------------------------------------------
 
 
-def build_parser():
+#: Every command; `main` builds the parser of the one given only (a test checks this list).
+COMMANDS = ("status", "stop", "reload", "tools", "schema", "session", "stream", "enqueue", "peek",
+            "claim", "complete", "fail", "touch", "cancel", "requeue", "task", "wait", "locks",
+            "logs", "scripts", "workers", "watch", "top", "metrics", "history", "completion",
+            "__complete", "service", "work", "tasks", "purge")
+
+
+class Unbuilt:
+    """Stands in for the parser of a command not on this command line: nothing is built."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: self
+
+
+UNBUILT = Unbuilt()
+
+
+def command_given(argv: list[str]) -> str | None:
+    """The command on a command line, if it is one we know and no global help is asked."""
+    args = iter(argv)
+    for arg in args:
+        if arg == "--socket":
+            next(args, None)
+        elif not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+        elif arg in ("-h", "--help", "--version"):
+            return None
+    return None
+
+
+def build_parser(only: str | None = None):
+    """The command-line parser; with ``only``, the parser of that one command alone."""
     import argparse
 
     def global_options(p, default):
@@ -745,6 +776,8 @@ def build_parser():
     stream_default = os.environ.get("SPARKQ_STREAM") or "default"
 
     def command(name, help_text, parser=commands):
+        if parser is UNBUILT or (parser is commands and only is not None and name != only):
+            return UNBUILT  # every shell call pays for the parser: build only what it needs
         return parser.add_parser(name, help=help_text, description=help_text, parents=[anywhere])
 
     def task_id(p):
@@ -855,7 +888,8 @@ def build_parser():
     p.add_argument("--limit", type=int)
     command("completion", "print a shell completion script").add_argument(
         "shell", choices=["bash", "zsh", "fish"])
-    commands.add_parser("__complete").add_argument("kind")
+    if only in (None, "__complete"):
+        commands.add_parser("__complete").add_argument("kind")
     p = command("service", "install the systemd user units (socket-activated sparkqd)")
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     command("install", "write the units, enable them (--now: start too)", sub).add_argument(
@@ -1097,7 +1131,7 @@ def follow_logs(client: Client, fields: dict, as_json: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(only=command_given(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     if args.command == "work":
         return Worker(parser, args).run()
@@ -1105,7 +1139,7 @@ def main(argv: list[str] | None = None) -> int:
         return service(args)
     path = args.socket or default_socket_path()
     if args.command == "completion":
-        names = " ".join(sorted(n for n in commands_of(parser) if not n.startswith("_")))
+        names = " ".join(sorted(n for n in COMMANDS if not n.startswith("_")))
         print({"bash": COMPLETION_BASH, "zsh": COMPLETION_ZSH, "fish": COMPLETION_FISH}[
             args.shell].replace("@COMMANDS@", names), end="")
         return EXIT_OK

@@ -326,3 +326,10 @@ def test_claim_wait_runs_out_exits_4(shared):
     out = shared.ctl("claim", "--wait", "0.2")
     assert (out.returncode, out.stdout) == (4, "")
     assert time.monotonic() - started >= 0.2
+
+
+def test_command_list_names_every_command_of_the_full_parser():
+    """sparkqctl builds only the given command's parser; its list of commands is complete."""
+    import sparkqctl
+
+    assert sorted(sparkqctl.commands_of(sparkqctl.build_parser())) == sorted(sparkqctl.COMMANDS)
