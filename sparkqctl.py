@@ -12,6 +12,7 @@ out; 5 a task waited for ended failed or cancelled.
 
 import json
 import os
+import re
 import socket
 import sys
 
@@ -234,11 +235,21 @@ def sparkqd_beside_me() -> str:
     here = os.path.dirname(os.path.realpath(sys.argv[0]))
     installed = os.path.join(here, "sparkqd")
     if os.access(installed, os.X_OK):
-        return installed
+        return exec_line([installed])
     source = os.path.join(here, "sparkqd.py")
     if os.path.exists(source):  # run from a checkout: python3 sparkqctl.py
-        return f"{sys.executable} {source}"
+        return exec_line([sys.executable, source])
     raise FileNotFoundError(f"no sparkqd beside {sys.argv[0]} (looked for {installed})")
+
+
+def exec_line(argv: list[str]) -> str:
+    """An ExecStart= value: each word quoted where systemd would split or expand it."""
+    def word(arg: str) -> str:
+        arg = arg.replace("%", "%%")  # systemd's specifier character
+        if re.search(r'[\s"\'\\$;]', arg):
+            arg = '"' + arg.replace("\\", "\\\\").replace('"', '\\"').replace("$", "$$") + '"'
+        return arg
+    return " ".join(word(arg) for arg in argv)
 
 
 def unit_texts(sparkqd: str) -> dict[str, str]:
@@ -251,18 +262,33 @@ def user_unit_dir() -> str:
     return os.path.join(config, "systemd", "user")
 
 
-def systemctl_steps(steps: list[list[str]]) -> int:
-    """Run each `systemctl --user` step, printing it; or print them where it cannot."""
+def user_manager_reachable() -> bool:
     import shutil
     import subprocess
 
-    reachable = shutil.which("systemctl") and subprocess.run(
+    return bool(shutil.which("systemctl")) and subprocess.run(
         ["systemctl", "--user", "show-environment"], capture_output=True).returncode == 0
-    if not reachable:
-        print("systemctl cannot reach your user manager here; run these in your login session:")
-        for step in steps:
-            print("  " + " ".join(step))
-        return EXIT_OK
+
+
+def print_steps(steps: list[list[str]]) -> int:
+    print("systemctl cannot reach your user manager here; run these in your login session:")
+    for step in steps:
+        print("  " + " ".join(shlex_quote(arg) for arg in step))
+    return EXIT_OK
+
+
+def shlex_quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
+def systemctl_steps(steps: list[list[str]]) -> int:
+    """Run each `systemctl --user` step, printing it; or print them where it cannot."""
+    import subprocess
+
+    if not user_manager_reachable():
+        return print_steps(steps)
     for step in steps:
         print("$ " + " ".join(step), flush=True)
         if subprocess.run(step).returncode != 0:
@@ -293,13 +319,24 @@ def service(args) -> int:
         status = systemctl_steps([["systemctl", "--user", "daemon-reload"], enable])
         print("Tasks stop when you log out unless you run: loginctl enable-linger $USER")
         return status
-    status = systemctl_steps([["systemctl", "--user", "disable", "--now", *UNITS]])
+    import shutil
+    import subprocess
+
+    reachable = user_manager_reachable()
+    disable = ["systemctl", "--user", "disable", *(["--now"] if reachable else []), *UNITS]
+    status = EXIT_OK
+    if reachable or shutil.which("systemctl"):  # disabling is a file operation: works offline
+        print("$ " + " ".join(disable), flush=True)
+        status = EXIT_OK if subprocess.run(disable).returncode == 0 else EXIT_REFUSED
     for name in UNITS:
         path = os.path.join(directory, name)
         if os.path.exists(path):
             os.unlink(path)
             print(f"removed {path}")
-    return systemctl_steps([["systemctl", "--user", "daemon-reload"]]) or status
+    reload_units = ["systemctl", "--user", "daemon-reload"]
+    if not reachable:
+        return print_steps([["systemctl", "--user", "stop", *UNITS], reload_units])
+    return systemctl_steps([reload_units]) or status
 
 
 # ---------------------------------------------------------------------------
