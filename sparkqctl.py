@@ -1168,6 +1168,14 @@ def follow_logs(client: Client, fields: dict, as_json: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except BrokenPipeError:  # `sparkqctl tasks | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+def run(argv: list[str] | None) -> int:
     parser = build_parser(only=command_given(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     if args.command == "work":
