@@ -178,6 +178,16 @@ class Daemon:
                               env=self.env, input=input, capture_output=True, text=True,
                               timeout=timeout)
 
+    def ctl_ok(self, *args) -> str:
+        """Run sparkqctl, which must succeed with nothing on stderr; return its stdout."""
+        out = self.ctl(*args)
+        assert (out.returncode, out.stderr) == (0, ""), (args, out.returncode, out.stderr)
+        return out.stdout
+
+    def ctl_json(self, *args):
+        """Run sparkqctl with --json and parse what it prints."""
+        return json.loads(self.ctl_ok(*args, "--json"))
+
     def stop(self, timeout=20.0):
         """SIGTERM and wait: the graceful stop."""
         if self.proc and self.proc.poll() is None:

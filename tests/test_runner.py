@@ -140,15 +140,6 @@ def no_leftovers(workdir):
             pass
 
 
-def ctl_ok(daemon, *args) -> str:
-    """Run sparkqctl, which must succeed with nothing on stderr; return its stdout."""
-    out = daemon.ctl(*args)
-    assert (out.returncode, out.stderr) == (0, ""), (args, out.returncode, out.stderr)
-    return out.stdout
-
-
-def ctl_json(daemon, *args):
-    return json.loads(ctl_ok(daemon, *args, "--json"))
 
 
 def ctl_started(daemon, *args) -> subprocess.Popen:
@@ -238,7 +229,7 @@ def test_cancel_running_task_kills_its_group_and_stays_cancelled(make_daemon):
     task_id = enqueue(d, "sleep 62 & sleep 63")
     run_pid(d, task_id)
     wait_until(lambda: processes(d, "sleep", "62") and processes(d, "sleep", "63"))
-    assert ctl_ok(d, "cancel", task_id).strip() == f"task {task_id} cancelled"
+    assert d.ctl_ok("cancel", task_id).strip() == f"task {task_id} cancelled"
     wait_until(lambda: not processes(d, "sleep", "62") and not processes(d, "sleep", "63"), 5)
     wait_until(lambda: all(w["task"] is None for w in d.ok(op="workers")), 5)
     record = task(d, task_id)
@@ -264,7 +255,7 @@ def test_logs_tail_prints_the_last_lines(make_daemon):
     d = runner(make_daemon)
     task_id = enqueue(d, "seq 1 10")
     ended(d, task_id)
-    assert ctl_ok(d, "logs", task_id, "--tail", 3) == "8\n9\n10\n"
+    assert d.ctl_ok("logs", task_id, "--tail", 3) == "8\n9\n10\n"
 
 
 def test_logs_follow_waits_for_start_and_streams_until_end(make_daemon):
@@ -372,7 +363,7 @@ def test_worker_crash_restarts_the_loop(make_daemon):
     break_log_directory(d)
     enqueue(d, "true")
     wait_until(lambda: d.ok(op="status")["workers"]["restarts"] == 1, 5)
-    [slot] = ctl_json(d, "workers")
+    [slot] = d.ctl_json("workers")
     assert (slot["name"], slot["restarts"], slot["state"]) == ("sparkqd/1", 1, "idle")
     assert d.ok(op="status")["workers"]["failed"] == {}
 
@@ -385,7 +376,7 @@ def test_worker_dying_too_often_is_reported_failed(make_daemon):
     enqueue(d, "true")
     failed = wait_until(lambda: d.ok(op="status")["workers"]["failed"], 5)
     assert list(failed) == ["sparkqd/1"] and "gave up after 2 restarts" in failed["sparkqd/1"]
-    assert ctl_json(d, "workers")[0]["state"] == "failed"
+    assert d.ctl_json("workers")[0]["state"] == "failed"
 
 
 def test_worker_crash_does_not_strand_its_task(make_daemon):
@@ -404,12 +395,12 @@ def test_workers_lists_the_builtin_slots(make_daemon):
     ended(d, enqueue(d, "true"))
     busy = enqueue(d, "exec sleep 30")
     pid = run_pid(d, busy)
-    slots = ctl_json(d, "workers")
+    slots = d.ctl_json("workers")
     assert sorted(w["name"] for w in slots) == ["sparkqd/1", "sparkqd/2"]
     assert sorted((w["kind"], w["state"], w["task"], w["pid"]) for w in slots) == [
         ("builtin", "busy", busy, pid), ("builtin", "idle", None, None)]
     assert sum(w["done"] for w in slots) == 1
-    assert ctl_ok(d, "workers").split()[:8] == ["NAME", "KIND", "PID", "STATE", "TASK", "DONE",
+    assert d.ctl_ok("workers").split()[:8] == ["NAME", "KIND", "PID", "STATE", "TASK", "DONE",
                                                  "RESTARTS", "LAST"]
 
 
@@ -491,17 +482,17 @@ def scripts(workdir) -> Path:
 def test_scripts_listed_with_their_headers(make_daemon, scripts):
     """`sparkqctl scripts` lists executable, .sh and .py files by name, with their headers."""
     d = runner(make_daemon, extra=f"script_dirs: [{scripts}]\n")
-    listed = {s["name"]: s for s in ctl_json(d, "scripts")}
+    listed = {s["name"]: s for s in d.ctl_json("scripts")}
     assert sorted(listed) == ["greet", "tidy"]
     assert [listed["greet"][k] for k in ("description", "task_class", "timeout", "args")] == [
         "say hello", "quick", 5, "NAME..."]
-    assert "say hello" in ctl_ok(d, "scripts") and listed["tidy"]["description"] == "tidy up"
+    assert "say hello" in d.ctl_ok("scripts") and listed["tidy"]["description"] == "tidy up"
 
 
 def test_enqueue_script_runs_it_with_args(make_daemon, scripts):
     """`sparkqctl enqueue --script NAME -- a b` prints the task id; the run gets the args a b."""
     d = runner(make_daemon, extra=f"script_dirs: [{scripts}]\n")
-    task_id = int(ctl_ok(d, "enqueue", "--script", "greet", "--", "a", "b"))
+    task_id = int(d.ctl_ok("enqueue", "--script", "greet", "--", "a", "b"))
     done = ended(d, task_id)
     assert (done["status"], done["summary"], done["timeout"]) == ("completed", "args: a b", 5)
 
@@ -517,8 +508,8 @@ def test_scripts_reindexed_on_reload(make_daemon, scripts):
     """A script added to script_dirs is listed after `sparkqctl reload`."""
     d = runner(make_daemon, extra=f"script_dirs: [{scripts}]\n")
     (scripts / "later.py").write_text("# description: added later\nprint('later')\n")
-    ctl_ok(d, "reload")
-    assert sorted(s["name"] for s in ctl_json(d, "scripts")) == ["greet", "later", "tidy"]
+    d.ctl_ok("reload")
+    assert sorted(s["name"] for s in d.ctl_json("scripts")) == ["greet", "later", "tidy"]
 
 
 # -- sparkqctl work -------------------------------------------------------------------------
