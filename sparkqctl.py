@@ -490,7 +490,12 @@ def watch(path: str, fields: dict) -> int:
         client.call("watch", **fields)
         try:
             while True:
-                print(json.dumps(client.receive()), flush=True)
+                message = client.receive()
+                if message.get("ok") is False:  # the daemon ends the stream: shutting down
+                    error = message["error"]
+                    print(f"sparkqctl: {error['code']}: {error['message']}", file=sys.stderr)
+                    return EXIT_UNREACHABLE if error["code"] == "unavailable" else EXIT_REFUSED
+                print(json.dumps(message), flush=True)
         except (BrokenPipeError, KeyboardInterrupt):
             return EXIT_OK
         except Unreachable:

@@ -2589,6 +2589,7 @@ WATCH_EVENTS = {
     TaskFailed: "task.failed", TaskRetrying: "task.retrying", TaskCancelled: "task.cancelled",
     StreamPaused: "stream.paused", StreamResumed: "stream.resumed",
 }
+EVENT_TYPES = {*WATCH_EVENTS.values(), "worker.started", "worker.restarted", "config.reloaded"}
 OUTCOMES = {TaskCompleted: "completed", TaskFailed: "failed", TaskCancelled: "cancelled"}
 
 
@@ -3066,7 +3067,10 @@ class Connection(asyncio.Protocol):
                 return
             self._queue_event({"event": "lagged", "missed": self.missed})
             self.missed = 0
-        if self.queued_events >= WATCH_MAX_EVENTS or self.queued_bytes >= WATCH_MAX_BYTES:
+        # Only a subscriber whose socket is full is slow; events waiting for the journal's
+        # fsync (a burst of one group commit) are not its fault.
+        if self.write_paused and (self.queued_events >= WATCH_MAX_EVENTS
+                                  or self.queued_bytes >= WATCH_MAX_BYTES):
             self.missed = self.queued_events + 1
             self.replies = collections.deque(e for e in self.replies if type(e[1]) is not bytes)
             self.queued_bytes = self.queued_events = 0
@@ -3591,6 +3595,10 @@ class Daemon:
         return self.pool.slot_records() + external
 
     def op_watch(self, req: Watch) -> dict:
+        unknown = set(req.events or ()) - EVENT_TYPES
+        if unknown:
+            raise BadRequest(f"unknown event type {sorted(unknown)[0]!r} "
+                             f"(known: {', '.join(sorted(EVENT_TYPES))})")
         return {"watching": {k: v for k, v in msgspec.structs.asdict(req).items()
                              if k != "id" and v is not None}}
 
