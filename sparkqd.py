@@ -45,6 +45,8 @@ import collections
 import datetime
 import errno
 import fcntl
+import functools
+import gc
 import heapq
 import logging
 import os
@@ -147,9 +149,14 @@ def rfc3339(t: float | None) -> str | None:
     """Format epoch seconds as an RFC 3339 UTC string with milliseconds."""
     if t is None:
         return None
-    ms = int(t * 1000)
-    g = time.gmtime(ms // 1000)
-    return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (*g[:6], ms % 1000)
+    second, milli = divmod(int(t * 1000), 1000)
+    return f"{_utc_second(second)}.{milli:03d}Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def _utc_second(second: int) -> str:
+    """The seconds part of rfc3339(): every reply formats the same few seconds often."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
 # ============================================================================
@@ -966,8 +973,9 @@ class Queue:
         self.purge_heap: list[tuple[float, int]] = []  #: (finished_at, id)
         #: (finished_at, id) in the order tasks ended, newest last; stale entries skipped
         self.finish_log: list[tuple[float, int]] = []
-        #: Streams that gained claimable tasks, and tasks that ended, since last taken.
-        self.became_ready: set[str] = set()
+        #: (stream, tool) that gained claimable tasks (tool None: any), and tasks that
+        #: ended, since last taken.
+        self.became_ready: set[tuple[str, str | None]] = set()
         self.finished: list[int] = []
         self.changes = Changes()
         self._events: list[Event] = []
@@ -1013,8 +1021,8 @@ class Queue:
         changes, self.changes = self.changes, Changes()
         return changes
 
-    def take_wakeups(self) -> tuple[set[str], list[int]]:
-        """Streams that gained claimable tasks and tasks that ended, since the last call."""
+    def take_wakeups(self) -> tuple[set[tuple[str, str | None]], list[int]]:
+        """(stream, tool) that gained claimable tasks and tasks that ended, since the last call."""
         ready, finished = self.became_ready, self.finished
         self.became_ready, self.finished = set(), []
         return ready, finished
@@ -1220,7 +1228,7 @@ class Queue:
                 task = self.tasks.get(heapq.heappop(heap) & ID_MASK)
                 if task is not None and task.status == "pending":
                     heapq.heappush(self.ready[stream].setdefault(tool, []), ready_key(task))
-                    self.became_ready.add(stream)
+                    self.became_ready.add((stream, tool))
                     break
             if not heap:
                 del groups[(stream, tool)]
@@ -1374,14 +1382,17 @@ class Queue:
             self._session(req.session)
         since = parse_time(req.since) if req.since is not None else None
         limit = req.limit if req.limit is not None else len(self.finish_log)
-        out, stale = [], 0
+        out, stale, seen = [], 0, set()
         for finished_at, task_id in reversed(self.finish_log):
             if len(out) >= limit or (since is not None and finished_at < since):
                 break
             task = self.tasks.get(task_id)
-            if task is None or task.finished_at != finished_at or task.status not in TERMINAL:
-                stale += 1  # purged or requeued since it ended
-            elif ((req.status is None or task.status == req.status)
+            if (task is None or task.finished_at != finished_at or task.status not in TERMINAL
+                    or task_id in seen):
+                stale += 1  # purged or requeued since it ended, or ended twice in one instant
+                continue
+            seen.add(task_id)
+            if ((req.status is None or task.status == req.status)
                     and (req.stream is None or task.stream == req.stream)
                     and (req.session is None or self.streams[task.stream].session == req.session)):
                 out.append(self.history_record(task))
@@ -1465,7 +1476,7 @@ class Queue:
             counts[status] += 1
         if status == "pending":
             heapq.heappush(self.ready[task.stream].setdefault(task.tool, []), ready_key(task))
-            self.became_ready.add(task.stream)
+            self.became_ready.add((task.stream, task.tool))
         elif status == "running":
             heapq.heappush(self.stale_heap, (task.lease_expires_at, task.id, task.lease))
             if task.lock is not None:
@@ -1518,7 +1529,7 @@ class Queue:
 
     def _apply_stream_resumed(self, e: StreamResumed) -> None:
         self._replace_stream(e.name, paused=False)
-        self.became_ready.add(e.name)
+        self.became_ready.add((e.name, None))
 
     def _apply_enqueued(self, e: TaskEnqueued) -> None:
         status = "waiting" if e.waiting_for else "pending"
@@ -1606,29 +1617,30 @@ class Queue:
 
     def load(self, sessions: list[Session], streams: list[Stream], tasks: list[Task],
              next_id: int) -> None:
-        """Take the state of a snapshot and rebuild every index from it."""
+        """Take the state of a snapshot and rebuild every index from it, in one pass."""
         self.sessions = {s.name: s for s in sessions}
         for s in streams:
             self.streams[s.name] = s
             self.ready[s.name] = {}
             self.counts[s.name] = dict.fromkeys(STATUSES, 0)
-        for task in tasks:
-            task = msgspec.structs.replace(task, stream=self.streams[task.stream].name)
-            self.tasks[task.id] = task
-            self.counts[task.stream][task.status] += 1
-            if task.status == "pending":
-                self.ready[task.stream].setdefault(task.tool, []).append(ready_key(task))
-            elif task.status == "running":
+        ready, counts, tasks_by_id = self.ready, self.counts, self.tasks
+        for task in tasks:  # in id order: a task's dependencies are loaded before it
+            tasks_by_id[task.id] = task
+            status = task.status
+            counts[task.stream][status] += 1
+            if status == "pending":
+                ready[task.stream].setdefault(task.tool, []).append(ready_key(task))
+            elif status == "running":
                 self.stale_heap.append((task.lease_expires_at, task.id, task.lease))
                 if task.lock is not None:
                     self.lock_holder[task.lock] = task.id
-            elif task.status == "waiting" and task.waiting_for in ("delay", "retry"):
+            elif status == "waiting" and task.waiting_for in ("delay", "retry"):
                 self.delay_heap.append((task.ready_at, task.id))
-            elif task.status in TERMINAL:
+            elif status in TERMINAL:
                 self.purge_heap.append((task.finished_at, task.id))
-        for task in self.tasks.values():
-            self._index_new(task)
-        for by_tool in self.ready.values():
+            if task.key is not None or task.waiting_for == "after":
+                self._index_new(task)
+        for by_tool in ready.values():
             for heap in by_tool.values():
                 heapq.heapify(heap)
         for heap in (self.stale_heap, self.delay_heap, self.purge_heap):
@@ -2120,7 +2132,8 @@ class Snapshot:
                 "WHERE n > 0 OR status != 'pending' ORDER BY task_id, n"):  # see full_history
             history.setdefault(task_id, []).append(tuple(entry))
         decode, intern = msgspec.json.decode, sys.intern
-        tasks = [Task(i, stream, intern(tool), intern(cls),
+        stream_names = {s.name: s.name for s in streams}  # one string object per stream
+        tasks = [Task(i, stream_names[stream], intern(tool), intern(cls),
                       None if payload is None else decode(payload), intern(status), prio,
                       timeout, created, attempts, started, finished, worker, summary,
                       None if result is None else decode(result), reason,
@@ -2363,6 +2376,8 @@ class Pool:
         self.runs: dict[int, Run] = {}
         self.wake = asyncio.Event()
         self.stopping = False
+        #: tools the pool can run: only their tasks wake it
+        self.runnable: frozenset[str] = frozenset()
 
     @property
     def config(self) -> Config:
@@ -2372,7 +2387,10 @@ class Pool:
         self.resize()
 
     def resize(self) -> None:
-        """Match the slots to ``workers.count`` (at start and on reload)."""
+        """Match the slots to ``workers.count`` and the tools it runs (start and reload)."""
+        self.runnable = frozenset(
+            [name for name, tool in self.config.tools.items() if tool.command]
+            + [SCRIPT_TOOL_PREFIX + name for name in self.daemon.queue.scripts])
         while len(self.slots) < self.config.workers.count:
             slot = Slot(len(self.slots) + 1)
             self.slots.append(slot)
@@ -2623,7 +2641,9 @@ class Stats:
         self.wait = Histogram(DURATION_BUCKETS)
         self.run = Histogram(DURATION_BUCKETS)
 
-    def count(self, events: list[Event], tasks: dict[int, Task]) -> None:
+    def count(self, events: list[Event], tasks: dict[int, Task]) -> list[int]:
+        """Count the events; returns the ids they purged (their logs go too)."""
+        purged = []
         for event in events:
             kind = type(event)
             if kind is TaskEnqueued:
@@ -2639,6 +2659,9 @@ class Stats:
                     self.finished[task.stream, OUTCOMES[kind]] += 1
                     if task.started_at is not None and kind is not TaskCancelled:
                         self.run.observe(max(0.0, event.at - task.started_at))
+            elif kind is TasksPurged:
+                purged.extend(event.ids)
+        return purged
 
 
 def metric(name: str, kind: str, help_text: str, samples: list[str]) -> list[str]:
@@ -3266,6 +3289,7 @@ class Daemon:
     def recover(self) -> int:
         """Load the snapshot, replay the journal after it; returns events replayed."""
         started = time.perf_counter()
+        gc.disable()  # millions of new objects, none of them garbage: no collections meanwhile
         state = self.snapshot.load()
         self.queue.load(state.sessions, state.streams, state.tasks, state.next_id)
         snapshot_seq = self.last_snapshot["seq"] = state.seq
@@ -3388,20 +3412,14 @@ class Daemon:
         if not events:
             return
         self.journal.append(events)
-        self.stats.count(events, self.queue.tasks)
+        purged = self.stats.count(events, self.queue.tasks)
         if self.subscriptions:
             self._publish(events)
-        streams, finished = self.queue.take_wakeups()
-        for stream in streams:
-            self.wake(("stream", stream))
-            self.pool.wake.set()
-        for task_id in finished:
-            self.wake(("task", task_id))
-            if task_id not in self.pool.runs:
-                self.end_followers(task_id)
-            self.hooks.task_ended(self.queue.tasks[task_id])
-        self._stop_overtaken_runs()
-        purged = [i for e in events if type(e) is TasksPurged for i in e.ids]
+        queue = self.queue
+        if queue.became_ready or queue.finished:
+            self._wake_for(*queue.take_wakeups())
+        if self.pool.runs:
+            self._stop_overtaken_runs()
         if purged:
             asyncio.get_running_loop().run_in_executor(
                 self.snapshot_pool, remove_files, [self.log_path(i) for i in purged])
@@ -3411,6 +3429,19 @@ class Daemon:
         sync_at = self.journal.sync_deadline()
         if sync_at is not None and sync_at < self.timer_deadline:
             self._timer_wake.set()
+
+    def _wake_for(self, ready: set[tuple[str, str | None]], finished: list[int]) -> None:
+        """Wake what waits on these changes: claims, the pool, waits, followers, hooks."""
+        for stream in {stream for stream, _ in ready}:
+            self.wake(("stream", stream))
+        runnable = self.pool.runnable
+        if self.pool.slots and any(tool is None or tool in runnable for _, tool in ready):
+            self.pool.wake.set()
+        for task_id in finished:
+            self.wake(("task", task_id))
+            if task_id not in self.pool.runs:
+                self.end_followers(task_id)
+            self.hooks.task_ended(self.queue.tasks[task_id])
 
     def _stop_overtaken_runs(self) -> None:
         """End a run whose task was cancelled, requeued or expired under it."""
@@ -3779,9 +3810,9 @@ def remove_files(paths: list[str]) -> None:
 
 def gc_freeze() -> None:
     """Keep the loaded state out of every later garbage collection."""
-    import gc
     gc.collect()
     gc.freeze()
+    gc.enable()
 
 
 # ============================================================================
