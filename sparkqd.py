@@ -1368,6 +1368,11 @@ class Queue:
                 out.append(self.task_record(task))
         return out
 
+    def first_unfinished(self, task_ids: list[int]) -> int | None:
+        """The first of these tasks that has not ended (purged ones have), or None."""
+        tasks = self.tasks
+        return next((i for i in task_ids if i in tasks and tasks[i].status not in TERMINAL), None)
+
     def wait(self, req: Wait, now: float) -> dict:
         """Whether every task named has ended, with their records."""
         tasks = [self._task(task_id) for task_id in req.tasks]
@@ -1748,6 +1753,7 @@ class Journal:
         self._chunks: list[tuple[Segment, bytes]] = []
         self._waiters: collections.deque = collections.deque()
         self._flush_scheduled = False
+        self._unsynced: set[Segment] = set()  #: segments written since their last fsync
         self._encode = msgspec.msgpack.Encoder().encode
         self.fsync_seconds = Histogram(FSYNC_BUCKETS)
 
@@ -1904,34 +1910,45 @@ class Journal:
         self.current.reserved += len(chunk)
         self._chunks.append((self.current, chunk))
         self.last_seq += len(events)
+        self._schedule_flush()
+        return self.last_seq
+
+    def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             # Flush once the loop has read what every client sent this round: group commit.
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
-        return self.last_seq
 
     def flush(self) -> None:
-        """Write what is buffered; under ``always`` fsync too, then tell the waiters.
+        """Write what is buffered; under ``always``, fsync too if a reply waits for it.
 
         (Scheduled with call_soon by ``append``; a no-op once ``close`` has run.)
 
         The fsync runs on the event loop, as Redis does for ``appendfsync always``:
         requests that arrive meanwhile wait in the socket buffers and share the
         next write, and no thread hand-off is paid on every acknowledgement.
+        Changes nobody waits for (the daemon's own: its workers' claims and runs)
+        are written now and fsynced within ``fsync_interval_ms`` by the timer, or
+        sooner with the next acknowledgement.
         """
         self._flush_scheduled = False
-        if self.failure or not self._chunks or self.current is None and not self.sealed:
+        if self.failure or self.current is None and not self.sealed:
             return
-        chunks, self._chunks = self._chunks, []
-        seq = self.last_seq
-        touched = self._write(chunks)
-        if self.failure:
-            return
-        self.written_seq = seq
-        if self.policy == "always":
-            self._sync(touched, seq)
+        if self._chunks:
+            chunks, self._chunks = self._chunks, []
+            seq = self.last_seq
+            self._unsynced.update(self._write(chunks))
+            if self.failure:
+                return
+            self.written_seq = seq
+        if self.policy == "always" and self._waiters and self.synced_seq < self.written_seq:
+            self._sync_unsynced()
         self._close_synced()
         self._release()
+
+    def _sync_unsynced(self) -> None:
+        segments, self._unsynced = [s for s in self._unsynced if s.fd is not None], set()
+        self._sync(segments, self.written_seq)
 
     def sync_now(self) -> None:
         """Write and fsync everything appended so far, whatever the policy."""
@@ -1939,8 +1956,7 @@ class Journal:
         if self.failure:
             raise Unavailable(f"storage failing: {self.failure}")
         if self.synced_seq < self.written_seq:
-            self._sync([s for s in (*self.sealed, self.current) if s is not None and s.fd is not None],
-                       self.written_seq)
+            self._sync_unsynced()
         self._close_synced()
         self._release()
 
@@ -1994,6 +2010,7 @@ class Journal:
         if self.durable_seq >= seq and not self.failure:
             return True
         self._waiters.append((seq, callback))
+        self._schedule_flush()  # someone waits: the fsync is due now
         return False
 
     def _release(self) -> None:
@@ -2002,8 +2019,9 @@ class Journal:
             self._waiters.popleft()[1]()
 
     def sync_deadline(self) -> float | None:
-        """When the ``batch`` policy next owes an fsync (epoch seconds), or None."""
-        if self.policy == "batch" and self.last_seq > self.synced_seq:
+        """When an fsync is next owed (epoch seconds), or None: under ``batch`` for
+        everything, under ``always`` for changes no reply waited for."""
+        if self.policy != "never" and self.last_seq > self.synced_seq:
             return self.last_sync + self.interval
         return None
 
@@ -2266,6 +2284,17 @@ def process_start_time(pid: int) -> int | None:
     return int(stat_line.rpartition(b")")[2].split()[19])
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def start_time_now() -> int:
+    """Now, in the clock ticks after boot that /proc/PID/stat gives a process's start in.
+
+    Read at spawn instead of /proc itself, which waits for the child's exec to finish.
+    """
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * CLOCK_TICKS)
+
+
 def signal_group(pgid: int, sig: int) -> bool:
     """Send ``sig`` to a process group; False if no process of it is left."""
     try:
@@ -2282,7 +2311,7 @@ def kill_orphan(pid: int, start: int | None) -> bool:
     leader is gone is still ours; a live leader must have the recorded start time.
     """
     now_start = process_start_time(pid)
-    if now_start is not None and start is not None and now_start != start:
+    if now_start is not None and start is not None and abs(now_start - start) > CLOCK_TICKS // 10:
         return False  # the pid was reused: not our process, and our group is gone
     if not signal_group(pid, signal.SIGKILL):
         return False
@@ -2344,6 +2373,7 @@ class Run:
         self.proc: asyncio.subprocess.Process | None = None
         self.started = time.monotonic()
         self.stop_reason: str | None = None  #: set when the daemon ends the run itself
+        self.start_ticks: int | None = None  #: when it was spawned, as /proc counts
         self.finished = False
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
@@ -2499,6 +2529,7 @@ class Pool:
         try:
             try:
                 argv, cwd, extra = self.command(task)
+                run.start_ticks = start_time_now()
                 run.proc = await asyncio.create_subprocess_exec(
                     *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT, cwd=cwd, env=self.environment(task, extra),
@@ -3050,6 +3081,9 @@ class Connection(asyncio.Protocol):
         if self.eof and self._peer_gone():
             self.transport.close()
             return
+        keys = self.daemon.still_waiting(self.blocked)
+        if keys:  # a long `wait` hears of each task's end: answered once, when all ended
+            return self._register(keys)
         try:
             result = self.daemon.answer(self.blocked, 0)
         except SparkQError as exc:
@@ -3257,6 +3291,7 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
             loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
+            use_pidfd_child_watcher(loop)
             self.pool.start()
             self.next_snapshot = time.time() + (0 if replayed else self.config.database.snapshot_interval)
             log.info("sparkqd %s ready: socket %s, data %s, %d tasks", VERSION,
@@ -3468,8 +3503,7 @@ class Daemon:
     def record_run(self, run: Run) -> None:
         """Journal the process group of a run, so a crash cannot orphan it unseen."""
         self.journal.ensure_room(4096)
-        self.queue.run_started(run.task_id, run.proc.pid, process_start_time(run.proc.pid),
-                               time.time())
+        self.queue.run_started(run.task_id, run.proc.pid, run.start_ticks, time.time())
         self.commit()
 
     def run_finished(self, task_id: int) -> None:
@@ -3557,8 +3591,15 @@ class Daemon:
         if type(request) is Claim and result is None and request.wait > 0:
             return [("stream", s) for s in names(request.stream)], request.wait
         if type(request) is Wait and not result["done"] and request.timeout != 0:
-            return ([("task", t["id"]) for t in result["tasks"] if t["status"] not in TERMINAL],
-                    request.timeout)
+            return [("task", next(t["id"] for t in result["tasks"]
+                                  if t["status"] not in TERMINAL))], request.timeout
+        return None
+
+    def still_waiting(self, request: Request) -> list[tuple] | None:
+        """For a blocked `wait`: the next task it waits on, found without rendering any."""
+        if type(request) is Wait:
+            task_id = self.queue.first_unfinished(request.tasks)
+            return None if task_id is None else [("task", task_id)]
         return None
 
     def wake(self, key: tuple) -> None:
@@ -3806,6 +3847,19 @@ def remove_files(paths: list[str]) -> None:
             pass
         except OSError as exc:
             log.warning("cannot remove %s: %s", path, exc.strerror)
+
+
+def use_pidfd_child_watcher(loop: asyncio.AbstractEventLoop) -> None:
+    """Wait for task processes through pidfds, not a thread per process (Python < 3.12)."""
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return  # 3.12 picks the pidfd watcher itself
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return  # a kernel before 5.3: keep the default watcher
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(loop)
+    asyncio.set_child_watcher(watcher)
 
 
 def gc_freeze() -> None:
