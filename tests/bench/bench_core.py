@@ -266,17 +266,23 @@ class Beanstalkd:
 # ---------------------------------------------------------------------------
 
 
+def connect_unix(path: str, timeout: float) -> socket.socket:
+    """A connected Unix stream socket (closed again if the connect fails)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class SqClient:
     """sparkqd over msgpack frames."""
 
     def __init__(self, path: str, timeout: float = 30):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(path)
-        except OSError:
-            self.sock.close()
-            raise
+        self.sock = connect_unix(path, timeout)
         self.buf = bytearray()
 
     def send(self, message: dict) -> None:
@@ -337,13 +343,7 @@ class BsClient:
     """beanstalkd over its text protocol."""
 
     def __init__(self, path: str, timeout: float = 30):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(path)
-        except OSError:
-            self.sock.close()
-            raise
+        self.sock = connect_unix(path, timeout)
         self.buf = bytearray()
 
     def _fill(self) -> None:
