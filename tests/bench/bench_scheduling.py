@@ -50,7 +50,7 @@ def pipelined(conn, messages: list[dict]) -> list:
 
 def task(n: int, **extra) -> dict:
     return {"op": "enqueue", "tool": "bench", "payload": f"job {n}", "priority": n % 5,
-            "lock": f"git@example.com:team/repo-{n % LOCKS}", **extra}
+            "lock": f"git@example.com:team/repo-{n % LOCKS}"} | extra
 
 
 def fill(daemon: Daemon, pending: int) -> object:
@@ -76,7 +76,7 @@ def claim_round(conn, count: int, serial: int) -> list[float]:
         claimed = conn.ok(op="claim", stream="default")
         latencies.append(time.perf_counter() - started)
         conn.ok(op="complete", task=claimed["id"])
-        conn.ok(**task(serial + n))  # keep the queue at its size
+        conn.ok(**task(serial + n, lock=claimed["lock"]))  # same size, same locks free
     return latencies
 
 
