@@ -585,3 +585,31 @@ def test_socat_gets_json_reply(daemon):
                          shell=True, capture_output=True, text=True, timeout=10)
     reply = json.loads(out.stdout)
     assert reply["ok"] is True and reply["result"]["pid"] == daemon.proc.pid
+
+
+@pytest.mark.parametrize("request_, code", [
+    ({"op": "enqueue", "tool": "run-bash", "script": "x"}, "bad_request"),
+    ({"op": "enqueue"}, "bad_request"),
+    ({"op": "enqueue", "tool": "run-bash", "args": ["a"]}, "bad_request"),
+    ({"op": "enqueue", "tool": "run-bash", "delay": 5, "at": "2030-01-01T00:00:00Z"}, "bad_request"),
+    ({"op": "enqueue", "tool": "run-bash", "at": "tomorrow"}, "bad_request"),
+    ({"op": "enqueue", "tool": "run-bash", "at": "2030-01-01 10:00"}, "bad_request"),
+    ({"op": "enqueue", "tool": "run-bash", "after": [999]}, "not_found"),
+    ({"op": "enqueue", "script": "nope"}, "not_found"),
+    ({"op": "requeue", "task": 1, "status": "failed"}, "bad_request"),
+    ({"op": "requeue"}, "bad_request"),
+    ({"op": "wait", "tasks": []}, "bad_request"),
+    ({"op": "wait", "tasks": [999]}, "not_found"),
+    ({"op": "logs", "task": 999}, "not_found"),
+    ({"op": "history", "since": "last week"}, "bad_request"),
+    ({"op": "history", "stream": "nope"}, "not_found"),
+    ({"op": "stream.pause", "name": "nope"}, "not_found"),
+    ({"op": "touch", "task": 999}, "not_found"),
+    ({"op": "cancel", "task": 999}, "not_found"),
+    ({"op": "claim", "stream": ["default", 5]}, "bad_request"),
+])
+def test_bad_fields_of_scheduling_runner_and_watch_ops(shared, request_, code):
+    """The ops added for scheduling, running and watching refuse bad input with its code."""
+    reply = shared.call(**request_)
+    assert reply["ok"] is False and reply["error"]["code"] == code, reply
+    assert shared.ok(op="hello")["protocol"] == 1
