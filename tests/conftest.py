@@ -18,11 +18,14 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from hypothesis.configuration import set_hypothesis_home_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 SPARKQD = [sys.executable, str(ROOT / "sparkqd.py")]
 SPARKQCTL = [sys.executable, str(ROOT / "sparkqctl.py")]
 sys.path.insert(0, str(ROOT))
+# Hypothesis keeps what it learns (failing examples, caches) under tests/, not at the top.
+set_hypothesis_home_dir(str(ROOT / "tests" / ".hypothesis"))
 
 
 def wait_until(predicate, timeout=10.0, interval=0.01, message="condition"):
