@@ -2224,6 +2224,13 @@ def merge_changes(older: Changes, newer: Changes) -> Changes:
 
 #: Variables of the daemon's own service manager that must not reach a task.
 PRIVATE_ENV_PREFIXES = ("NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_", "SPARKQ_")
+
+
+def child_environment(**variables: str) -> dict[str, str]:
+    """The environment of a process the daemon starts: its own, less its private variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(PRIVATE_ENV_PREFIXES)}
+    env.update(variables)
+    return env
 SCRIPT_HEADER_KEYS = ("description", "task_class", "timeout", "args")
 
 
@@ -2501,16 +2508,13 @@ class Pool:
 
     def environment(self, task: dict, extra: dict[str, str]) -> dict[str, str]:
         """What every run sees: the daemon's environment less its private variables."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(PRIVATE_ENV_PREFIXES)}
-        env.update(extra)
         payload = task["payload"]
-        env.update(
-            SPARKQ_TASK_ID=str(task["id"]), SPARKQ_STREAM=task["stream"],
-            SPARKQ_SESSION=task["session"], SPARKQ_TOOL=task["tool"],
-            SPARKQ_ATTEMPT=str(task["attempts"]), SPARKQ_SOCKET=self.daemon.paths.socket,
-            SPARKQ_PAYLOAD=payload if isinstance(payload, str) else
-            msgspec.json.encode(payload).decode())
-        return env
+        return child_environment(**extra | {  # ours win over a tool's env of the same name
+            "SPARKQ_TASK_ID": str(task["id"]), "SPARKQ_STREAM": task["stream"],
+            "SPARKQ_SESSION": task["session"], "SPARKQ_TOOL": task["tool"],
+            "SPARKQ_ATTEMPT": str(task["attempts"]), "SPARKQ_SOCKET": self.daemon.paths.socket,
+            "SPARKQ_PAYLOAD": payload if isinstance(payload, str) else
+            msgspec.json.encode(payload).decode()})
 
     async def _run(self, slot: Slot, task: dict) -> None:
         """Run one claimed task; if the worker itself fails, the attempt fails with it."""
@@ -2797,8 +2801,7 @@ class Hooks:
     async def _run(self, task: Task) -> None:
         hooks = self.daemon.config.hooks
         duration = (task.finished_at - task.started_at) if task.started_at and task.finished_at else 0
-        env = {k: v for k, v in os.environ.items() if not k.startswith(PRIVATE_ENV_PREFIXES)}
-        env.update(SPARKQ_TASK_ID=str(task.id), SPARKQ_STATUS=task.status,
+        env = child_environment(SPARKQ_TASK_ID=str(task.id), SPARKQ_STATUS=task.status,
                    SPARKQ_STREAM=task.stream,
                    SPARKQ_SESSION=self.daemon.queue.streams[task.stream].session,
                    SPARKQ_TOOL=task.tool, SPARKQ_SUMMARY=task.summary or "",
