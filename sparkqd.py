@@ -42,6 +42,7 @@ import asyncio
 import bisect
 import codecs
 import collections
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -49,6 +50,7 @@ import functools
 import gc
 import heapq
 import logging
+import math
 import os
 import re
 import select
@@ -139,16 +141,35 @@ DEFAULT = "default"
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL
 SEGMENT_BYTES = 32 << 20  # preallocated journal segment size
 DAY = 86400.0
+#: The longest duration, and the furthest ahead a time, that anything may name: 10 years.
+MAX_SECONDS = 3650 * DAY
+MAX_ATTEMPTS = 1000
+MAX_COUNT = (1 << 63) - 1
+#: How deep a payload or result may nest: every encoding of it must stay far from any limit.
+MAX_NESTING = 100
+INT64_MIN, UINT64_MAX = -(1 << 63), (1 << 64) - 1
+FIRST_TIME, LAST_TIME = -62135596800.0, 253402300800.0  #: 0001-01-01, 10000-01-01 (UTC)
 
 Name = Annotated[str, Meta(pattern=NAME_PATTERN)]
-Seconds = Annotated[float, Meta(gt=0)]
-TaskId = Annotated[int, Meta(ge=1)]
+Seconds = Annotated[float, Meta(gt=0, le=MAX_SECONDS)]
+Duration = Annotated[float, Meta(ge=0, le=MAX_SECONDS)]
+Days = Annotated[float, Meta(ge=0, le=MAX_SECONDS / DAY)]
+TaskId = Annotated[int, Meta(ge=1, le=MAX_COUNT)]
+Count = Annotated[int, Meta(ge=0, le=MAX_COUNT)]
+Attempts = Annotated[int, Meta(ge=1, le=MAX_ATTEMPTS)]
+Pid = Annotated[int, Meta(ge=1, le=(1 << 31) - 1)]
 
 
 def rfc3339(t: float | None) -> str | None:
-    """Format epoch seconds as an RFC 3339 UTC string with milliseconds."""
+    """Format epoch seconds as an RFC 3339 UTC string with milliseconds.
+
+    Total: a time outside years 1..9999 (only a journal from before times were
+    bounded can hold one) is shown as the nearest one RFC 3339 can say.
+    """
     if t is None:
         return None
+    if not FIRST_TIME <= t < LAST_TIME:  # NaN too
+        return "0001-01-01T00:00:00.000Z" if t < 0 else "9999-12-31T23:59:59.999Z"
     second, milli = divmod(int(t * 1000), 1000)
     return f"{_utc_second(second)}.{milli:03d}Z"
 
@@ -156,7 +177,43 @@ def rfc3339(t: float | None) -> str | None:
 @functools.lru_cache(maxsize=4096)
 def _utc_second(second: int) -> str:
     """The seconds part of rfc3339(): every reply formats the same few seconds often."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    moment = datetime.datetime(1970, 1, 1) + datetime.timedelta(seconds=second)
+    return f"{moment.year:04d}-{moment:%m-%dT%H:%M:%S}"
+
+
+def json_value_problem(value: Any, depth: int = 0) -> str | None:
+    """Why ``value`` is not a JSON value every encoding keeps exactly, or None.
+
+    Payloads and results go to JSON-lines clients, the SQLite snapshot and the
+    msgpack journal alike, so each must be plain JSON: no bytes, extension
+    types, non-string keys, NaN or infinities, integers beyond 64 bits.
+    """
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return None
+    if kind is int:
+        return None if INT64_MIN <= value <= UINT64_MAX else f"integer {value} does not fit 64 bits"
+    if kind is float:
+        return None if math.isfinite(value) else f"{value} is not a JSON number"
+    if kind is not list and kind is not dict:
+        return f"a {kind.__name__} is not a JSON value"
+    if depth >= MAX_NESTING:
+        return f"nested deeper than {MAX_NESTING} levels"
+    if kind is list:
+        items = value
+    else:
+        if any(type(key) is not str for key in value):
+            key = next(key for key in value if type(key) is not str)
+            return f"map key {key!r} is not a string"
+        items = value.values()
+    return next((p for item in items if (p := json_value_problem(item, depth + 1))), None)
+
+
+def check_json_value(value: Any, name: str) -> None:
+    """Refuse a request whose ``name`` field is not plain JSON (a __post_init__ check)."""
+    problem = json_value_problem(value)
+    if problem is not None:
+        raise ValueError(f"must be a JSON value: {problem} - at `$.{name}`")
 
 
 # ============================================================================
@@ -186,7 +243,7 @@ class DatabaseConfig(ConfigStruct):
 
 
 class PurgeConfig(ConfigStruct):
-    older_than_days: Annotated[float, Meta(gt=0)] = 3.0
+    older_than_days: Annotated[float, Meta(gt=0, le=MAX_SECONDS / DAY)] = 3.0
 
 
 class StaleConfig(ConfigStruct):
@@ -198,7 +255,7 @@ class WorkersConfig(ConfigStruct):
     streams: list[str] | None = None
     max_restarts: Annotated[int, Meta(ge=0)] = 5
     restart_window: Seconds = 60.0
-    kill_grace: Annotated[float, Meta(ge=0)] = 10.0
+    kill_grace: Duration = 10.0
 
 
 class LogsConfig(ConfigStruct):
@@ -218,22 +275,42 @@ class HooksConfig(ConfigStruct):
 
 class TaskClass(ConfigStruct):
     timeout: Seconds
-    max_attempts: Annotated[int, Meta(ge=1)] = 1
-    retry_backoff: Annotated[float, Meta(ge=0)] = 10.0
-    retry_backoff_max: Annotated[float, Meta(ge=0)] = 3600.0
+    max_attempts: Attempts = 1
+    retry_backoff: Duration = 10.0
+    retry_backoff_max: Duration = 3600.0
 
 
 class Tool(ConfigStruct):
     task_class: str
     description: str = ""
     timeout: Seconds | None = None
-    max_attempts: Annotated[int, Meta(ge=1)] | None = None
-    retry_backoff: Annotated[float, Meta(ge=0)] | None = None
-    retry_backoff_max: Annotated[float, Meta(ge=0)] | None = None
+    max_attempts: Attempts | None = None
+    retry_backoff: Duration | None = None
+    retry_backoff_max: Duration | None = None
     command: list[str] | None = None
     cwd: str | None = None
     env: dict[str, str] | None = None
     concurrency: Annotated[int, Meta(ge=1)] | None = None
+
+
+class Settings(Struct, frozen=True):
+    """A tool's or script's settings with its task class's filled in."""
+
+    task_class: str
+    timeout: float
+    max_attempts: int
+    retry_backoff: float
+    retry_backoff_max: float
+
+
+def resolve_settings(tool: Tool, klass: TaskClass) -> Settings:
+    """The tool's own value of each setting where it has one, else its class's."""
+    def pick(own, inherited):
+        return inherited if own is None else own
+    return Settings(tool.task_class, tool.timeout or klass.timeout,
+                    tool.max_attempts or klass.max_attempts,
+                    pick(tool.retry_backoff, klass.retry_backoff),
+                    pick(tool.retry_backoff_max, klass.retry_backoff_max))
 
 
 def builtin_task_classes() -> dict[str, TaskClass]:
@@ -561,8 +638,11 @@ class TaskCancelled(Event, tag="task.cancelled"):
 
 
 class TaskRequeued(Event, tag="task.requeued"):
+    """Back to pending, or waiting (``waiting_for: after``) for dependencies not completed."""
+
     id: int
     by: str | None = None
+    waiting_for: str | None = None
 
 
 class TasksPurged(Event, tag="tasks.purged"):
@@ -631,12 +711,15 @@ class Enqueue(Request, tag="enqueue"):
     payload: Any = None
     timeout: Seconds | None = None
     priority: Annotated[int, Meta(ge=-(1 << 31), le=(1 << 31) - 1)] = 0
-    delay: Annotated[float, Meta(ge=0)] | None = None
+    delay: Duration | None = None
     at: str | None = None
     after: list[TaskId] | None = None
     key: Annotated[str, Meta(min_length=1)] | None = None
     lock: Annotated[str, Meta(min_length=1)] | None = None
-    max_attempts: Annotated[int, Meta(ge=1)] | None = None
+    max_attempts: Attempts | None = None
+
+    def __post_init__(self):
+        check_json_value(self.payload, "payload")
 
 
 class Peek(Request, tag="peek"):
@@ -648,8 +731,8 @@ class Claim(Request, tag="claim"):
     stream: Names = DEFAULT
     tool: Names | None = None
     worker: str | None = None
-    pid: int | None = None
-    wait: Annotated[float, Meta(ge=0)] = 0.0
+    pid: Pid | None = None
+    wait: Duration = 0.0
 
 
 class Complete(Request, tag="complete"):
@@ -657,6 +740,9 @@ class Complete(Request, tag="complete"):
     summary: str | None = None
     result: Any = None
     lease: str | None = None
+
+    def __post_init__(self):
+        check_json_value(self.result, "result")
 
 
 class Fail(Request, tag="fail"):
@@ -669,7 +755,7 @@ class Fail(Request, tag="fail"):
 class Touch(Request, tag="touch"):
     task: TaskId
     lease: str | None = None
-    pid: int | None = None
+    pid: Pid | None = None
 
 
 class Cancel(Request, tag="cancel"):
@@ -698,7 +784,7 @@ class Locks(Request, tag="locks"):
 
 class Logs(Request, tag="logs"):
     task: TaskId
-    tail: Annotated[int, Meta(ge=0)] | None = None
+    tail: Count | None = None
     follow: bool = False
 
 
@@ -714,7 +800,7 @@ class History(Request, tag="history"):
     session: str | None = None
     status: Literal["completed", "failed", "cancelled"] | None = None
     since: str | None = None
-    limit: Annotated[int, Meta(ge=0)] | None = None
+    limit: Count | None = None
 
 
 class Metrics(Request, tag="metrics"):
@@ -731,7 +817,7 @@ class Workers(Request, tag="workers"):
 
 class Wait(Request, tag="wait"):
     tasks: Annotated[list[TaskId], Meta(min_length=1)]
-    timeout: Annotated[float, Meta(ge=0)] | None = None
+    timeout: Duration | None = None
 
 
 class GetTask(Request, tag="task"):
@@ -742,11 +828,11 @@ class ListTasks(Request, tag="tasks"):
     stream: str | None = None
     session: str | None = None
     status: Literal[STATUSES] | None = None
-    limit: Annotated[int, Meta(ge=0)] | None = None
+    limit: Count | None = None
 
 
 class Purge(Request, tag="purge"):
-    older_than_days: Annotated[float, Meta(ge=0)] | None = None
+    older_than_days: Days | None = None
 
 
 class Tools(Request, tag="tools"):
@@ -795,20 +881,22 @@ class Codec:
             raise BadRequest(self._explain(frame, str(exc))) from None
         except msgspec.DecodeError as exc:
             raise BadRequest(f"malformed {self.name}: {exc}") from None
+        except RecursionError:
+            raise BadRequest(f"malformed {self.name}: nested too deeply") from None
 
     def request_id(self, frame: bytes) -> Any:
         """The ``id`` of a frame that failed validation, if it has one."""
-        try:
-            value = self.loose.decode(frame)
-        except msgspec.DecodeError:
-            return None
+        value = self._loose(frame)
         return value.get("id") if isinstance(value, dict) else None
 
-    def _explain(self, frame: bytes, message: str) -> str:
+    def _loose(self, frame: bytes) -> Any:
         try:
-            value = self.loose.decode(frame)
-        except msgspec.DecodeError:
-            value = None
+            return self.loose.decode(frame)
+        except (msgspec.DecodeError, RecursionError):
+            return None
+
+    def _explain(self, frame: bytes, message: str) -> str:
+        value = self._loose(frame)
         if isinstance(value, dict) and isinstance(value.get("op"), str) and value["op"] not in OPS:
             return f"unknown op {value['op']!r}"
         if message.startswith("Object missing required field `op`"):
@@ -924,6 +1012,17 @@ def names(value: str | list[str] | None) -> list[str] | None:
     return [value] if isinstance(value, str) else value
 
 
+@contextlib.contextmanager
+def restored_on_error(heap: list, entries: list):
+    """Put timer entries back on their heap if the change they cause is refused."""
+    try:
+        yield
+    except BaseException:
+        for entry in entries:
+            heapq.heappush(heap, entry)
+        raise
+
+
 class Changes:
     """What changed since the last snapshot: the latest objects, by key."""
 
@@ -967,6 +1066,8 @@ class Queue:
         self.lock_holder: dict[str, int] = {}
         self.keys: dict[tuple[str, str], int] = {}  #: (stream, key) -> task id
         self.dependents: dict[int, list[int]] = {}  #: id -> waiting tasks naming it in after
+        #: id -> tasks failed only because it ended unsuccessfully (stale entries skipped)
+        self.cascaded: dict[int, list[int]] = {}
         self.counts: dict[str, dict[str, int]] = {}  #: stream -> status -> n
         self.stale_heap: list[tuple[float, int, str]] = []  #: (lease_expires_at, id, lease)
         self.delay_heap: list[tuple[float, int]] = []  #: (ready_at, id)
@@ -978,6 +1079,9 @@ class Queue:
         self.became_ready: set[tuple[str, str | None]] = set()
         self.finished: list[int] = []
         self.changes = Changes()
+        #: Called with each event before it is applied; the daemon's journal encodes it and
+        #: reserves its room there, and may refuse it (BadRequest, Unavailable).
+        self.record = None
         self._events: list[Event] = []
         self._apply = {
             SessionCreated: self._apply_session_created, SessionEnded: self._apply_session_ended,
@@ -1032,6 +1136,8 @@ class Queue:
         self._apply[type(event)](event)
 
     def _emit(self, event: Event) -> None:
+        if self.record is not None:
+            self.record(event)  # an event that cannot be journaled is never applied
         self.apply(event)
         self._events.append(event)
 
@@ -1076,12 +1182,21 @@ class Queue:
                            f"(it expired and the task was claimed again)")
         return task
 
-    def _tool_settings(self, tool_name: str) -> tuple[Tool | None, TaskClass]:
-        tool = self.config.tools.get(tool_name)
-        klass = self.config.task_classes.get(tool.task_class) if tool else None
-        return tool, klass or TaskClass(timeout=300)
+    def settings(self, tool_name: str, task_class: str | None = None) -> Settings:
+        """What a task of this tool (or ``script:NAME``) runs with: the one place that
+        resolves tool or script, then task class. (A request's own values come first.)"""
+        if tool_name.startswith(SCRIPT_TOOL_PREFIX):
+            script = self.scripts.get(tool_name[len(SCRIPT_TOOL_PREFIX):])
+            tool = script and Tool(task_class=script.task_class, timeout=script.timeout)
+        else:
+            tool = self.config.tools.get(tool_name)
+        classes = self.config.task_classes
+        if tool is None or tool.task_class not in classes:
+            name = task_class if task_class in classes else "MEDIUM_SCRIPT"
+            tool = Tool(task_class=name, timeout=tool and tool.timeout)
+        return resolve_settings(tool, classes.get(tool.task_class) or TaskClass(timeout=300))
 
-    def _what_to_run(self, req: Enqueue) -> tuple[Tool, Any]:
+    def _what_to_run(self, req: Enqueue) -> tuple[str, Any]:
         """The tool settings of an enqueue (a script's come from its header), and the payload."""
         if (req.tool is None) == (req.script is None):
             raise BadRequest("enqueue needs tool or script, and not both")
@@ -1092,15 +1207,13 @@ class Queue:
                 raise NotFound(f"no script {req.script!r} (known: {known})")
             if req.payload is not None:
                 raise BadRequest("a script takes args, not a payload")
-            klass = script.task_class if script.task_class in self.config.task_classes else "MEDIUM_SCRIPT"
-            return Tool(task_class=klass, timeout=script.timeout), list(req.args or ())
+            return SCRIPT_TOOL_PREFIX + req.script, list(req.args or ())
         if req.args is not None:
             raise BadRequest("args go with script; give a tool a payload")
-        tool = self.config.tools.get(req.tool)
-        if tool is None:
+        if req.tool not in self.config.tools:
             known = ", ".join(sorted(self.config.tools)) or "none"
             raise BadRequest(f"unknown tool {req.tool!r} (known: {known})")
-        return tool, req.payload
+        return req.tool, req.payload
 
     # -- sessions and streams -----------------------------------------------
 
@@ -1157,28 +1270,28 @@ class Queue:
         stream = self._stream(req.stream)
         if stream.status == "ended":
             raise Conflict(f"stream {stream.name!r} has ended and takes no new tasks")
-        tool, payload = self._what_to_run(req)
-        tool_name = req.tool or SCRIPT_TOOL_PREFIX + req.script
+        tool_name, payload = self._what_to_run(req)
+        settings = self.settings(tool_name)
         if req.key is not None and (stream.name, req.key) in self.keys:
             return {**self.task_record(self.tasks[self.keys[stream.name, req.key]]), "existing": True}
         if req.delay is not None and req.at is not None:
             raise BadRequest("give delay or at, not both")
         ready_at = parse_time(req.at) if req.at is not None else (
             now + req.delay if req.delay else None)
+        if req.at is not None and not 0 <= ready_at < LAST_TIME:
+            raise BadRequest(f"at: {req.at!r} is before 1970 or after 9999")
         after = tuple(dict.fromkeys(req.after or ()))
         for dep in after:
             if dep not in self.tasks:
                 raise NotFound(f"no task {dep} (named in after)")
-        klass = self.config.task_classes[tool.task_class]
         unfinished = [dep for dep in after if self.tasks[dep].status != "completed"]
         waiting_for = "after" if unfinished else (
             "delay" if ready_at is not None and ready_at > now else None)
         task_id = self.next_id
         self._emit(TaskEnqueued(
-            at=now, id=task_id, stream=stream.name, tool=tool_name, task_class=tool.task_class,
-            payload=payload, timeout=float(req.timeout or tool.timeout or klass.timeout),
-            priority=req.priority,
-            max_attempts=req.max_attempts or tool.max_attempts or klass.max_attempts,
+            at=now, id=task_id, stream=stream.name, tool=tool_name, task_class=settings.task_class,
+            payload=payload, timeout=float(req.timeout or settings.timeout),
+            priority=req.priority, max_attempts=req.max_attempts or settings.max_attempts,
             waiting_for=waiting_for, ready_at=ready_at, after=after, key=req.key,
             lock=normalise_lock(req.lock) if req.lock else None))
         for dep in unfinished:
@@ -1273,11 +1386,8 @@ class Queue:
 
     def _backoff(self, task: Task) -> float:
         """Exponential back-off for the attempt just failed; jitter only lengthens it."""
-        tool, klass = self._tool_settings(task.tool)
-        base = tool.retry_backoff if tool and tool.retry_backoff is not None else klass.retry_backoff
-        cap = (tool.retry_backoff_max if tool and tool.retry_backoff_max is not None
-               else klass.retry_backoff_max)
-        delay = min(cap, base * 2 ** (task.attempts - 1))
+        settings = self.settings(task.tool, task.task_class)
+        delay = min(settings.retry_backoff_max, settings.retry_backoff * 2 ** (task.attempts - 1))
         jitter = (zlib.crc32(f"{task.id}:{task.attempts}".encode()) % 1024) / 4096  # [0, 0.25)
         return delay * (1 + jitter)
 
@@ -1333,8 +1443,25 @@ class Queue:
         if task.status in ("pending", "waiting", "completed"):
             raise Conflict(f"cannot requeue task {req.task}: it is {task.status}"
                            + (" (enqueue it again instead)" if task.status == "completed" else ""))
-        self._emit(TaskRequeued(at=now, id=req.task))
-        return self.task_record(self.tasks[req.task])
+        requeued = self._requeue(req.task, now)
+        return {**self.task_record(self.tasks[req.task]), "requeued_dependents": requeued[1:]}
+
+    def _requeue(self, task_id: int, now: float) -> list[int]:
+        """Requeue a task and, after it, the dependents that failed only because it did.
+
+        A task whose dependencies have not all completed waits for them again.
+        Returns the ids requeued, the task first.
+        """
+        done, todo = [], [task_id]
+        while todo:
+            task = self.tasks[todo.pop(0)]
+            unfinished = any(d in self.tasks and self.tasks[d].status != "completed"
+                             for d in task.after)
+            self._emit(TaskRequeued(at=now, id=task.id, waiting_for="after" if unfinished else None))
+            done.append(task.id)
+            todo += [i for i in dict.fromkeys(self.cascaded.pop(task.id, ()))
+                     if cascade_cause(self.tasks.get(i)) == task.id]
+        return done
 
     def _requeue_matching(self, req: Requeue, now: float) -> dict:
         if req.status is None:
@@ -1343,9 +1470,11 @@ class Queue:
             self._stream(req.stream)
         ids = [t.id for t in self.tasks.values()
                if t.status == req.status and (req.stream is None or t.stream == req.stream)]
-        for task_id in ids:
-            self._emit(TaskRequeued(at=now, id=task_id))
-        return {"requeued": len(ids), "tasks": ids}
+        requeued = []
+        for task_id in ids:  # in id order: a chain's dependencies before their dependents
+            if self.tasks[task_id].status == req.status:  # not requeued by a cascade already
+                requeued += self._requeue(task_id, now)
+        return {"requeued": len(requeued), "tasks": requeued}
 
     # -- reading ----------------------------------------------------------------
 
@@ -1425,16 +1554,18 @@ class Queue:
         return {"purged": self._purge_before(now - days * DAY, now)}
 
     def _purge_before(self, cutoff: float, now: float) -> int:
-        ids = []
+        ids, entries = [], []
         heap = self.purge_heap
         while heap and heap[0][0] <= cutoff:
-            finished_at, task_id = heapq.heappop(heap)
+            finished_at, task_id = entry = heapq.heappop(heap)
             task = self.tasks.get(task_id)
             if task is not None and task.status in TERMINAL and task.finished_at == finished_at:
                 ids.append(task_id)
+                entries.append(entry)
         ids = list(dict.fromkeys(ids))  # ended twice at the same instant: two heap entries
         if ids:
-            self._emit(TasksPurged(at=now, ids=ids))
+            with restored_on_error(heap, entries):
+                self._emit(TasksPurged(at=now, ids=ids))
         return len(ids)
 
     # -- timers -------------------------------------------------------------
@@ -1443,20 +1574,23 @@ class Queue:
         """Expire leases, end delays and back-offs, purge; returns the next deadline."""
         heap = self.stale_heap
         while heap and heap[0][0] <= now:
-            expires, task_id, lease = heapq.heappop(heap)
+            expires, task_id, lease = entry = heapq.heappop(heap)
             task = self.tasks.get(task_id)
             if (task is not None and task.status == "running" and task.lease == lease
                     and task.lease_expires_at == expires):
-                self._fail_attempt(task, (
-                    f"stale: lease expired, no complete, fail or touch for "
-                    f"{self.config.stale.factor:g} x timeout {task.timeout:g} s"), now, by="sparkqd")
+                with restored_on_error(heap, [entry]):
+                    self._fail_attempt(task, (
+                        f"stale: lease expired, no complete, fail or touch for "
+                        f"{self.config.stale.factor:g} x timeout {task.timeout:g} s"), now,
+                        by="sparkqd")
         heap = self.delay_heap
         while heap and heap[0][0] <= now:
-            ready_at, task_id = heapq.heappop(heap)
+            ready_at, task_id = entry = heapq.heappop(heap)
             task = self.tasks.get(task_id)
             if (task is not None and task.status == "waiting" and task.ready_at == ready_at
                     and task.waiting_for in ("delay", "retry")):
-                self._emit(TaskReleased(at=now, id=task_id))
+                with restored_on_error(heap, [entry]):
+                    self._emit(TaskReleased(at=now, id=task_id))
         self._purge_before(now - self.config.purge.older_than_days * DAY, now)
         return self.next_deadline()
 
@@ -1493,6 +1627,7 @@ class Queue:
             heapq.heappush(self.purge_heap, (task.finished_at, task.id))
             self.finish_log.append((task.finished_at, task.id))
             self.finished.append(task.id)
+            self._index_cascade(task)
         if old_status == "running" and status != "running" and task.lock is not None:
             if self.lock_holder.get(task.lock) == task.id:
                 del self.lock_holder[task.lock]
@@ -1547,6 +1682,12 @@ class Queue:
         self._put(task, None)
         self._index_new(task)
         self.next_id = max(self.next_id, e.id + 1)
+
+    def _index_cascade(self, task: Task) -> None:
+        """Remember a task failed only because a dependency did, for requeue's cascade."""
+        cause = cascade_cause(task)
+        if cause is not None:
+            self.cascaded.setdefault(cause, []).append(task.id)
 
     def _index_new(self, task: Task) -> None:
         """Index a task's unique key and the dependencies it waits for."""
@@ -1603,9 +1744,13 @@ class Queue:
                          lease_expires_at=None, waiting_for=None)
 
     def _apply_requeued(self, e: TaskRequeued) -> None:
-        self._transition(e, "pending", e.by, "requeued", finished_at=None, attempts=0,
+        status = "waiting" if e.waiting_for else "pending"
+        note = "requeued, waits for after" if e.waiting_for else "requeued"
+        self._transition(e, status, e.by, note, finished_at=None, attempts=0,
                          reason=None, summary=None, result=None, lease=None,
-                         lease_expires_at=None, waiting_for=None, ready_at=None)
+                         lease_expires_at=None, waiting_for=e.waiting_for, ready_at=None)
+        if e.waiting_for:
+            self._index_new(self.tasks[e.id])
 
     def _apply_purged(self, e: TasksPurged) -> None:
         for task_id in e.ids:
@@ -1643,6 +1788,7 @@ class Queue:
                 self.delay_heap.append((task.ready_at, task.id))
             elif status in TERMINAL:
                 self.purge_heap.append((task.finished_at, task.id))
+                self._index_cascade(task)
             if task.key is not None or task.waiting_for == "after":
                 self._index_new(task)
         for by_tool in ready.values():
@@ -1690,6 +1836,17 @@ class Queue:
         return record
 
 
+CASCADE_REASON = re.compile(r"dependency (\d+) (failed|cancelled)")
+
+
+def cascade_cause(task: Task | None) -> int | None:
+    """The dependency whose end failed this task (the daemon failed it for that), or None."""
+    if task is None or task.status != "failed" or not task.history or task.history[-1][2] != "sparkqd":
+        return None
+    match = CASCADE_REASON.fullmatch(task.reason or "")
+    return int(match[1]) if match else None
+
+
 def full_history(task: Task) -> tuple:
     """Every transition of a task, its creation included."""
     if task.history and (task.history[0][3] or "").startswith("enqueued"):
@@ -1701,20 +1858,86 @@ def full_history(task: Task) -> tuple:
 # 6. Journal
 # ============================================================================
 
-RECORD_HEADER = struct.Struct(">II")  # body length, CRC32 of the body
+#: A segment begins with (magic, format version, first record's seq, random salt).
+SEGMENT_HEADER = struct.Struct(">4sIQQ")
+SEGMENT_MAGIC = b"SPQJ"
+SEGMENT_VERSION = 2
+#: A record: body length, CRC32 of (salt, seq, body), seq. The salt is random per segment,
+#: so bytes inside a payload can never pass for a record of the segment that holds them.
+RECORD_HEADER = struct.Struct(">IIQ")
+LEGACY_RECORD_HEADER = struct.Struct(">II")  #: format 1 (no segment header): length, CRC32
+SEQ_BYTES = struct.Struct(">Q")
 SEGMENT_SUFFIX = ".journal"
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class Segment:
     """One journal file, named by the sequence number of its first record."""
 
-    def __init__(self, path: str, first_seq: int, fd: int | None = None, allocated: int = 0):
+    def __init__(self, path: str, first_seq: int, fd: int | None = None, allocated: int = 0,
+                 salt: int = 0):
         self.path = path
         self.first_seq = first_seq
         self.fd = fd
         self.allocated = allocated  #: bytes preallocated on disk
-        self.reserved = 0  #: bytes handed out to appended records
+        self.reserved = SEGMENT_HEADER.size  #: bytes handed out to the header and records
+        self.salt_crc = zlib.crc32(SEQ_BYTES.pack(salt))
         self.sealed = False  #: no more records go here; close once flushed
+
+    def record(self, seq: int, body: bytes) -> bytes:
+        seq_bytes = SEQ_BYTES.pack(seq)
+        crc = zlib.crc32(body, zlib.crc32(seq_bytes, self.salt_crc))
+        return RECORD_HEADER.pack(len(body), crc, seq) + body
+
+
+def segment_layout(data: bytes) -> tuple[int, int | None, int | None]:
+    """(offset of the first record, CRC seed of the salt or None for format 1, first seq)."""
+    if data[:4] != SEGMENT_MAGIC or len(data) < SEGMENT_HEADER.size:
+        return 0, None, None
+    _, version, first_seq, salt = SEGMENT_HEADER.unpack_from(data)
+    if version != SEGMENT_VERSION:
+        raise JournalDamaged(f"journal segment format {version} is not one this sparkqd reads "
+                             f"(it reads {SEGMENT_VERSION} and 1)")
+    return SEGMENT_HEADER.size, zlib.crc32(SEQ_BYTES.pack(salt)), first_seq
+
+
+def record_at(data: bytes, pos: int, salt_crc: int | None) -> tuple[int, int | None, bytes] | None:
+    """The intact record starting at ``pos`` as (end, seq, body), else None."""
+    header = LEGACY_RECORD_HEADER if salt_crc is None else RECORD_HEADER
+    if len(data) - pos < header.size:
+        return None
+    length, crc = LEGACY_RECORD_HEADER.unpack_from(data, pos)
+    end = pos + header.size + length
+    if length == 0 or end > len(data):
+        return None
+    body = data[pos + header.size: end]
+    if salt_crc is None:
+        return (end, None, body) if zlib.crc32(body) == crc else None
+    seq_bytes = data[pos + 8: pos + 16]
+    if zlib.crc32(body, zlib.crc32(seq_bytes, salt_crc)) != crc:
+        return None
+    return end, SEQ_BYTES.unpack(seq_bytes)[0], body
+
+
+def record_spans(data: bytes) -> list[tuple[int, int]]:
+    """(start, end) of each intact record of a segment's bytes, up to the first that is not."""
+    pos, salt_crc, _ = segment_layout(data)
+    spans = []
+    while (found := record_at(data, pos, salt_crc)) is not None:
+        spans.append((pos, found[0]))
+        pos = found[0]
+    return spans
+
+
+def intact_record_after(data: bytes, pos: int, salt_crc: int | None) -> bool:
+    """Whether an intact record starts anywhere after ``pos``.
+
+    A write cut short by a crash leaves nothing intact behind it; an intact
+    record after a bad one means the damage is in the middle: not a torn tail.
+    """
+    trimmed = data[: len(data.rstrip(b"\0"))]
+    return any(record_at(trimmed, offset, salt_crc) is not None
+               for offset in range(pos + 1, len(trimmed) - LEGACY_RECORD_HEADER.size))
 
 
 def fsync_directory(path: str) -> None:
@@ -1729,12 +1952,18 @@ def fsync_directory(path: str) -> None:
 class Journal:
     """Append-only segments of CRC-checked msgpack events, with group commit.
 
-    ``append`` only buffers; one flusher writes everything buffered with one
-    write per segment and one fsync (policy ``always``), so requests that
-    arrive together share the cost. ``when_durable(seq, callback)`` tells when
-    the policy's promise holds for every record up to ``seq``. Segments are
-    preallocated, so a full disk is refused up front by ``ensure_room``
-    instead of failing half-way through a write.
+    ``record(event)`` encodes an event and reserves its room before the queue
+    applies it, so an event that cannot be journaled is never applied. One
+    flusher writes everything buffered with one write per segment and one
+    fsync (policy ``always``), so requests that arrive together share the
+    cost. ``when_durable(seq, callback)`` tells when the policy's promise holds
+    for every record up to ``seq``. Segments are preallocated, so a full disk
+    is refused up front instead of failing half-way through a write.
+
+    Crash safety of rotation: a new segment is created only once everything
+    buffered for the old one is written and fsynced, and it is named by the
+    first record it will hold; a newest segment that holds no record is what a
+    crash during creation leaves, and replay removes it.
     """
 
     def __init__(self, directory: str, policy: str = "always", interval_ms: int = 10,
@@ -1749,7 +1978,9 @@ class Journal:
         self.written_seq = 0  #: last record handed to the OS
         self.synced_seq = 0  #: last record fsynced
         self.last_sync = 0.0
-        self.failure: str | None = None
+        self.failure: str | None = None  #: why the journal stopped for good (an I/O error)
+        self.stalled: str | None = None  #: why writing waits for space, retried by the timer
+        self.retry_at = 0.0  #: when a stalled write is next tried
         self._chunks: list[tuple[Segment, bytes]] = []
         self._waiters: collections.deque = collections.deque()
         self._flush_scheduled = False
@@ -1770,12 +2001,13 @@ class Journal:
     def replay(self, after_seq: int):
         """Yield every event after ``after_seq``, checking each record.
 
-        A record cut short or failing its CRC at the very end of the newest
-        segment is a torn tail: it is cut off with a warning. Any other damage
-        raises JournalDamaged naming the file and offset.
+        Newest segments holding no record, and a record cut short or failing
+        its CRC at the very end of the newest segment that holds any, are a
+        torn tail: cut off with a warning. Any other damage raises
+        JournalDamaged naming the file and offset.
         """
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        files = self._segment_files()
+        files = self._drop_empty_newest(self._segment_files())
         decode = msgspec.msgpack.Decoder(AnyEvent).decode
         seq = after_seq
         for index, (first_seq, path) in enumerate(files):
@@ -1783,13 +2015,10 @@ class Journal:
                 raise JournalDamaged(
                     f"{path}: starts at record {first_seq} but the snapshot and earlier "
                     f"segments end at {seq}: records {seq + 1}..{first_seq - 1} are missing")
-            newest = index == len(files) - 1
             with open(path, "rb") as f:
                 data = f.read()
             seq = first_seq - 1
-            records = 0
-            for offset, body in self._records(path, data, newest):
-                records += 1
+            for offset, body in self._records(path, data, first_seq, index == len(files) - 1):
                 seq += 1
                 if seq > after_seq:
                     try:
@@ -1797,50 +2026,51 @@ class Journal:
                     except msgspec.DecodeError as exc:
                         raise JournalDamaged(f"{path}: offset {offset}: record {seq} passes its "
                                              f"CRC but cannot be decoded: {exc}") from None
-            if records:
-                self.sealed.append(Segment(path, first_seq))
-            else:
-                os.unlink(path)  # no record: the next segment may take its name
+            self.sealed.append(Segment(path, first_seq))
         self.last_seq = self.written_seq = self.synced_seq = max(seq, after_seq)
 
-    def _records(self, path: str, data: bytes, newest: bool):
+    def _drop_empty_newest(self, files: list[tuple[int, str]]) -> list[tuple[int, str]]:
+        """Remove the newest segments that hold no record: created just before a crash."""
+        while files:
+            path = files[-1][1]
+            with open(path, "rb") as f:
+                data = f.read()
+            start, salt_crc, _ = segment_layout(data)
+            if record_at(data, start, salt_crc) is not None or intact_record_after(
+                    data, start, salt_crc):
+                break
+            log.warning("journal %s: newest segment holds no record (a crash while it was "
+                        "created); removed", path)
+            os.unlink(path)
+            files.pop()
+        return files
+
+    def _records(self, path: str, data: bytes, first_seq: int, newest: bool):
         """Yield (offset, body) of each valid record in one segment's bytes."""
-        pos, size = 0, len(data)
-        while pos < size:
-            if size - pos >= RECORD_HEADER.size:
-                length, crc = RECORD_HEADER.unpack_from(data, pos)
-                if length == 0 and not data[pos:].strip(b"\0"):
-                    return  # the unused, preallocated rest of the segment
-                end = pos + RECORD_HEADER.size + length
-                body = data[pos + RECORD_HEADER.size: end]
-                if length and len(body) == length and zlib.crc32(body) == crc:
-                    yield pos, body
-                    pos = end
-                    continue
-            if not newest or self._valid_record_after(data, pos):
+        pos, salt_crc, header_seq = segment_layout(data)
+        if header_seq is not None and header_seq != first_seq:
+            raise JournalDamaged(f"{path}: its header says it starts at record {header_seq}")
+        seq = first_seq
+        while pos < len(data):
+            found = record_at(data, pos, salt_crc)
+            if found is not None:
+                end, record_seq, body = found
+                if record_seq is not None and record_seq != seq:
+                    raise JournalDamaged(f"{path}: offset {pos}: record {seq} carries sequence "
+                                         f"number {record_seq}; refusing to start")
+                yield pos, body
+                pos, seq = end, seq + 1
+                continue
+            if not data[pos:].strip(b"\0"):
+                return  # the unused, preallocated rest of the segment
+            if not newest or intact_record_after(data, pos, salt_crc):
                 raise JournalDamaged(f"{path}: damaged record at offset {pos}; refusing to start "
                                      f"rather than skip data (move the file aside to start "
                                      f"without it)")
             log.warning("journal %s: torn record at offset %d (%d bytes cut off): the last "
-                        "write before a crash, never acknowledged", path, pos, size - pos)
+                        "write before a crash, never acknowledged", path, pos, len(data) - pos)
             os.truncate(path, pos)
             return
-
-    @staticmethod
-    def _valid_record_after(data: bytes, pos: int) -> bool:
-        """Whether an intact record starts anywhere after ``pos``.
-
-        A write cut short by a crash leaves nothing intact behind it; an intact
-        record after a bad one means the damage is in the middle: not a torn tail.
-        """
-        end = len(data.rstrip(b"\0"))
-        unpack, crc32 = RECORD_HEADER.unpack_from, zlib.crc32
-        for offset in range(pos + 1, end - RECORD_HEADER.size):
-            length, crc = unpack(data, offset)
-            if 0 < length <= end - offset - RECORD_HEADER.size and crc32(
-                    data[offset + RECORD_HEADER.size: offset + RECORD_HEADER.size + length]) == crc:
-                return True
-        return False
 
     # -- appending ----------------------------------------------------------
 
@@ -1859,7 +2089,8 @@ class Journal:
         """
         first = self.last_seq + 1
         path = os.path.join(self.directory, f"{first:020d}{SEGMENT_SUFFIX}")
-        needed = min_bytes + RECORD_HEADER.size
+        needed = min_bytes + SEGMENT_HEADER.size + RECORD_HEADER.size
+        salt = int.from_bytes(os.urandom(8), "big")
         step = "create"
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -1870,8 +2101,10 @@ class Journal:
                         os.posix_fallocate(fd, 0, size)
                         break
                     except OSError as exc:
-                        if exc.errno != errno.ENOSPC or size <= max(1 << 20, needed):
+                        if exc.errno not in NO_SPACE or size <= max(1 << 20, needed):
                             raise
+                step = "write the header of"
+                os.write(fd, SEGMENT_HEADER.pack(SEGMENT_MAGIC, SEGMENT_VERSION, first, salt))
                 step = "fsync directory of"
                 fsync_directory(self.directory)
             except OSError:
@@ -1880,49 +2113,73 @@ class Journal:
                 raise
         except OSError as exc:
             raise Unavailable(f"journal: cannot {step} segment {path}: {exc.strerror}") from None
-        return Segment(path, first, fd, size)
+        return Segment(path, first, fd, size, salt)
 
     def ensure_room(self, nbytes: int) -> None:
         """Refuse a change up front when the journal cannot take ``nbytes`` more."""
         if self.failure:
             raise Unavailable(f"storage failing, changes refused: {self.failure}")
+        if self.stalled:
+            raise Unavailable(f"journal cannot write, changes refused: {self.stalled}")
         if self.current is None:
             self.current = self._new_segment(nbytes)
         elif self.current.reserved + nbytes > self.current.allocated:
             self.rotate(nbytes)
 
     def rotate(self, min_bytes: int = 0) -> None:
-        """Seal the current segment and continue in a new one."""
+        """Seal the current segment and continue in a new one.
+
+        What is buffered for the old segment is written and fsynced first, so
+        at no moment does a segment exist whose name claims records that are
+        not on disk before it.
+        """
+        if self.current is not None:
+            self.sync_now()
         segment = self._new_segment(min_bytes)
         if self.current is not None:
             self.current.sealed = True
             self.sealed.append(self.current)
         self.current = segment
 
-    def append(self, events: list[Event]) -> int:
-        """Buffer events as records; returns the sequence number of the last."""
-        parts = []
-        for event in events:
+    def record(self, event: Event) -> int:
+        """Encode one event and buffer it as the next record; returns its seq.
+
+        Raises BadRequest if it cannot be encoded and Unavailable if there is
+        no room: the caller applies the event only once this has returned.
+        """
+        try:
             body = self._encode(event)
-            parts.append(RECORD_HEADER.pack(len(body), zlib.crc32(body)))
-            parts.append(body)
-        chunk = b"".join(parts)
-        self.current.reserved += len(chunk)
-        self._chunks.append((self.current, chunk))
-        self.last_seq += len(events)
-        self._schedule_flush()
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            raise BadRequest(f"cannot be journaled: {exc}") from None
+        size = RECORD_HEADER.size + len(body)
+        self.ensure_room(size)
+        segment = self.current
+        segment.reserved += size
+        self.last_seq += 1
+        self._chunks.append((segment, segment.record(self.last_seq, body)))
         return self.last_seq
 
-    def _schedule_flush(self) -> None:
+    def append(self, events: list[Event]) -> int:
+        """Record events and schedule their write; returns the seq of the last."""
+        for event in events:
+            self.record(event)
+        self.schedule_flush()
+        return self.last_seq
+
+    def schedule_flush(self) -> None:
+        """Flush once the loop has read what every client sent this round: group commit."""
+        if self._chunks:
+            self._flush_soon()
+
+    def _flush_soon(self) -> None:
         if not self._flush_scheduled:
-            # Flush once the loop has read what every client sent this round: group commit.
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
         """Write what is buffered; under ``always``, fsync too if a reply waits for it.
 
-        (Scheduled with call_soon by ``append``; a no-op once ``close`` has run.)
+        (Scheduled with call_soon by ``schedule_flush``; a no-op once ``close`` has run.)
 
         The fsync runs on the event loop, as Redis does for ``appendfsync always``:
         requests that arrive meanwhile wait in the socket buffers and share the
@@ -1938,7 +2195,7 @@ class Journal:
             chunks, self._chunks = self._chunks, []
             seq = self.last_seq
             self._unsynced.update(self._write(chunks))
-            if self.failure:
+            if self.failure or self.stalled:
                 return
             self.written_seq = seq
         if self.policy == "always" and self._waiters and self.synced_seq < self.written_seq:
@@ -1955,24 +2212,45 @@ class Journal:
         self.flush()
         if self.failure:
             raise Unavailable(f"storage failing: {self.failure}")
+        if self.stalled:
+            raise Unavailable(f"journal cannot write: {self.stalled}")
         if self.synced_seq < self.written_seq:
             self._sync_unsynced()
         self._close_synced()
         self._release()
 
     def _write(self, chunks: list[tuple[Segment, bytes]]) -> list[Segment]:
+        """Write chunks in order; on a full disk keep the unwritten rest for a retry."""
         by_segment: dict[Segment, list[bytes]] = {}
         for segment, chunk in chunks:
             by_segment.setdefault(segment, []).append(chunk)
-        for segment, parts in by_segment.items():
-            data = b"".join(parts)
+        written_to = []
+        for index, (segment, parts) in enumerate(by_segment.items()):
+            data = memoryview(b"".join(parts))
+            written_to.append(segment)
             try:
-                written = os.write(segment.fd, data)
-                if written != len(data):
-                    raise OSError(errno.EIO, f"short write ({written} of {len(data)} bytes)")
+                while data:
+                    data = data[os.write(segment.fd, data):]
             except OSError as exc:
-                self._fail(f"write journal segment {segment.path}: {exc.strerror}")
-        return list(by_segment)
+                if exc.errno not in NO_SPACE:
+                    self._fail(f"write journal segment {segment.path}: {exc.strerror}")
+                    return written_to
+                rest = [(segment, bytes(data))] + [
+                    (s, b"".join(p)) for s, p in list(by_segment.items())[index + 1:]]
+                self._chunks = rest + self._chunks
+                self._stall(f"write journal segment {segment.path}: {exc.strerror}")
+                return written_to
+        if self.stalled:
+            log.warning("journal: writing again after %s", self.stalled)
+            self.stalled = None
+        return written_to
+
+    def _stall(self, reason: str) -> None:
+        self.retry_at = time.time() + 1.0
+        if self.stalled is None:
+            log.error("journal: %s; changes are refused and replies wait until there is room",
+                      reason)
+        self.stalled = reason
 
     def _sync(self, segments: list[Segment], seq: int) -> None:
         started = time.perf_counter()
@@ -2010,7 +2288,7 @@ class Journal:
         if self.durable_seq >= seq and not self.failure:
             return True
         self._waiters.append((seq, callback))
-        self._schedule_flush()  # someone waits: the fsync is due now
+        self._flush_soon()  # someone waits: the fsync is due now
         return False
 
     def _release(self) -> None:
@@ -2019,8 +2297,10 @@ class Journal:
             self._waiters.popleft()[1]()
 
     def sync_deadline(self) -> float | None:
-        """When an fsync is next owed (epoch seconds), or None: under ``batch`` for
-        everything, under ``always`` for changes no reply waited for."""
+        """When an fsync (or, stalled, a write) is next owed (epoch seconds), or None:
+        under ``batch`` for everything, under ``always`` for changes no reply waited for."""
+        if self.stalled:
+            return self.retry_at
         if self.policy != "never" and self.last_seq > self.synced_seq:
             return self.last_sync + self.interval
         return None
@@ -2040,7 +2320,7 @@ class Journal:
 
     def drop_empty_current(self) -> None:
         """Remove the current segment at shutdown when it holds no record."""
-        if self.current is not None and not self.current.reserved:
+        if self.current is not None and self.current.reserved <= SEGMENT_HEADER.size:
             os.close(self.current.fd)
             os.unlink(self.current.path)
             self.current = None
@@ -2635,6 +2915,10 @@ FSYNC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 DURATION_BUCKETS = (0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 86400.0)
 WATCH_MAX_EVENTS = 1000
 WATCH_MAX_BYTES = 4 << 20
+#: Bytes of replies one connection may have waiting (ours and the transport's) before the
+#: daemon stops answering its further requests until it reads: one client's fixed budget.
+REPLY_BUDGET = 1 << 20
+EVENT = object()  #: the request id of a queued subscription event, which has none
 #: The event a subscriber sees for each journaled event.
 WATCH_EVENTS = {
     TaskEnqueued: "task.created", TaskReleased: "task.pending", TaskRequeued: "task.pending",
@@ -2903,8 +3187,9 @@ class Connection(asyncio.Protocol):
         self.codec: Codec | None = None
         self.buf = bytearray()
         self.frames: collections.deque = collections.deque()
-        #: (journal seq the reply may have seen, reply), oldest first
+        #: (journal seq the reply may have seen, encoded reply, request id or EVENT), oldest first
         self.replies: collections.deque = collections.deque()
+        self.reply_bytes = 0  #: bytes held in ``replies``
         self.awaiting_journal = False
         self.blocked: Request | None = None  #: a claim or wait that is waiting
         self.ticket = 0  #: tells a current wake-up from a stale one
@@ -2946,8 +3231,11 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self._update_reading()
+        if self.missed:  # a lagging subscriber hears of it as soon as it can be told
+            self._queue_event({"event": "lagged", "missed": self.missed})
+            self.missed = 0
         self._send_durable()
+        self._resume()
 
     def data_received(self, data: bytes) -> None:
         if self.codec is None:
@@ -2970,7 +3258,7 @@ class Connection(asyncio.Protocol):
     # -- answering --------------------------------------------------------------
 
     def _process(self) -> None:
-        while self.frames and self.blocked is None:
+        while self.frames and self.blocked is None and not self._over_budget():
             frame = self.frames.popleft()
             if isinstance(frame, TooLarge):
                 self._add_reply(error_reply(None, frame))
@@ -3009,8 +3297,30 @@ class Connection(asyncio.Protocol):
             log.exception("internal error answering %s", type(request).__name__)
             return error_reply(request.id, SparkQError(f"internal error: {exc!r}"))
 
+    def _over_budget(self) -> bool:
+        """Whether replies the client has not read yet fill its budget: answer no more now."""
+        return self.reply_bytes + self.transport.get_write_buffer_size() > REPLY_BUDGET
+
+    def _resume(self) -> None:
+        """Answer frames held back by the budget, once replies have drained."""
+        if self.frames and not self._over_budget() and not self.lost:
+            self._process()
+        elif not self.lost:
+            self._update_reading()
+
+    def _encode(self, message: dict) -> bytes:
+        """The wire form of a message; a reply that cannot be encoded becomes an error."""
+        try:
+            return self.codec.encode(message)
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            log.error("cannot encode a reply: %r", exc)
+            return self.codec.encode(error_reply(None, SparkQError(
+                f"internal error: the reply cannot be encoded: {exc}")))
+
     def _add_reply(self, reply: dict) -> None:
-        self.replies.append((self.daemon.journal.last_seq, reply))
+        data = self._encode(reply)
+        self.reply_bytes += len(data)
+        self.replies.append((self.daemon.journal.last_seq, data, reply.get("id")))
 
     def _send_durable(self) -> None:
         """Write every reply whose observations are durable; wait for the rest."""
@@ -3020,19 +3330,19 @@ class Connection(asyncio.Protocol):
             return  # a slow subscriber: events wait here, within publish()'s limits
         journal = self.daemon.journal
         durable, failure = journal.durable_seq, journal.failure
-        encode, out = self.codec.encode, []
+        out = []
         while self.replies and (self.replies[0][0] <= durable or failure):
-            seq, reply = self.replies.popleft()
-            if type(reply) is bytes:
-                self.queued_bytes -= len(reply)
+            seq, data, request_id = self.replies.popleft()
+            self.reply_bytes -= len(data)
+            if request_id is EVENT:
+                self.queued_bytes -= len(data)
                 self.queued_events -= 1
                 if seq > durable:
                     continue  # an event the journal failed to keep: it did not happen
-                out.append(reply)
-                continue
-            if seq > durable:
-                reply = error_reply(reply.get("id"), Unavailable(f"storage failing: {failure}"))
-            out.append(encode(reply))
+            elif seq > durable:
+                data = self._encode(error_reply(request_id, Unavailable(
+                    f"storage failing: {failure}")))
+            out.append(data)
         if out:
             self.transport.write(b"".join(out))
         if self.replies:
@@ -3043,6 +3353,7 @@ class Connection(asyncio.Protocol):
     def _on_durable(self) -> None:
         self.awaiting_journal = False
         self._send_durable()
+        self._resume()
 
     def _close_when_done(self) -> None:
         done = self.closing or (self.eof and not self.frames and self.blocked is None)
@@ -3053,7 +3364,8 @@ class Connection(asyncio.Protocol):
         full = len(self.buf) > 4 * self.codec.max_frame or len(self.frames) > 100_000
         if self.lost or self.transport.is_closing():
             return
-        if self.write_paused or self.closing or (self.blocked is not None and full):
+        held = self.blocked is not None or self._over_budget()
+        if self.write_paused or self.closing or (held and full):
             self.transport.pause_reading()
         elif not self.transport.is_reading():
             self.transport.resume_reading()
@@ -3132,17 +3444,19 @@ class Connection(asyncio.Protocol):
         if self.write_paused and (self.queued_events >= WATCH_MAX_EVENTS
                                   or self.queued_bytes >= WATCH_MAX_BYTES):
             self.missed = self.queued_events + 1
-            self.replies = collections.deque(e for e in self.replies if type(e[1]) is not bytes)
+            self.replies = collections.deque(e for e in self.replies if e[2] is not EVENT)
+            self.reply_bytes -= self.queued_bytes
             self.queued_bytes = self.queued_events = 0
             return
         self._queue_event(message)
         self._send_durable()
 
     def _queue_event(self, message: dict) -> None:
-        data = self.codec.encode(message)
+        data = self._encode(message)
         self.queued_bytes += len(data)
+        self.reply_bytes += len(data)
         self.queued_events += 1
-        self.replies.append((self.daemon.journal.last_seq, data))
+        self.replies.append((self.daemon.journal.last_seq, data, EVENT))
 
     def push(self, message: dict) -> None:
         """Send a message of a stream this connection asked for (after its reply)."""
@@ -3250,6 +3564,9 @@ class Daemon:
         self.next_metrics = 0.0
         self.journal = Journal(paths.journal, config.database.fsync,
                                config.database.fsync_interval_ms)
+        self.queue.record = self.journal.record
+        self.timer_trouble: str | None = None  #: why the last timer turn failed, logged once
+        self.fd_warned_at = -60.0
         self.snapshot = Snapshot(paths.database)
         self.snapshot_pool = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
         self.started = time.time()
@@ -3279,7 +3596,7 @@ class Daemon:
         self._all_closed = asyncio.Event()
         self.acquire_lock()
         try:
-            replayed = self.recover()
+            replayed = await self.recover()
             sock = inherited_socket(self.service_env)
             if sock is not None:
                 self.paths = msgspec.structs.replace(self.paths, socket=sock.getsockname())
@@ -3290,7 +3607,9 @@ class Daemon:
             loop = asyncio.get_running_loop()
             # We remove the socket file ourselves, and only one we created.
             keep = {"cleanup_socket": False} if sys.version_info >= (3, 13) else {}
-            self.server = await loop.create_unix_server(lambda: Connection(self), sock=sock, **keep)
+            self.server = await loop.create_unix_server(lambda: Connection(self), sock=sock,
+                                                        backlog=1024, **keep)
+            loop.set_exception_handler(self._loop_exception)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
             loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
@@ -3308,6 +3627,17 @@ class Daemon:
         finally:
             self.release()
 
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """Say once a minute, without a traceback, that connections wait for descriptors."""
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            if time.monotonic() - self.fd_warned_at >= 60:
+                log.warning("out of file descriptors (%s): new connections wait until others "
+                            "close; raise the limit (LimitNOFILE=, ulimit -n)", exc.strerror)
+                self.fd_warned_at = time.monotonic()
+            return
+        loop.default_exception_handler(context)
+
     def acquire_lock(self) -> None:
         """Take the data directory for this process, or say who holds it."""
         os.makedirs(self.paths.data_dir, mode=0o700, exist_ok=True)
@@ -3324,7 +3654,7 @@ class Daemon:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
 
-    def recover(self) -> int:
+    async def recover(self) -> int:
         """Load the snapshot, replay the journal after it; returns events replayed."""
         started = time.perf_counter()
         gc.disable()  # millions of new objects, none of them garbage: no collections meanwhile
@@ -3339,11 +3669,9 @@ class Daemon:
         self.queue.take_wakeups()
         self.journal.open()
         if not self.queue.sessions:
-            self.journal.ensure_room(4096)
-        self.queue.bootstrap(time.time())
+            self.change(lambda: self.queue.bootstrap(time.time()), 4096)
         os.makedirs(os.path.join(self.paths.data_dir, "logs"), mode=0o700, exist_ok=True)
-        self.end_orphaned_runs()
-        self.commit()
+        await self.end_orphaned_runs()
         self.journal.sync_now()  # what recovery decided is durable before anyone is answered
         gc_freeze()
         log.info("recovered %d tasks from snapshot seq %s and %d journal records in %.2f s",
@@ -3351,16 +3679,31 @@ class Daemon:
                  time.perf_counter() - started)
         return replayed
 
-    def end_orphaned_runs(self) -> None:
-        """Kill the runs a crashed daemon left behind, then record their attempts failed."""
+    async def end_orphaned_runs(self) -> None:
+        """Kill the runs a crashed daemon left behind, then record their attempts failed.
+
+        Each kill waits (up to 5 s) for its group to be gone, in a thread of its own, so
+        orphans are waited for together and the event loop is never put to sleep.
+        """
         orphans = [t for t in self.queue.tasks.values() if t.status == "running" and t.run_pid]
-        if orphans:
-            self.journal.ensure_room(4096 * len(orphans))
-        for task in orphans:
-            if kill_orphan(task.run_pid, task.run_start):
+        if not orphans:
+            return
+        loop = asyncio.get_running_loop()
+        killed = await asyncio.gather(*(loop.run_in_executor(None, kill_orphan, t.run_pid,
+                                                             t.run_start) for t in orphans))
+        for task, was_killed in zip(orphans, killed):
+            if was_killed:
                 log.warning("task %d: killed process group %d left by the previous daemon",
                             task.id, task.run_pid)
-            self.queue.interrupt(task.id, "interrupted: daemon stopped", time.time())
+
+        def interrupt_all() -> None:
+            for task in orphans:
+                self.queue.interrupt(task.id, "interrupted: daemon stopped", time.time())
+        try:
+            self.change(interrupt_all, 4096 * len(orphans))
+        except Unavailable as exc:
+            log.error("cannot record the attempts the previous daemon left running: %s; their "
+                      "leases expire as usual", exc)
 
     def request_stop(self) -> None:
         if not self.stopping:
@@ -3418,12 +3761,10 @@ class Daemon:
         """Carry out one request; queue changes are journaled before this returns."""
         if not self.queue.handles(request):
             return self._daemon_ops[type(request)](request)
-        if not isinstance(request, READ_ONLY):
-            self.journal.ensure_room(size + 65536)
-        try:
+        if isinstance(request, READ_ONLY):
             result = self.queue.handle(request, time.time())
-        finally:
-            self.commit()
+        else:
+            result = self.change(lambda: self.queue.handle(request, time.time()), size + 65536)
         if type(request) in (Claim, Touch, Complete, Fail):
             self._note_worker(request, result)
         return result
@@ -3444,12 +3785,22 @@ class Daemon:
             seen["task"] = None
             seen["done"] += 1
 
+    def change(self, carry_out, room: int = 65536):
+        """Change the queue: room for ``room`` bytes reserved up front, each event
+        journaled as it is emitted (see Queue.record), then committed; the one way
+        requests, the timer and the runner change state."""
+        self.journal.ensure_room(room)
+        try:
+            return carry_out()
+        finally:
+            self.commit()
+
     def commit(self) -> None:
-        """Journal what the queue emitted, wake blocked requests, re-arm the timer."""
+        """Tell observers what the queue emitted, wake blocked requests, re-arm the timer."""
         events = self.queue.take_events()
         if not events:
             return
-        self.journal.append(events)
+        self.journal.schedule_flush()
         purged = self.stats.count(events, self.queue.tasks)
         if self.subscriptions:
             self._publish(events)
@@ -3496,18 +3847,14 @@ class Daemon:
     def interrupt(self, task_id: int, lease: str, reason: str) -> None:
         """Fail the attempt a worker could not finish, if that attempt still holds the task."""
         try:
-            self.journal.ensure_room(4096)
+            self.change(lambda: self.queue.interrupt(task_id, reason, time.time(), lease), 4096)
         except Unavailable as exc:
             log.error("task %d: cannot record its failed attempt: %s", task_id, exc)
-            return
-        self.queue.interrupt(task_id, reason, time.time(), lease)
-        self.commit()
 
     def record_run(self, run: Run) -> None:
         """Journal the process group of a run, so a crash cannot orphan it unseen."""
-        self.journal.ensure_room(4096)
-        self.queue.run_started(run.task_id, run.proc.pid, run.start_ticks, time.time())
-        self.commit()
+        self.change(lambda: self.queue.run_started(run.task_id, run.proc.pid, run.start_ticks,
+                                                   time.time()), 4096)
 
     def run_finished(self, task_id: int) -> None:
         task = self.queue.tasks.get(task_id)
@@ -3640,11 +3987,11 @@ class Daemon:
 
     def op_tools(self, req: Tools) -> dict:
         classes = self.config.task_classes
+        settings = self.queue.settings
         return {
             "tools": {name: {"task_class": t.task_class, "description": t.description,
-                             "timeout": t.timeout or classes[t.task_class].timeout,
-                             "max_attempts": t.max_attempts or classes[t.task_class].max_attempts,
-                             "command": t.command}
+                             "timeout": settings(name).timeout,
+                             "max_attempts": settings(name).max_attempts, "command": t.command}
                       for name, t in self.config.tools.items()},
             "task_classes": {name: msgspec.structs.asdict(c) for name, c in classes.items()},
         }
@@ -3744,21 +4091,20 @@ class Daemon:
     # -- timers and snapshots ---------------------------------------------------
 
     async def _run_timers(self) -> None:
-        """The one timer: stale tasks, purge, batched fsync and snapshots."""
+        """The one timer: stale tasks, purge, batched fsync and snapshots.
+
+        A turn that fails is logged and retried a second later: the loop never
+        ends. The watchdog is pinged first, so only a loop that truly hangs
+        stops the pings.
+        """
         while not self.stopping:
             now = time.time()
-            self.queue.tick(now)
-            self.commit()
-            if now >= self.next_snapshot:
-                self.next_snapshot = now + self.config.database.snapshot_interval
-                if self.snapshot_task is None:
-                    self.snapshot_task = asyncio.get_running_loop().create_task(self._snapshot_job())
-            sync_at = self.journal.sync_deadline()
-            if sync_at is not None and sync_at <= now:
-                self._sync_journal()
-                sync_at = self.journal.sync_deadline()
-            deadlines = [self.next_snapshot, self.queue.next_deadline(), sync_at,
-                         *self._notify_duties(now), self._metrics_duty(now)]
+            deadlines = self._notify_duties(now)
+            try:
+                deadlines += self._timer_turn(now)
+            except Exception as exc:
+                self._timer_failed(exc, now, traceback=True)
+                deadlines.append(now + 1.0)
             self.timer_deadline = min(d for d in deadlines if d is not None)
             self._timer_wake.clear()
             try:
@@ -3766,6 +4112,33 @@ class Daemon:
                                        max(0.0, self.timer_deadline - time.time()))
             except TimeoutError:
                 pass
+
+    def _timer_turn(self, now: float) -> list[float | None]:
+        """One turn of the timer's duties; returns their next deadlines."""
+        next_tick = self.queue.next_deadline()
+        if next_tick is not None and next_tick <= now:
+            try:
+                next_tick = self.change(lambda: self.queue.tick(now))
+                self.timer_trouble = None
+            except Unavailable as exc:  # a full disk: the due work waits, the rest goes on
+                self._timer_failed(exc, now)
+                next_tick = now + 1.0
+        if now >= self.next_snapshot:
+            self.next_snapshot = now + self.config.database.snapshot_interval
+            if self.snapshot_task is None:
+                self.snapshot_task = asyncio.get_running_loop().create_task(self._snapshot_job())
+        sync_at = self.journal.sync_deadline()
+        if sync_at is not None and sync_at <= now:
+            self._sync_journal()
+            sync_at = self.journal.sync_deadline()
+        return [self.next_snapshot, next_tick, sync_at, self._metrics_duty(now)]
+
+    def _timer_failed(self, exc: Exception, now: float, traceback: bool = False) -> None:
+        """Log why a timer turn failed, once until it changes; the turn is retried."""
+        reason = f"{type(exc).__name__}: {exc}"
+        if reason != self.timer_trouble:
+            log.error("timer: %s; retrying every second", reason, exc_info=traceback)
+            self.timer_trouble = reason
 
     def _notify_duties(self, now: float) -> list[float]:
         """Ping the watchdog from this loop (a hung loop stops the pings); keep STATUS fresh."""
@@ -3821,17 +4194,20 @@ class Daemon:
         session_of = {s.name: s.session for s in self.queue.streams.values()}
         started = time.perf_counter()
         try:
-            if self.journal.current is None or self.journal.current.reserved:
+            current = self.journal.current
+            if current is None or current.reserved > SEGMENT_HEADER.size:
                 self.journal.rotate()  # later records go to a segment this snapshot does not cover
             self.journal.sync_now()
             await asyncio.get_running_loop().run_in_executor(
                 self.snapshot_pool, self.snapshot.write, changes, seq, next_id, session_of)
             removed = self.journal.remove_through(seq)
-        except (OSError, sqlite3.Error, SparkQError) as exc:
+        except Exception as exc:  # whatever the cause, the changes wait for the next snapshot
             self.queue.changes = merge_changes(changes, self.queue.changes)
-            self.last_snapshot["error"] = str(exc)
-            log.error("snapshot to %s failed, the journal keeps everything: %s",
-                      self.paths.database, exc)
+            self.last_snapshot["error"] = f"{type(exc).__name__}: {exc}"
+            log.error("snapshot to %s failed, the journal keeps everything; retried in %g s: "
+                      "%s", self.paths.database, self.config.database.snapshot_interval,
+                      self.last_snapshot["error"],
+                      exc_info=not isinstance(exc, (OSError, sqlite3.Error, SparkQError)))
             return
         seconds = time.perf_counter() - started
         self.snapshot_time = time.time()

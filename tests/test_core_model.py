@@ -88,6 +88,7 @@ ALLOWED_TRANSITIONS = {
     ("running", "completed"), ("running", "failed"), ("running", "waiting"),
     ("running", "cancelled"), ("running", "pending"),
     ("failed", "pending"), ("cancelled", "pending"),
+    ("failed", "waiting"), ("cancelled", "waiting"),  # requeued, dependencies not all completed
 }
 CHECKPOINT_EVERY = 8
 EVENTS = msgspec.msgpack.Decoder(list[sparkqd.AnyEvent])
@@ -577,10 +578,16 @@ class QueueMachine(RuleBasedStateMachine):
         else:
             assert refusal is None, refusal
             task = self.queue.tasks[task_id]
-            assert (task.status, task.attempts, task.lease) == ("pending", 0, None)
+            assert (task.status, task.attempts, task.lease) == self.requeued_as(task)
             self.requeued_by_hand.add(task_id)
             return task_id
         return multiple()
+
+    def requeued_as(self, task):
+        """(status, attempts, lease) of a requeued task: it waits for unfinished dependencies."""
+        unfinished = any(d in self.queue.tasks and self.status_of(d) != "completed"
+                         for d in task.after)
+        return ("waiting" if unfinished else "pending"), 0, None
 
     @rule(stream=st.one_of(st.none(), st.sampled_from(STREAMS)),
           status=st.sampled_from(["running", "failed", "cancelled"]))
@@ -589,9 +596,10 @@ class QueueMachine(RuleBasedStateMachine):
                     if t.status == status and stream in (None, t.stream)}
         result, refusal = self.send(Requeue(stream=stream, status=status))
         assert refusal is None, refusal
-        assert result["requeued"] == len(matching) and set(result["tasks"]) == matching
-        assert all(self.queue.tasks[i].status == "pending" for i in matching)
-        self.requeued_by_hand |= matching
+        assert result["requeued"] == len(result["tasks"]) and set(result["tasks"]) >= matching
+        assert all((self.queue.tasks[i].status, 0, None) == self.requeued_as(self.queue.tasks[i])
+                   for i in result["tasks"])
+        self.requeued_by_hand |= set(result["tasks"])
 
     @rule()
     def look_at_the_queue(self):
@@ -723,10 +731,13 @@ class QueueMachine(RuleBasedStateMachine):
                 assert t.ready_at is not None
             else:
                 deps = [self.status_of(d) for d in t.after]
-                assert not {"failed", "cancelled"} & set(deps), \
-                    f"task {t.id} still waits though a dependency ended badly: {deps}"
-                assert any(s not in TERMINAL for s in deps), \
-                    f"task {t.id} still waits though every dependency ended: {deps}"
+                # A task requeued by hand waits even for a dependency that failed: until
+                # that one is requeued too and completes.
+                if t.history[-1][3] != "requeued, waits for after":
+                    assert not {"failed", "cancelled"} & set(deps), \
+                        f"task {t.id} still waits though a dependency ended badly: {deps}"
+                    assert any(s not in TERMINAL for s in deps), \
+                        f"task {t.id} still waits though every dependency ended: {deps}"
                 for d in t.after:
                     if self.status_of(d) not in TERMINAL:
                         assert t.id in self.queue.dependents.get(d, ()), \

@@ -156,22 +156,18 @@ def start_refused(d):
     return d.proc.poll(), d.logs()
 
 
+HEADER = sparkqd.RECORD_HEADER.size
+
+
 def records(segment):
-    """(offset, body length) of each record in a journal segment, up to the zero header."""
-    data, found, pos = Path(segment).read_bytes(), [], 0
-    while pos + 8 <= len(data):
-        (length,) = struct.unpack_from(">I", data, pos)
-        if length == 0:
-            break
-        found.append((pos, length))
-        pos += 8 + length
-    return found
+    """(offset, end) of each intact record in a journal segment."""
+    return sparkqd.record_spans(Path(segment).read_bytes())
 
 
 def flip_byte(segment, record, part):
     """Invert one byte in the length, CRC or body of a record; returns the record's offset."""
-    offset, length = records(segment)[record]
-    at = offset + {"length": 3, "crc": 5, "body": 8 + length // 2}[part]
+    offset, end = records(segment)[record]
+    at = {"length": offset + 3, "crc": offset + 5, "body": (offset + HEADER + end) // 2}[part]
     with open(segment, "r+b") as f:
         f.seek(at)
         byte = f.read(1)[0]
@@ -182,12 +178,12 @@ def flip_byte(segment, record, part):
 
 def tear_last_record(segment, how):
     """Leave the last record as a crash mid-write would: cut short or its end still zeros."""
-    offset, length = records(segment)[-1]
+    offset, end = records(segment)[-1]
     if how == "cut":
-        os.truncate(segment, offset + 8 + length // 2)
+        os.truncate(segment, (offset + HEADER + end) // 2)
     else:
         with open(segment, "r+b") as f:
-            f.seek(offset + 8 + length - 4)
+            f.seek(end - 4)
             f.write(b"\0" * 4)
 
 
@@ -561,7 +557,7 @@ def make_v1_data(target=V1):
         shutil.copyfile(d.data_dir / "sparkq.db", target / "sparkq.db")
         (target / "journal").mkdir(exist_ok=True)
         for segment in d.journal_segments():
-            offset, length = records(segment)[-1]
+            _, end = records(segment)[-1]
             shutil.copyfile(segment, target / "journal" / segment.name)
-            os.truncate(target / "journal" / segment.name, offset + 8 + length)
+            os.truncate(target / "journal" / segment.name, end)
         (target / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
