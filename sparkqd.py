@@ -49,6 +49,7 @@ import fcntl
 import functools
 import gc
 import heapq
+import itertools
 import logging
 import math
 import os
@@ -64,7 +65,7 @@ import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import msgspec
 import yaml
@@ -537,6 +538,25 @@ class Script(Struct, frozen=True):
     args: str = ""
 
 
+class TaskResult(Struct, frozen=True):
+    """A task as a reply shows it, with what the request adds (``existing``, ``next``)."""
+
+    task: Task
+    extra: dict
+
+
+class TaskDetail(Struct, frozen=True):
+    """A task with its history: the `task` view."""
+
+    task: Task
+
+
+class Ended(Struct, frozen=True):
+    """An ended task as `history` shows it, with how long it waited and ran."""
+
+    task: Task
+
+
 class Event(Struct, frozen=True, gc=False, array_like=True, tag=True):
     """A change of state; ``at`` is when it happened. New fields need defaults."""
 
@@ -665,13 +685,23 @@ class Request(Struct, tag_field="op", forbid_unknown_fields=True, frozen=True, k
     """Base of every request; ``id`` is echoed back in the reply."""
 
     id: Any = None
+    #: Changes nothing in the queue: no journal room is reserved for it.
+    read_only: ClassVar[bool] = False
+    #: Journal bytes reserved before it runs (each event also reserves its own).
+    journal_room: ClassVar[int] = 65536
 
 
-class Hello(Request, tag="hello"):
+class ReadRequest(Request):
+    """A request that only reads, or acts outside the queue (reload, shutdown)."""
+
+    read_only: ClassVar[bool] = True
+
+
+class Hello(ReadRequest, tag="hello"):
     pass
 
 
-class Status(Request, tag="status"):
+class Status(ReadRequest, tag="status"):
     pass
 
 
@@ -683,7 +713,7 @@ class SessionEnd(Request, tag="session.end"):
     name: str
 
 
-class SessionList(Request, tag="session.list"):
+class SessionList(ReadRequest, tag="session.list"):
     pass
 
 
@@ -696,7 +726,7 @@ class StreamEnd(Request, tag="stream.end"):
     name: str
 
 
-class StreamList(Request, tag="stream.list"):
+class StreamList(ReadRequest, tag="stream.list"):
     session: str | None = None
 
 
@@ -722,7 +752,7 @@ class Enqueue(Request, tag="enqueue"):
         check_json_value(self.payload, "payload")
 
 
-class Peek(Request, tag="peek"):
+class Peek(ReadRequest, tag="peek"):
     stream: Names = DEFAULT
     tool: Names | None = None
 
@@ -735,11 +765,21 @@ class Claim(Request, tag="claim"):
     wait: Duration = 0.0
 
 
+class ClaimNext(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """The claim a `complete` or `fail` makes in the same step: the worker loop's next task."""
+
+    stream: Names = DEFAULT
+    tool: Names | None = None
+    worker: str | None = None
+    wait: Duration = 0.0
+
+
 class Complete(Request, tag="complete"):
     task: TaskId
     summary: str | None = None
     result: Any = None
     lease: str | None = None
+    claim_next: ClaimNext | None = None
 
     def __post_init__(self):
         check_json_value(self.result, "result")
@@ -750,6 +790,7 @@ class Fail(Request, tag="fail"):
     reason: Annotated[str, Meta(min_length=1)]
     final: bool = False
     lease: str | None = None
+    claim_next: ClaimNext | None = None
 
 
 class Touch(Request, tag="touch"):
@@ -778,24 +819,24 @@ class StreamResume(Request, tag="stream.resume"):
     name: str
 
 
-class Locks(Request, tag="locks"):
+class Locks(ReadRequest, tag="locks"):
     pass
 
 
-class Logs(Request, tag="logs"):
+class Logs(ReadRequest, tag="logs"):
     task: TaskId
     tail: Count | None = None
     follow: bool = False
 
 
-class Watch(Request, tag="watch"):
+class Watch(ReadRequest, tag="watch"):
     streams: list[str] | None = None
     sessions: list[str] | None = None
     tasks: list[TaskId] | None = None
     events: list[str] | None = None
 
 
-class History(Request, tag="history"):
+class History(ReadRequest, tag="history"):
     stream: str | None = None
     session: str | None = None
     status: Literal["completed", "failed", "cancelled"] | None = None
@@ -803,28 +844,28 @@ class History(Request, tag="history"):
     limit: Count | None = None
 
 
-class Metrics(Request, tag="metrics"):
+class Metrics(ReadRequest, tag="metrics"):
     pass
 
 
-class Scripts(Request, tag="scripts"):
+class Scripts(ReadRequest, tag="scripts"):
     pass
 
 
-class Workers(Request, tag="workers"):
+class Workers(ReadRequest, tag="workers"):
     pass
 
 
-class Wait(Request, tag="wait"):
+class Wait(ReadRequest, tag="wait"):
     tasks: Annotated[list[TaskId], Meta(min_length=1)]
     timeout: Duration | None = None
 
 
-class GetTask(Request, tag="task"):
+class GetTask(ReadRequest, tag="task"):
     task: TaskId
 
 
-class ListTasks(Request, tag="tasks"):
+class ListTasks(ReadRequest, tag="tasks"):
     stream: str | None = None
     session: str | None = None
     status: Literal[STATUSES] | None = None
@@ -835,19 +876,19 @@ class Purge(Request, tag="purge"):
     older_than_days: Days | None = None
 
 
-class Tools(Request, tag="tools"):
+class Tools(ReadRequest, tag="tools"):
     pass
 
 
-class Reload(Request, tag="reload"):
+class Reload(ReadRequest, tag="reload"):
     pass
 
 
-class Shutdown(Request, tag="shutdown"):
+class Shutdown(ReadRequest, tag="shutdown"):
     pass
 
 
-class Schema(Request, tag="schema"):
+class Schema(ReadRequest, tag="schema"):
     pass
 
 
@@ -857,9 +898,6 @@ AnyRequest = Union[Hello, Status, SessionCreate, SessionEnd, SessionList, Stream
                    Logs, Scripts, Workers, Watch, History, Metrics, Purge, Tools, Reload,
                    Shutdown, Schema]
 OPS = frozenset(cls.__struct_config__.tag for cls in AnyRequest.__args__)
-#: Ops that only read state: their replies need not wait for the journal.
-READ_ONLY = (Hello, Status, SessionList, StreamList, Peek, GetTask, ListTasks, Wait, Locks,
-             Logs, Scripts, Workers, Watch, History, Metrics, Tools, Schema)
 
 
 def request_schema() -> dict:
@@ -1094,26 +1132,8 @@ class Queue:
             TaskRetrying: self._apply_retrying, TaskCancelled: self._apply_cancelled,
             TaskRequeued: self._apply_requeued, TasksPurged: self._apply_purged,
         }
-        self._handlers = {
-            SessionCreate: self.session_create, SessionEnd: self.session_end,
-            SessionList: self.session_list, StreamCreate: self.stream_create,
-            StreamEnd: self.stream_end, StreamList: self.stream_list,
-            StreamPause: self.stream_pause, StreamResume: self.stream_resume,
-            Enqueue: self.enqueue, Peek: self.peek, Claim: self.claim, Complete: self.complete,
-            Fail: self.fail, Touch: self.touch, Cancel: self.cancel, Requeue: self.requeue,
-            GetTask: self.get_task, ListTasks: self.list_tasks, Wait: self.wait,
-            History: self.history,
-            Locks: self.locks, Purge: self.purge,
-        }
 
     # -- entry points -------------------------------------------------------
-
-    def handles(self, request: Request) -> bool:
-        return type(request) in self._handlers
-
-    def handle(self, request: Request, now: float) -> Any:
-        """Carry out one request at time ``now``; returns its result."""
-        return self._handlers[type(request)](request, now)
 
     def take_events(self) -> list[Event]:
         """The events emitted since the last call, in order."""
@@ -1221,16 +1241,16 @@ class Queue:
         if req.name in self.sessions:
             raise Conflict(f"session {req.name!r} exists already")
         self._emit(SessionCreated(at=now, name=req.name))
-        return self.session_record(self.sessions[req.name])
+        return self.sessions[req.name]
 
     def session_end(self, req: SessionEnd, now: float) -> dict:
         if self._session(req.name).status == "ended":
             raise Conflict(f"session {req.name!r} has ended already")
         self._emit(SessionEnded(at=now, name=req.name))
-        return self.session_record(self.sessions[req.name])
+        return self.sessions[req.name]
 
     def session_list(self, req: SessionList, now: float) -> list:
-        return [self.session_record(s) for s in self.sessions.values()]
+        return list(self.sessions.values())
 
     def stream_create(self, req: StreamCreate, now: float) -> dict:
         if self._session(req.session).status == "ended":
@@ -1238,31 +1258,31 @@ class Queue:
         if req.name in self.streams:
             raise Conflict(f"stream {req.name!r} exists already")
         self._emit(StreamCreated(at=now, name=req.name, session=req.session))
-        return self.stream_record(self.streams[req.name])
+        return self.streams[req.name]
 
     def stream_end(self, req: StreamEnd, now: float) -> dict:
         if self._stream(req.name).status == "ended":
             raise Conflict(f"stream {req.name!r} has ended already")
         self._emit(StreamEnded(at=now, name=req.name))
-        return self.stream_record(self.streams[req.name])
+        return self.streams[req.name]
 
     def stream_list(self, req: StreamList, now: float) -> list:
         if req.session is not None:
             self._session(req.session)
-        return [self.stream_record(s) for s in self.streams.values()
+        return [s for s in self.streams.values()
                 if req.session is None or s.session == req.session]
 
     def stream_pause(self, req: StreamPause, now: float) -> dict:
         if self._stream(req.name).paused:
             raise Conflict(f"stream {req.name!r} is paused already")
         self._emit(StreamPaused(at=now, name=req.name))
-        return self.stream_record(self.streams[req.name])
+        return self.streams[req.name]
 
     def stream_resume(self, req: StreamResume, now: float) -> dict:
         if not self._stream(req.name).paused:
             raise Conflict(f"stream {req.name!r} is not paused")
         self._emit(StreamResumed(at=now, name=req.name))
-        return self.stream_record(self.streams[req.name])
+        return self.streams[req.name]
 
     # -- enqueue ------------------------------------------------------------
 
@@ -1273,7 +1293,7 @@ class Queue:
         tool_name, payload = self._what_to_run(req)
         settings = self.settings(tool_name)
         if req.key is not None and (stream.name, req.key) in self.keys:
-            return {**self.task_record(self.tasks[self.keys[stream.name, req.key]]), "existing": True}
+            return TaskResult(self.tasks[self.keys[stream.name, req.key]], {"existing": True})
         if req.delay is not None and req.at is not None:
             raise BadRequest("give delay or at, not both")
         ready_at = parse_time(req.at) if req.at is not None else (
@@ -1297,7 +1317,7 @@ class Queue:
         for dep in unfinished:
             if self.tasks[dep].status in TERMINAL:
                 self._settle_dependents(dep, now)  # a dependency that failed already
-        return {**self.task_record(self.tasks[task_id]), "existing": False}
+        return TaskResult(self.tasks[task_id], {"existing": False})
 
     # -- claim and peek -------------------------------------------------------
 
@@ -1350,7 +1370,7 @@ class Queue:
 
     def peek(self, req: Peek, now: float) -> dict | None:
         task = self._best_ready(names(req.stream), names(req.tool))
-        return task and self.task_record(task)
+        return task
 
     def claim(self, req: Claim, now: float) -> dict | None:
         task = self._best_ready(names(req.stream), names(req.tool))
@@ -1359,7 +1379,7 @@ class Queue:
         self._emit(TaskClaimed(at=now, id=task.id, worker=req.worker,
                                lease=f"{task.id}.{len(task.history) + 1}",
                                lease_expires_at=now + self.config.stale.factor * task.timeout))
-        return self.task_record(self.tasks[task.id])
+        return self.tasks[task.id]
 
     # -- finishing ------------------------------------------------------------
 
@@ -1367,12 +1387,12 @@ class Queue:
         self._running(req.task, "complete", req.lease)
         self._emit(TaskCompleted(at=now, id=req.task, summary=req.summary, result=req.result))
         self._settle_dependents(req.task, now)
-        return self.task_record(self.tasks[req.task])
+        return self.tasks[req.task]
 
     def fail(self, req: Fail, now: float) -> dict:
         task = self._running(req.task, "fail", req.lease)
         self._fail_attempt(task, req.reason, now, final=req.final)
-        return self.task_record(self.tasks[req.task])
+        return self.tasks[req.task]
 
     def _fail_attempt(self, task: Task, reason: str, now: float, final: bool = False,
                       by: str | None = None) -> None:
@@ -1424,7 +1444,7 @@ class Queue:
         task = self._running(req.task, "touch", req.lease)
         self._emit(TaskTouched(at=now, id=req.task,
                                lease_expires_at=now + self.config.stale.factor * task.timeout))
-        return self.task_record(self.tasks[req.task])
+        return self.tasks[req.task]
 
     def cancel(self, req: Cancel, now: float) -> dict:
         task = self._task(req.task)
@@ -1432,7 +1452,7 @@ class Queue:
             raise Conflict(f"cannot cancel task {req.task}: it is {task.status} already")
         self._emit(TaskCancelled(at=now, id=req.task))
         self._settle_dependents(req.task, now)
-        return self.task_record(self.tasks[req.task])
+        return self.tasks[req.task]
 
     def requeue(self, req: Requeue, now: float) -> dict:
         if req.task is None:
@@ -1444,7 +1464,7 @@ class Queue:
             raise Conflict(f"cannot requeue task {req.task}: it is {task.status}"
                            + (" (enqueue it again instead)" if task.status == "completed" else ""))
         requeued = self._requeue(req.task, now)
-        return {**self.task_record(self.tasks[req.task]), "requeued_dependents": requeued[1:]}
+        return TaskResult(self.tasks[req.task], {"requeued_dependents": requeued[1:]})
 
     def _requeue(self, task_id: int, now: float) -> list[int]:
         """Requeue a task and, after it, the dependents that failed only because it did.
@@ -1479,7 +1499,7 @@ class Queue:
     # -- reading ----------------------------------------------------------------
 
     def get_task(self, req: GetTask, now: float) -> dict:
-        return self.task_record(self._task(req.task), with_history=True)
+        return TaskDetail(self._task(req.task))
 
     def list_tasks(self, req: ListTasks, now: float) -> list:
         if req.stream is not None:
@@ -1494,7 +1514,7 @@ class Queue:
             if ((req.status is None or task.status == req.status)
                     and (req.stream is None or task.stream == req.stream)
                     and (req.session is None or self.streams[task.stream].session == req.session)):
-                out.append(self.task_record(task))
+                out.append(task)
         return out
 
     def first_unfinished(self, task_ids: list[int]) -> int | None:
@@ -1506,7 +1526,7 @@ class Queue:
         """Whether every task named has ended, with their records."""
         tasks = [self._task(task_id) for task_id in req.tasks]
         return {"done": all(t.status in TERMINAL for t in tasks),
-                "tasks": [self.task_record(t) for t in tasks]}
+                "tasks": tasks}
 
     def history(self, req: History, now: float) -> list:
         """Ended tasks, newest first, with how long they waited and ran."""
@@ -1529,19 +1549,13 @@ class Queue:
             if ((req.status is None or task.status == req.status)
                     and (req.stream is None or task.stream == req.stream)
                     and (req.session is None or self.streams[task.stream].session == req.session)):
-                out.append(self.history_record(task))
+                out.append(Ended(task))
         if stale > len(self.finish_log) // 2 + 1000:
             self.finish_log = self._live_finish_log()
         return out
 
     def _live_finish_log(self) -> list[tuple[float, int]]:
         return sorted((t.finished_at, t.id) for t in self.tasks.values() if t.status in TERMINAL)
-
-    def history_record(self, task: Task) -> dict:
-        started = task.started_at
-        return {**self.task_record(task),
-                "waited": None if started is None else round(started - task.created_at, 3),
-                "duration": None if started is None else round(task.finished_at - started, 3)}
 
     def locks(self, req: Locks, now: float) -> list:
         return [{"lock": lock, "task": task_id, "stream": self.tasks[task_id].stream,
@@ -1799,41 +1813,12 @@ class Queue:
         self.finish_log = self._live_finish_log()
         self.next_id = next_id
 
-    # -- records as replies show them -------------------------------------
-
     def totals(self) -> dict[str, int]:
         totals = dict.fromkeys(STATUSES, 0)
         for counts in self.counts.values():
             for status, n in counts.items():
                 totals[status] += n
         return totals
-
-    def session_record(self, s: Session) -> dict:
-        return {"name": s.name, "status": s.status, "created_at": rfc3339(s.created_at),
-                "ended_at": rfc3339(s.ended_at),
-                "streams": [t.name for t in self.streams.values() if t.session == s.name]}
-
-    def stream_record(self, s: Stream) -> dict:
-        return {"name": s.name, "session": s.session, "status": s.status, "paused": s.paused,
-                "created_at": rfc3339(s.created_at), "ended_at": rfc3339(s.ended_at),
-                "counts": dict(self.counts[s.name])}
-
-    def task_record(self, t: Task, with_history: bool = False) -> dict:
-        record = {
-            "id": t.id, "stream": t.stream, "session": self.streams[t.stream].session,
-            "tool": t.tool, "task_class": t.task_class, "payload": t.payload,
-            "status": t.status, "priority": t.priority, "timeout": t.timeout,
-            "attempts": t.attempts, "max_attempts": t.max_attempts,
-            "created_at": rfc3339(t.created_at), "started_at": rfc3339(t.started_at),
-            "finished_at": rfc3339(t.finished_at), "worker": t.worker, "summary": t.summary,
-            "result": t.result, "reason": t.reason, "waiting_for": t.waiting_for,
-            "ready_at": rfc3339(t.ready_at), "after": list(t.after), "key": t.key,
-            "lock": t.lock, "lease": t.lease, "lease_expires_at": rfc3339(t.lease_expires_at),
-        }
-        if with_history:
-            record["history"] = [{"at": rfc3339(at), "status": status, "by": by, "note": note}
-                                 for at, status, by, note in full_history(t)]
-        return record
 
 
 CASCADE_REASON = re.compile(r"dependency (\d+) (failed|cancelled)")
@@ -1852,6 +1837,72 @@ def full_history(task: Task) -> tuple:
     if task.history and (task.history[0][3] or "").startswith("enqueued"):
         return task.history  # created waiting: the creation entry is stored
     return ((task.created_at, "pending", None, "enqueued"),) + task.history
+
+
+# ============================================================================
+# Replies: the core's results in wire form
+# ============================================================================
+
+
+class Replies:
+    """Results of the core (Structs) turned into what clients see: the one place records
+    are built. Nothing inside the daemon reads a wire record back."""
+
+    def __init__(self, queue: Queue):
+        self.queue = queue
+
+    def wire(self, value: Any) -> Any:
+        kind = type(value)
+        if kind is Task:
+            return self.task(value)
+        if kind is list:
+            return [self.wire(v) for v in value]
+        if kind is dict:
+            return {k: self.wire(v) for k, v in value.items()}
+        if kind is TaskResult:
+            return {**self.task(value.task), **self.wire(value.extra)}
+        if kind is TaskDetail:
+            return self.task(value.task, with_history=True)
+        if kind is Ended:
+            return self.ended(value.task)
+        if kind is Session:
+            return self.session(value)
+        if kind is Stream:
+            return self.stream(value)
+        return value
+
+    def session(self, s: Session) -> dict:
+        return {"name": s.name, "status": s.status, "created_at": rfc3339(s.created_at),
+                "ended_at": rfc3339(s.ended_at),
+                "streams": [t.name for t in self.queue.streams.values() if t.session == s.name]}
+
+    def stream(self, s: Stream) -> dict:
+        return {"name": s.name, "session": s.session, "status": s.status, "paused": s.paused,
+                "created_at": rfc3339(s.created_at), "ended_at": rfc3339(s.ended_at),
+                "counts": dict(self.queue.counts[s.name])}
+
+    def task(self, t: Task, with_history: bool = False) -> dict:
+        record = {
+            "id": t.id, "stream": t.stream, "session": self.queue.streams[t.stream].session,
+            "tool": t.tool, "task_class": t.task_class, "payload": t.payload,
+            "status": t.status, "priority": t.priority, "timeout": t.timeout,
+            "attempts": t.attempts, "max_attempts": t.max_attempts,
+            "created_at": rfc3339(t.created_at), "started_at": rfc3339(t.started_at),
+            "finished_at": rfc3339(t.finished_at), "worker": t.worker, "summary": t.summary,
+            "result": t.result, "reason": t.reason, "waiting_for": t.waiting_for,
+            "ready_at": rfc3339(t.ready_at), "after": list(t.after), "key": t.key,
+            "lock": t.lock, "lease": t.lease, "lease_expires_at": rfc3339(t.lease_expires_at),
+        }
+        if with_history:
+            record["history"] = [{"at": rfc3339(at), "status": status, "by": by, "note": note}
+                                 for at, status, by, note in full_history(t)]
+        return record
+
+    def ended(self, task: Task) -> dict:
+        started = task.started_at
+        return {**self.task(task),
+                "waited": None if started is None else round(started - task.created_at, 3),
+                "duration": None if started is None else round(task.finished_at - started, 3)}
 
 
 # ============================================================================
@@ -2652,9 +2703,10 @@ class TaskLog:
 class Run:
     """One process the daemon started for a task."""
 
-    def __init__(self, task: dict, slot: Slot, log_file: TaskLog):
-        self.task_id = task["id"]
-        self.lease = task["lease"]
+    def __init__(self, task: Task, slot: Slot, log_file: TaskLog):
+        self.task = task
+        self.task_id = task.id
+        self.lease = task.lease
         self.slot = slot
         self.log = log_file
         self.proc: asyncio.subprocess.Process | None = None
@@ -2684,31 +2736,34 @@ class Pool:
     Each slot is a loop under a supervisor that restarts it when it dies, up to
     ``workers.max_restarts`` within ``workers.restart_window``, then reports it.
     Each run has its own process group, so a timeout or cancel ends its whole tree.
+    Its collaborators: the queue (read only), ``handle`` and ``change`` (the daemon's
+    request and change pipelines), the task logs and the watchers (worker events).
     """
 
-    def __init__(self, daemon: Daemon):
-        self.daemon = daemon
+    def __init__(self, config: Config, queue: Queue, handle, change, logs: TaskLogs,
+                 watchers: Watchers, socket_path: str):
+        self.config = config
+        self.queue = queue
+        self.handle = handle
+        self.change = change
+        self.logs = logs
+        self.watchers = watchers
+        self.socket_path = socket_path
         self.slots: list[Slot] = []
         self.loops: list[asyncio.Task] = []
-        self.runs: dict[int, Run] = {}
+        self.runs: dict[int, Run] = logs.runs
         self.wake = asyncio.Event()
         self.stopping = False
         #: tools the pool can run: only their tasks wake it
         self.runnable: frozenset[str] = frozenset()
 
-    @property
-    def config(self) -> Config:
-        return self.daemon.config
-
-    def start(self) -> None:
-        self.resize()
-
-    def resize(self) -> None:
+    def reconfigure(self, config: Config) -> None:
         """Match the slots to ``workers.count`` and the tools it runs (start and reload)."""
+        self.config = config
         self.runnable = frozenset(
-            [name for name, tool in self.config.tools.items() if tool.command]
-            + [SCRIPT_TOOL_PREFIX + name for name in self.daemon.queue.scripts])
-        while len(self.slots) < self.config.workers.count:
+            [name for name, tool in config.tools.items() if tool.command]
+            + [SCRIPT_TOOL_PREFIX + name for name in self.queue.scripts])
+        while len(self.slots) < config.workers.count:
             slot = Slot(len(self.slots) + 1)
             self.slots.append(slot)
             self.loops.append(asyncio.get_running_loop().create_task(self._supervise(slot)))
@@ -2717,30 +2772,47 @@ class Pool:
     def active(self, slot: Slot) -> bool:
         return not self.stopping and self.slots.index(slot) < self.config.workers.count
 
+    def on_commit(self, events: list[Event], queue: Queue) -> None:
+        """Wake the slots for tasks they can run; end runs whose task moved on under them."""
+        if self.slots and any(tool is None or tool in self.runnable
+                              for _, tool in queue.became_ready):
+            self.wake.set()
+        for run in self.runs.values():
+            task = queue.tasks.get(run.task_id)
+            if run.stop_reason is None and (task is None or task.status != "running"
+                                            or task.lease != run.lease):
+                run.stop_reason = f"task {task.status if task else 'purged'} while it ran"
+                asyncio.get_running_loop().create_task(self.stop_run(run, run.stop_reason))
+
     async def _supervise(self, slot: Slot) -> None:
-        workers = self.config.workers
         while self.active(slot):
             try:
                 await self._work(slot)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                now = time.monotonic()
-                slot.restarts.append(now)
-                slot.restart_count += 1
-                while slot.restarts and slot.restarts[0] < now - workers.restart_window:
-                    slot.restarts.popleft()
-                log.exception("worker %s died; restart %d", slot.name, slot.restart_count)
-                self.daemon.broadcast_worker("worker.restarted", slot)
-                if len(slot.restarts) > workers.max_restarts:
-                    slot.failed = (f"gave up after {len(slot.restarts)} restarts in "
-                                   f"{workers.restart_window:g} s; last error: {exc!r}")
-                    log.error("worker %s: %s", slot.name, slot.failed)
+                if self._gave_up(slot, exc):
                     return
                 await asyncio.sleep(min(1.0, 0.05 * 2 ** len(slot.restarts)))
 
+    def _gave_up(self, slot: Slot, exc: Exception) -> bool:
+        """Count a worker loop's death; True once it died too often to restart again."""
+        workers, now = self.config.workers, time.monotonic()
+        slot.restarts.append(now)
+        slot.restart_count += 1
+        while slot.restarts and slot.restarts[0] < now - workers.restart_window:
+            slot.restarts.popleft()
+        log.exception("worker %s died; restart %d", slot.name, slot.restart_count)
+        self.watchers.worker_event("worker.restarted", self.slot_record(slot))
+        if len(slot.restarts) <= workers.max_restarts:
+            return False
+        slot.failed = (f"gave up after {len(slot.restarts)} restarts in "
+                       f"{workers.restart_window:g} s; last error: {exc!r}")
+        log.error("worker %s: %s", slot.name, slot.failed)
+        return True
+
     async def _work(self, slot: Slot) -> None:
-        self.daemon.broadcast_worker("worker.started", slot)
+        self.watchers.worker_event("worker.started", self.slot_record(slot))
         while self.active(slot):
             task = self._claim(slot)
             if task is None:
@@ -2751,89 +2823,100 @@ class Pool:
 
     def runnable_tools(self) -> list[str]:
         """Tools with a command and room under their concurrency, and every script."""
-        busy = collections.Counter(self.daemon.queue.tasks[r.task_id].tool for r in self.runs.values()
-                                   if r.task_id in self.daemon.queue.tasks)
+        busy = collections.Counter(r.task.tool for r in self.runs.values())
         tools = [name for name, tool in self.config.tools.items()
                  if tool.command and (tool.concurrency is None or busy[name] < tool.concurrency)]
-        return tools + [SCRIPT_TOOL_PREFIX + name for name in self.daemon.queue.scripts]
+        return tools + [SCRIPT_TOOL_PREFIX + name for name in self.queue.scripts]
 
-    def _claim(self, slot: Slot) -> dict | None:
-        queue = self.daemon.queue
-        wanted = self.config.workers.streams
+    def _claim(self, slot: Slot) -> Task | None:
+        queue, wanted = self.queue, self.config.workers.streams
         streams = [s for s in (wanted if wanted is not None else queue.streams) if s in queue.streams]
         tools = self.runnable_tools()
-        if not streams or not tools or self.daemon.journal.failure:
+        if not streams or not tools:
             return None
         slot.last_seen = time.time()
         try:
-            return self.daemon.answer(Claim(stream=streams, tool=tools, worker=slot.name), 0)
+            return self.handle(Claim(stream=streams, tool=tools, worker=slot.name))
         except Unavailable:
             return None
 
-    def command(self, task: dict) -> tuple[list[str], str | None, dict[str, str]]:
+    def command(self, task: Task) -> tuple[list[str], str | None, dict[str, str]]:
         """The argv, working directory and extra environment of a task's run."""
-        tool_name = task["tool"]
-        if tool_name.startswith(SCRIPT_TOOL_PREFIX):
-            script = self.daemon.queue.scripts.get(tool_name[len(SCRIPT_TOOL_PREFIX):])
+        if task.tool.startswith(SCRIPT_TOOL_PREFIX):
+            name = task.tool[len(SCRIPT_TOOL_PREFIX):]
+            script = self.queue.scripts.get(name)
             if script is None:
-                raise LookupError(f"script {tool_name[len(SCRIPT_TOOL_PREFIX):]!r} is no longer indexed")
-            return [*script.argv, *(task["payload"] or [])], os.path.dirname(script.path), {}
-        tool = self.config.tools.get(tool_name)
+                raise LookupError(f"script {name!r} is no longer indexed")
+            return [*script.argv, *(task.payload or [])], os.path.dirname(script.path), {}
+        tool = self.config.tools.get(task.tool)
         if tool is None or not tool.command:
-            raise LookupError(f"tool {tool_name!r} has no command any more")
-        payload = task["payload"]
-        argv = [*tool.command, *([payload] if isinstance(payload, str) else [])]
+            raise LookupError(f"tool {task.tool!r} has no command any more")
+        argv = [*tool.command, *([task.payload] if isinstance(task.payload, str) else [])]
         cwd = tool.cwd or self.config.project.repo_path
         return argv, cwd and os.path.expanduser(cwd), tool.env or {}
 
-    def environment(self, task: dict, extra: dict[str, str]) -> dict[str, str]:
+    def environment(self, task: Task, extra: dict[str, str]) -> dict[str, str]:
         """What every run sees: the daemon's environment less its private variables."""
-        payload = task["payload"]
+        payload = task.payload
         return child_environment(**extra | {  # ours win over a tool's env of the same name
-            "SPARKQ_TASK_ID": str(task["id"]), "SPARKQ_STREAM": task["stream"],
-            "SPARKQ_SESSION": task["session"], "SPARKQ_TOOL": task["tool"],
-            "SPARKQ_ATTEMPT": str(task["attempts"]), "SPARKQ_SOCKET": self.daemon.paths.socket,
+            "SPARKQ_TASK_ID": str(task.id), "SPARKQ_STREAM": task.stream,
+            "SPARKQ_SESSION": self.queue.streams[task.stream].session, "SPARKQ_TOOL": task.tool,
+            "SPARKQ_ATTEMPT": str(task.attempts), "SPARKQ_SOCKET": self.socket_path,
             "SPARKQ_PAYLOAD": payload if isinstance(payload, str) else
             msgspec.json.encode(payload).decode()})
 
-    async def _run(self, slot: Slot, task: dict) -> None:
+    async def _run(self, slot: Slot, task: Task) -> None:
         """Run one claimed task; if the worker itself fails, the attempt fails with it."""
         try:
             await self._run_claimed(slot, task)
         except Exception as exc:
-            self.daemon.interrupt(task["id"], task["lease"], f"worker {slot.name} crashed: {exc!r}")
+            self._interrupt(task, f"worker {slot.name} crashed: {exc!r}")
             raise  # the supervisor counts it and restarts the loop
 
-    async def _run_claimed(self, slot: Slot, task: dict) -> None:
-        """Run one claimed task to its outcome; the core records what became of it."""
-        daemon = self.daemon
-        log_file = TaskLog(daemon.log_path(task["id"]), self.config.logs.max_bytes,
-                           task["attempts"])
-        run = slot.run = self.runs[task["id"]] = Run(task, slot, log_file)
+    def _interrupt(self, task: Task, reason: str) -> None:
+        """Fail the attempt a worker could not finish, if that attempt still holds the task."""
         try:
-            try:
-                argv, cwd, extra = self.command(task)
-                run.start_ticks = start_time_now()
-                run.proc = await asyncio.create_subprocess_exec(
-                    *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT, cwd=cwd, env=self.environment(task, extra),
-                    start_new_session=True)  # its own process group: a timeout ends the tree
-            except (OSError, LookupError) as exc:
-                message = exc.strerror if isinstance(exc, OSError) else str(exc)
-                log_file.write(f"sparkqd: cannot start the run: {message}\n".encode())
-                return self._record(run, None, f"cannot start: {message}")
-            daemon.record_run(run)
-            await self._watch(run, task["timeout"])
-            self._record(run, run.proc.returncode, run.stop_reason)
+            self.change(lambda: self.queue.interrupt(task.id, reason, time.time(), task.lease),
+                        4096)
+        except Unavailable as exc:
+            log.error("task %d: cannot record its failed attempt: %s", task.id, exc)
+
+    async def _run_claimed(self, slot: Slot, task: Task) -> None:
+        """Run one claimed task to its outcome; the core records what became of it."""
+        log_file = TaskLog(self.logs.path(task.id), self.config.logs.max_bytes, task.attempts)
+        run = slot.run = self.runs[task.id] = Run(task, slot, log_file)
+        try:
+            if await self._spawn(run):
+                await self._watch(run, task.timeout)
+                self._record(run, run.proc.returncode, run.stop_reason)
         finally:
             run.finished = True
             log_file.close()
-            del self.runs[task["id"]]
+            del self.runs[task.id]
             slot.run = None
             slot.done += 1
             slot.last_seen = time.time()
-            daemon.run_finished(task["id"])
+            self.logs.run_finished(task.id)
             self.wake.set()  # a concurrency slot may have freed
+
+    async def _spawn(self, run: Run) -> bool:
+        """Start the run's process in a group of its own and journal that group."""
+        try:
+            argv, cwd, extra = self.command(run.task)
+            run.start_ticks = start_time_now()
+            run.proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, cwd=cwd, env=self.environment(run.task, extra),
+                start_new_session=True)  # its own process group: a timeout ends the tree
+        except (OSError, LookupError) as exc:
+            message = exc.strerror if isinstance(exc, OSError) else str(exc)
+            run.log.write(f"sparkqd: cannot start the run: {message}\n".encode())
+            self._record(run, None, f"cannot start: {message}")
+            return False
+        # Journal the process group, so a crash cannot orphan it unseen.
+        self.change(lambda: self.queue.run_started(run.task_id, run.proc.pid, run.start_ticks,
+                                                   time.time()), 4096)
+        return True
 
     async def _watch(self, run: Run, timeout: float) -> None:
         pump = asyncio.get_running_loop().create_task(self._pump(run))
@@ -2853,7 +2936,7 @@ class Pool:
             run.log.write(chunk)
             text = run.decoder.decode(chunk)
             if text:
-                self.daemon.log_chunk(run.task_id, text)
+                self.logs.chunk(run.task_id, text)
 
     async def stop_run(self, run: Run, reason: str) -> None:
         """SIGTERM the run's group, then SIGKILL after ``workers.kill_grace``."""
@@ -2880,7 +2963,7 @@ class Pool:
             request = Fail(task=run.task_id, reason=f"{why}: {tail}" if tail else why,
                            lease=run.lease)
         try:
-            self.daemon.answer(request, len(tail))
+            self.handle(request)
         except Conflict:
             pass  # cancelled, requeued or expired meanwhile: that decision stands
         except SparkQError as exc:
@@ -2899,12 +2982,18 @@ class Pool:
         for loop_task in self.loops:
             loop_task.cancel()
 
-    def slot_records(self) -> list[dict]:
-        return [{"name": s.name, "kind": "builtin", "pid": s.run.proc.pid if s.run and s.run.proc
-                 else None, "task": s.run.task_id if s.run else None,
-                 "state": "failed" if s.failed else "busy" if s.run else "idle",
-                 "done": s.done, "restarts": s.restart_count, "error": s.failed,
-                 "last_seen": rfc3339(s.last_seen)} for s in self.slots]
+    def slot_record(self, s: Slot) -> dict:
+        return {"name": s.name, "kind": "builtin", "pid": s.run.proc.pid if s.run and s.run.proc
+                else None, "task": s.run.task_id if s.run else None,
+                "state": "failed" if s.failed else "busy" if s.run else "idle",
+                "done": s.done, "restarts": s.restart_count, "error": s.failed,
+                "last_seen": rfc3339(s.last_seen)}
+
+    def summary(self) -> dict:
+        """The slots in numbers, for `status` and metrics."""
+        return {"slots": len(self.slots), "busy": sum(1 for s in self.slots if s.run),
+                "restarts": sum(s.restart_count for s in self.slots),
+                "failed": {s.name: s.failed for s in self.slots if s.failed}}
 
 
 # ============================================================================
@@ -2960,9 +3049,8 @@ class Stats:
         self.wait = Histogram(DURATION_BUCKETS)
         self.run = Histogram(DURATION_BUCKETS)
 
-    def count(self, events: list[Event], tasks: dict[int, Task]) -> list[int]:
-        """Count the events; returns the ids they purged (their logs go too)."""
-        purged = []
+    def on_commit(self, events: list[Event], queue: Queue) -> None:
+        tasks = queue.tasks
         for event in events:
             kind = type(event)
             if kind is TaskEnqueued:
@@ -2978,9 +3066,6 @@ class Stats:
                     self.finished[task.stream, OUTCOMES[kind]] += 1
                     if task.started_at is not None and kind is not TaskCancelled:
                         self.run.observe(max(0.0, event.at - task.started_at))
-            elif kind is TasksPurged:
-                purged.extend(event.ids)
-        return purged
 
 
 def metric(name: str, kind: str, help_text: str, samples: list[str]) -> list[str]:
@@ -2991,12 +3076,11 @@ def label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render_metrics(daemon: Daemon) -> str:
+def render_metrics(queue: Queue, stats: Stats, journal: Journal, pool: Pool,
+                   snapshots: Snapshots, watchers: Watchers, started: float) -> str:
     """The daemon's state in the Prometheus text exposition format."""
-    queue, stats, pool = daemon.queue, daemon.stats, daemon.pool
-    snapshot = daemon.last_snapshot
-    busy = sum(1 for s in pool.slots if s.run)
-    failed = sum(1 for s in pool.slots if s.failed)
+    workers = pool.summary()
+    failed = len(workers["failed"])
     lines = [
         *metric("sparkq_tasks", "gauge", "Tasks by stream and status.",
                 [f'sparkq_tasks{{stream="{label(stream)}",status="{status}"}} {n}'
@@ -3013,23 +3097,23 @@ def render_metrics(daemon: Daemon) -> str:
         *metric("sparkq_run_seconds", "histogram", "From claim to completed or failed.",
                 stats.run.lines("sparkq_run_seconds")),
         *metric("sparkq_journal_fsync_seconds", "histogram", "Journal fsync latency.",
-                daemon.journal.fsync_seconds.lines("sparkq_journal_fsync_seconds")),
+                journal.fsync_seconds.lines("sparkq_journal_fsync_seconds")),
         *metric("sparkq_snapshot_duration_seconds", "gauge", "Duration of the last snapshot.",
-                [f"sparkq_snapshot_duration_seconds {snapshot['seconds'] or 0}"]),
+                [f"sparkq_snapshot_duration_seconds {snapshots.last['seconds'] or 0}"]),
         *metric("sparkq_snapshot_age_seconds", "gauge", "Seconds since the last snapshot.",
-                [f"sparkq_snapshot_age_seconds {time.time() - daemon.snapshot_time:.3f}"]),
+                [f"sparkq_snapshot_age_seconds {time.time() - snapshots.taken_at:.3f}"]),
         *metric("sparkq_workers", "gauge", "The daemon's worker slots by state.",
-                [f'sparkq_workers{{state="busy"}} {busy}',
-                 f'sparkq_workers{{state="idle"}} {len(pool.slots) - busy - failed}',
+                [f'sparkq_workers{{state="busy"}} {workers["busy"]}',
+                 f'sparkq_workers{{state="idle"}} {workers["slots"] - workers["busy"] - failed}',
                  f'sparkq_workers{{state="failed"}} {failed}']),
         *metric("sparkq_worker_restarts_total", "counter", "Worker loops restarted.",
-                [f"sparkq_worker_restarts_total {sum(s.restart_count for s in pool.slots)}"]),
+                [f"sparkq_worker_restarts_total {workers['restarts']}"]),
         *metric("sparkq_locks_held", "gauge", "Locks held by running tasks.",
                 [f"sparkq_locks_held {len(queue.lock_holder)}"]),
         *metric("sparkq_subscribers", "gauge", "Connections watching events.",
-                [f"sparkq_subscribers {len(daemon.subscriptions)}"]),
+                [f"sparkq_subscribers {len(watchers.subscriptions)}"]),
         *metric("sparkq_uptime_seconds", "gauge", "Seconds since the daemon started.",
-                [f"sparkq_uptime_seconds {time.time() - daemon.started:.3f}"]),
+                [f"sparkq_uptime_seconds {time.time() - started:.3f}"]),
     ]
     return "\n".join(lines) + "\n"
 
@@ -3064,37 +3148,190 @@ class Subscription:
                 and (self.tasks is None or task_id in self.tasks))
 
 
+class Watchers:
+    """`watch` subscribers: each event they asked for, rendered once for all of them."""
+
+    def __init__(self, replies: Replies):
+        self.replies = replies
+        self.subscriptions: dict[Connection, Subscription] = {}
+
+    def subscribe(self, conn: Connection, req: Watch) -> dict:
+        unknown = set(req.events or ()) - EVENT_TYPES
+        if unknown:
+            raise BadRequest(f"unknown event type {sorted(unknown)[0]!r} "
+                             f"(known: {', '.join(sorted(EVENT_TYPES))})")
+        self.subscriptions[conn] = Subscription(req)
+        conn.stream(req)  # a stream of events from now on
+        return {"watching": {k: v for k, v in msgspec.structs.asdict(req).items()
+                             if k != "id" and v is not None}}
+
+    def drop(self, conn: Connection) -> None:
+        self.subscriptions.pop(conn, None)
+
+    def on_commit(self, events: list[Event], queue: Queue) -> None:
+        if not self.subscriptions:
+            return
+        for event in events:
+            kind = WATCH_EVENTS.get(type(event))
+            if kind is None or (type(event) is TaskReleased and event.waiting_for):
+                continue
+            if kind.startswith("stream."):
+                stream = queue.streams[event.name]
+                self.send(kind, {"stream": self.replies.stream(stream)}, event.at, stream.name,
+                          stream.session)
+                continue
+            task = queue.tasks.get(event.id)
+            if task is not None:
+                self.send(kind, lambda: {"task": self.replies.task(task)}, event.at, task.stream,
+                          queue.streams[task.stream].session, task.id)
+
+    def worker_event(self, kind: str, record: dict) -> None:
+        self.send(kind, {"worker": record})
+
+    def send(self, kind: str, body, at: float | None = None, stream: str | None = None,
+             session: str | None = None, task_id: int | None = None) -> None:
+        """Queue one message for every subscriber that wants it, built only if one does."""
+        message = None
+        for conn, subscription in self.subscriptions.items():
+            if subscription.wants(kind, stream, session, task_id):
+                if message is None:
+                    message = {"event": kind, "at": rfc3339(time.time() if at is None else at),
+                               **(body() if callable(body) else body)}
+                conn.publish(message)
+
+
+class TaskLogs:
+    """Task output: the log files, and the connections following a running task's log."""
+
+    def __init__(self, directory: str, queue: Queue, executor: ThreadPoolExecutor):
+        self.directory = directory
+        self.queue = queue
+        self.executor = executor
+        self.runs: dict[int, Run] = {}  #: the pool's runs, by task id (shared with the pool)
+        self.followers: dict[int, set[Connection]] = {}
+
+    def path(self, task_id: int) -> str:
+        return os.path.join(self.directory, f"{task_id}.log")
+
+    def answer(self, conn: Connection | None, req: Logs) -> dict:
+        """The `logs` reply; with ``follow`` on a running task, the connection then streams."""
+        task = self.queue.tasks.get(req.task)
+        if task is None:
+            raise NotFound(f"no task {req.task}")
+        if req.follow and conn is not None and (task.status not in TERMINAL
+                                                or req.task in self.runs):
+            self.followers.setdefault(req.task, set()).add(conn)
+            conn.stream(req)  # later frames wait until the stream ends
+        return {"task": req.task, "status": task.status, "running": req.task in self.runs,
+                "log": self.read(req.task, req.tail)}
+
+    def read(self, task_id: int, tail: int | None) -> str:
+        try:
+            with open(self.path(task_id), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            data = b""
+        run = self.runs.get(task_id)
+        if run is not None:
+            data += run.log.pending_tail()
+        text = data.decode(errors="replace")
+        if tail is not None:
+            text = "".join(text.splitlines(keepends=True)[-tail:]) if tail else ""
+        return text
+
+    def chunk(self, task_id: int, text: str) -> None:
+        for conn in self.followers.get(task_id, ()):
+            conn.push({"task": task_id, "chunk": text})
+
+    def run_finished(self, task_id: int) -> None:
+        task = self.queue.tasks.get(task_id)
+        if task is None or task.status in TERMINAL:
+            self.end(task_id)
+
+    def end(self, task_id: int) -> None:
+        task = self.queue.tasks.get(task_id)
+        for conn in self.followers.pop(task_id, ()):
+            conn.end_stream({"task": task_id, "end": True,
+                             "status": task.status if task else "purged"})
+
+    def drop(self, conn: Connection) -> None:
+        for task_id in [i for i, conns in self.followers.items() if conn in conns]:
+            self.followers[task_id].discard(conn)
+
+    def on_commit(self, events: list[Event], queue: Queue) -> None:
+        """End the streams of tasks that ended with no run; remove purged tasks' logs."""
+        for task_id in queue.finished:
+            if task_id not in self.runs:
+                self.end(task_id)
+        purged = [i for event in events if type(event) is TasksPurged for i in event.ids]
+        if purged:
+            asyncio.get_running_loop().run_in_executor(
+                self.executor, remove_files, [self.path(i) for i in purged])
+
+
+class WorkerRegistry:
+    """The external workers seen (agents, `sparkqctl work`), for the `workers` op."""
+
+    def __init__(self):
+        self.seen: dict[str, dict] = {}
+
+    def note(self, request: Request, task: Task | None, now: float) -> None:
+        """A claim, touch, complete or fail: who made it and what it holds now."""
+        name = request.worker if type(request) is Claim else task and task.worker
+        if not name or name.startswith("sparkqd/"):
+            return
+        seen = self.seen.setdefault(name, {"pid": None, "task": None, "done": 0})
+        seen["last_seen"] = now
+        if getattr(request, "pid", None):
+            seen["pid"] = request.pid
+        if type(request) is Claim and task is not None:
+            seen["task"] = task.id
+        elif type(request) in (Complete, Fail) and seen["task"] == request.task:
+            seen["task"] = None
+            seen["done"] += 1
+
+    def records(self, now: float) -> list[dict]:
+        """The workers seen within the last hour."""
+        return [{"name": name, "kind": "external", "pid": w["pid"], "task": w["task"],
+                 "state": "busy" if w["task"] else "idle", "done": w["done"], "restarts": 0,
+                 "error": None, "last_seen": rfc3339(w["last_seen"])}
+                for name, w in self.seen.items() if w["last_seen"] >= now - 3600]
+
+
 class Hooks:
     """`hooks.on_finish`: a command per ended task, in the background, with a timeout."""
 
-    def __init__(self, daemon: Daemon):
-        self.daemon = daemon
+    def __init__(self, config: Config, queue: Queue, socket_path: str):
+        self.config = config
+        self.queue = queue
+        self.socket_path = socket_path
         self.waiting: collections.deque = collections.deque(maxlen=10_000)
         self.running = 0
 
-    def task_ended(self, task: Task) -> None:
-        if self.daemon.config.hooks.on_finish:
-            self.waiting.append(task)
+    def on_commit(self, events: list[Event], queue: Queue) -> None:
+        if self.config.hooks.on_finish and queue.finished:
+            self.waiting.extend(queue.tasks[i] for i in queue.finished if i in queue.tasks)
             self._start_more()
 
     def _start_more(self) -> None:
-        while self.waiting and self.running < self.daemon.config.hooks.concurrency:
+        while self.waiting and self.running < self.config.hooks.concurrency:
             self.running += 1
             asyncio.get_running_loop().create_task(self._run(self.waiting.popleft()))
 
-    async def _run(self, task: Task) -> None:
-        hooks = self.daemon.config.hooks
+    def _environment(self, task: Task) -> dict[str, str]:
         duration = (task.finished_at - task.started_at) if task.started_at and task.finished_at else 0
-        env = child_environment(SPARKQ_TASK_ID=str(task.id), SPARKQ_STATUS=task.status,
-                   SPARKQ_STREAM=task.stream,
-                   SPARKQ_SESSION=self.daemon.queue.streams[task.stream].session,
-                   SPARKQ_TOOL=task.tool, SPARKQ_SUMMARY=task.summary or "",
-                   SPARKQ_REASON=task.reason or "", SPARKQ_DURATION=f"{duration:.3f}",
-                   SPARKQ_SOCKET=self.daemon.paths.socket)
+        return child_environment(
+            SPARKQ_TASK_ID=str(task.id), SPARKQ_STATUS=task.status, SPARKQ_STREAM=task.stream,
+            SPARKQ_SESSION=self.queue.streams[task.stream].session, SPARKQ_TOOL=task.tool,
+            SPARKQ_SUMMARY=task.summary or "", SPARKQ_REASON=task.reason or "",
+            SPARKQ_DURATION=f"{duration:.3f}", SPARKQ_SOCKET=self.socket_path)
+
+    async def _run(self, task: Task) -> None:
+        hooks = self.config.hooks
         try:
             proc = await asyncio.create_subprocess_exec(
                 *hooks.on_finish, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE, env=env, start_new_session=True)
+                stderr=subprocess.PIPE, env=self._environment(task), start_new_session=True)
             try:
                 _, stderr = await asyncio.wait_for(proc.communicate(), hooks.timeout)
                 if proc.returncode:
@@ -3173,16 +3410,139 @@ def bind_socket(path: str, explicit: bool) -> socket.socket:
     return sock
 
 
+WAITING = object()  #: what a request that now waits returns instead of a result
+
+
+class Waiter:
+    """A request parked until a change lets it be answered, or its deadline passes.
+
+    ``retry()`` returns (result, None) once it can be answered, or (None, keys)
+    to wait on; ``expire()`` is its result when the deadline passes.
+    """
+
+    __slots__ = ("conn", "request", "retry", "expire", "active")
+
+    def __init__(self, conn: Connection, request: Request, retry, expire):
+        self.conn, self.request, self.retry, self.expire = conn, request, retry, expire
+        self.active = True
+
+
+class Waiters:
+    """Requests that wait for a change: `claim` with `wait`, `wait`, and a `complete` or
+    `fail` whose ``claim_next`` waits.
+
+    A waiter is parked under keys (``("stream", name)`` gaining claimable tasks,
+    ``("task", id)`` ending); the commit that concerns a key retries its waiters on
+    the next loop turn, and their deadlines are deadlines of the daemon's one timer.
+    """
+
+    def __init__(self, rearm):
+        self.rearm = rearm  #: tells the one timer of an earlier deadline
+        self.parked: dict[tuple, list[Waiter]] = {}
+        self.deadlines: list[tuple[float, int, Waiter]] = []
+        self._order = itertools.count()
+
+    def park(self, conn: Connection, request: Request, keys: list[tuple], wait: float | None,
+             retry, expire) -> object:
+        """Park a request on ``keys`` for at most ``wait`` seconds; returns WAITING (or, on a
+        connection where nothing may wait, the result it would get at the deadline)."""
+        if not conn.can_wait():
+            return expire()
+        waiter = Waiter(conn, request, retry, expire)
+        conn.block(waiter)
+        self._register(waiter, keys)
+        if wait is not None:
+            deadline = time.time() + wait
+            heapq.heappush(self.deadlines, (deadline, next(self._order), waiter))
+            self.rearm(deadline)
+        return WAITING
+
+    def _register(self, waiter: Waiter, keys: list[tuple]) -> None:
+        for key in keys:
+            waiting = self.parked.setdefault(key, [])
+            if len(waiting) >= 64:  # forget waiters answered or gone since
+                waiting[:] = [w for w in waiting if w.active]
+            waiting.append(waiter)
+
+    def on_commit(self, events: list[Event], queue: Queue) -> None:
+        """Retry, on the next loop turn, what waits on streams that gained tasks or tasks
+        that ended."""
+        for stream in {stream for stream, _ in queue.became_ready}:
+            self._wake(("stream", stream))
+        for task_id in queue.finished:
+            self._wake(("task", task_id))
+
+    def _wake(self, key: tuple) -> None:
+        waiting = self.parked.pop(key, None)
+        if waiting:
+            loop = asyncio.get_running_loop()
+            for waiter in waiting:
+                if waiter.active:
+                    loop.call_soon(self._retry, waiter)
+
+    def _retry(self, waiter: Waiter) -> None:
+        if not waiter.active:
+            return  # answered, timed out or gone since
+        if waiter.conn.peer_gone():
+            waiter.conn.close()
+            return
+        try:
+            result, keys = waiter.retry()
+        except SparkQError as exc:
+            return waiter.conn.finish_error(waiter.request.id, exc)
+        if keys:  # someone else was quicker, or not everything waited for has ended
+            self._register(waiter, keys)
+        else:
+            waiter.conn.finish(waiter.request.id, result)
+
+    def tick(self, now: float) -> float | None:
+        """Answer the waiters whose time ran out; returns the next deadline."""
+        heap = self.deadlines
+        while heap and heap[0][0] <= now:
+            waiter = heapq.heappop(heap)[2]
+            if waiter.active:
+                try:
+                    waiter.conn.finish(waiter.request.id, waiter.expire())
+                except SparkQError as exc:
+                    waiter.conn.finish_error(waiter.request.id, exc)
+        while heap and not heap[0][2].active:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+
+class Connections:
+    """The open connections, and the parts that must forget one when it closes."""
+
+    def __init__(self, max_frame: int):
+        self.open: set[Connection] = set()
+        self.max_frame = max_frame
+        self.stopping = False
+        self.forgetters: list = []  #: called with each connection that closed
+        self.all_closed = asyncio.Event()
+
+    def closed(self, conn: Connection) -> None:
+        self.open.discard(conn)
+        for forget in self.forgetters:
+            forget(conn)
+        if self.stopping and not self.open:
+            self.all_closed.set()
+
+
 class Connection(asyncio.Protocol):
     """One client: frames in, replies out in request order.
 
     Frames are answered as they arrive; each reply is held until the journal
-    holds everything it could have observed, then written. A claim that waits
-    blocks only its own connection: later frames queue behind it.
+    holds everything it could have observed, then written. A request that waits
+    blocks only its own connection: later frames queue behind it. Its
+    collaborators: ``handle`` (the daemon's one dispatch), ``render`` (results to
+    wire form), the journal (what is durable) and the connection registry.
     """
 
-    def __init__(self, daemon: Daemon):
-        self.daemon = daemon
+    def __init__(self, handle, render, journal: Journal, registry: Connections):
+        self.handle = handle
+        self.render = render
+        self.journal = journal
+        self.registry = registry
         self.transport: asyncio.Transport | None = None
         self.codec: Codec | None = None
         self.buf = bytearray()
@@ -3191,12 +3551,11 @@ class Connection(asyncio.Protocol):
         self.replies: collections.deque = collections.deque()
         self.reply_bytes = 0  #: bytes held in ``replies``
         self.awaiting_journal = False
-        self.blocked: Request | None = None  #: a claim or wait that is waiting
-        self.ticket = 0  #: tells a current wake-up from a stale one
-        self.block_timer: asyncio.TimerHandle | None = None
+        self.blocked: Waiter | Request | None = None  #: a waiting request, or a stream's
         self.write_paused = False
         self.queued_bytes = self.queued_events = 0  #: events waiting for a slow subscriber
         self.missed = 0  #: events dropped since the subscriber fell behind
+        self.subscriber = False
         self.eof = False
         self.closing = False  #: close once every reply is out
         self.lost = False
@@ -3209,18 +3568,17 @@ class Connection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         self.peer_uid = struct.unpack("3i", creds)[1]
-        self.daemon.connections.add(self)
+        self.registry.open.add(self)
 
     def connection_lost(self, exc) -> None:
         self.lost = True
-        self.daemon.subscriptions.pop(self, None)
         if self.blocked is not None:
             self._unblock()
-        self.daemon.connection_closed(self)
+        self.registry.closed(self)
 
     def eof_received(self) -> bool:
         self.eof = True
-        if self.blocked is not None and self._peer_gone():
+        if self.blocked is not None and self.peer_gone():
             self.transport.close()
         self._close_when_done()
         return True  # a half-closed client still gets its replies
@@ -3239,8 +3597,7 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.codec is None:
-            max_frame = self.daemon.config.server.max_frame_bytes
-            self.codec = (JsonLines if data[:1] == b"{" else MsgpackFrames)(max_frame)
+            self.codec = (JsonLines if data[:1] == b"{" else MsgpackFrames)(self.registry.max_frame)
             if self.peer_uid != os.getuid():
                 self._add_reply(error_reply(None, Forbidden(
                     f"uid {self.peer_uid} may not use the queue of uid {os.getuid()}")))
@@ -3272,30 +3629,23 @@ class Connection(asyncio.Protocol):
         self._send_durable()
 
     def _answer(self, frame: bytes) -> dict | None:
-        """The reply to one frame, or None when a claim now waits for a task."""
+        """The reply to one frame, or None when the request now waits."""
         try:
             request = self.codec.decode(frame)
         except BadRequest as exc:
             return error_reply(self.codec.request_id(frame), exc)
         try:
-            result = self.daemon.answer(request, len(frame))
-            if type(request) is Logs and request.follow and self.daemon.follow_log(request.task, self):
-                self.blocked = request  # later frames wait until the stream ends
-                return ok_reply(request.id, result)
-            if type(request) is Watch:
-                self.daemon.subscribe(self, request)
-                self.blocked = request  # a stream of events from now on
-                return ok_reply(request.id, result)
-            blocking = self.daemon.blocks(request, result)
-            if blocking and not self.daemon.stopping and not (self.eof and self._peer_gone()):
-                self._block(request, *blocking)
-                return None
-            return ok_reply(request.id, result)
+            result = self.handle(request, self)
+            return None if result is WAITING else ok_reply(request.id, self.render(result))
         except SparkQError as exc:
             return error_reply(request.id, exc)
         except Exception as exc:
             log.exception("internal error answering %s", type(request).__name__)
             return error_reply(request.id, SparkQError(f"internal error: {exc!r}"))
+
+    def can_wait(self) -> bool:
+        """Whether a request may wait here: not while stopping, nor for a client gone."""
+        return not self.registry.stopping and not (self.eof and self.peer_gone())
 
     def _over_budget(self) -> bool:
         """Whether replies the client has not read yet fill its budget: answer no more now."""
@@ -3320,15 +3670,15 @@ class Connection(asyncio.Protocol):
     def _add_reply(self, reply: dict) -> None:
         data = self._encode(reply)
         self.reply_bytes += len(data)
-        self.replies.append((self.daemon.journal.last_seq, data, reply.get("id")))
+        self.replies.append((self.journal.last_seq, data, reply.get("id")))
 
     def _send_durable(self) -> None:
         """Write every reply whose observations are durable; wait for the rest."""
         if self.awaiting_journal or self.lost or not self.replies:
             return self._close_when_done()
-        if self.write_paused and self in self.daemon.subscriptions:
+        if self.write_paused and self.subscriber:
             return  # a slow subscriber: events wait here, within publish()'s limits
-        journal = self.daemon.journal
+        journal = self.journal
         durable, failure = journal.durable_seq, journal.failure
         out = []
         while self.replies and (self.replies[0][0] <= durable or failure):
@@ -3370,52 +3720,31 @@ class Connection(asyncio.Protocol):
         elif not self.transport.is_reading():
             self.transport.resume_reading()
 
-    def _peer_gone(self) -> bool:
+    def peer_gone(self) -> bool:
         """Whether the client closed both directions (not merely its sending side)."""
         poller = select.poll()
         poller.register(self.transport.get_extra_info("socket").fileno(), select.POLLIN)
         return any(events & select.POLLHUP for _, events in poller.poll(0))
 
-    # -- requests that wait -------------------------------------------------------
+    def close(self) -> None:
+        self.transport.close()
 
-    def _block(self, request: Request, keys: list[tuple], timeout: float | None) -> None:
+    # -- requests that wait, and streams ------------------------------------------
+
+    def block(self, waiter: Waiter) -> None:
+        self.blocked = waiter
+
+    def stream(self, request: Request) -> None:
+        """After this reply, the connection carries a stream (watch, log follow)."""
         self.blocked = request
-        if timeout is not None:
-            self.block_timer = asyncio.get_running_loop().call_later(timeout, self._timed_out)
-        self._register(keys)
+        self.subscriber = type(request) is Watch
 
-    def _register(self, keys: list[tuple]) -> None:
-        self.ticket += 1
-        for key in keys:
-            self.daemon.add_waiter(key, self, self.ticket)
+    def finish(self, request_id: Any, result: Any) -> None:
+        """A waiting request's result is in: reply, then go on with later frames."""
+        self._finish_blocked(ok_reply(request_id, self.render(result)))
 
-    def woken(self, ticket: int) -> None:
-        """Something this request waits on changed: answer it again."""
-        if self.blocked is None or ticket != self.ticket or self.lost:
-            return  # a stale wake-up: answered, timed out or gone since
-        if self.eof and self._peer_gone():
-            self.transport.close()
-            return
-        keys = self.daemon.still_waiting(self.blocked)
-        if keys:  # a long `wait` hears of each task's end: answered once, when all ended
-            return self._register(keys)
-        try:
-            result = self.daemon.answer(self.blocked, 0)
-        except SparkQError as exc:
-            return self._finish_blocked(error_reply(self.blocked.id, exc))
-        blocking = self.daemon.blocks(self.blocked, result)
-        if blocking:
-            self._register(blocking[0])  # someone else was quicker, or not all done yet
-        else:
-            self._finish_blocked(ok_reply(self.blocked.id, result))
-
-    def _timed_out(self) -> None:
-        request = self.blocked
-        try:
-            result = None if type(request) is Claim else self.daemon.answer(request, 0)
-            self._finish_blocked(ok_reply(request.id, result))
-        except SparkQError as exc:
-            self._finish_blocked(error_reply(request.id, exc))
+    def finish_error(self, request_id: Any, exc: SparkQError) -> None:
+        self._finish_blocked(error_reply(request_id, exc))
 
     def _finish_blocked(self, reply: dict) -> None:
         self._unblock()
@@ -3423,11 +3752,9 @@ class Connection(asyncio.Protocol):
         self._process()
 
     def _unblock(self) -> None:
-        if self.block_timer is not None:
-            self.block_timer.cancel()
-            self.block_timer = None
+        if isinstance(self.blocked, Waiter):
+            self.blocked.active = False
         self.blocked = None
-        self.ticket += 1
 
     def publish(self, message: dict) -> None:
         """Queue an event for this subscriber; drop the backlog if it cannot keep up."""
@@ -3456,7 +3783,7 @@ class Connection(asyncio.Protocol):
         self.queued_bytes += len(data)
         self.reply_bytes += len(data)
         self.queued_events += 1
-        self.replies.append((self.daemon.journal.last_seq, data, EVENT))
+        self.replies.append((self.journal.last_seq, data, EVENT))
 
     def push(self, message: dict) -> None:
         """Send a message of a stream this connection asked for (after its reply)."""
@@ -3470,7 +3797,9 @@ class Connection(asyncio.Protocol):
 
     def stop(self) -> None:
         """Answer what has arrived, refuse a waiting request, then close."""
-        if self.blocked is not None:
+        if isinstance(self.blocked, Waiter):
+            self.finish_error(self.blocked.request.id, Unavailable("shutting down"))
+        elif self.blocked is not None:
             self._finish_blocked(error_reply(self.blocked.id, Unavailable("shutting down")))
         self.closing = True
         self._process()
@@ -3539,93 +3868,173 @@ def take_service_environment() -> dict[str, str]:
     return {name: os.environ.pop(name) for name in SERVICE_VARIABLES if name in os.environ}
 
 
+class ServiceDuties:
+    """What the service manager hears from the timer: watchdog pings and a STATUS= line."""
+
+    def __init__(self, notifier: Notifier):
+        self.notifier = notifier
+        self.next_watchdog = self.next_status = 0.0
+        self.last_status = ""
+
+    def run(self, now: float, status_line) -> list[float]:
+        """Ping the watchdog from the timer (a hung loop stops the pings); keep STATUS fresh."""
+        if self.notifier.sock is None:
+            return []
+        interval = self.notifier.watchdog_interval
+        if interval is not None and now >= self.next_watchdog:
+            self.notifier.send("WATCHDOG=1")
+            self.next_watchdog = now + interval
+        if now >= self.next_status:
+            line = status_line()
+            if line != self.last_status:
+                self.notifier.send(line)
+                self.last_status = line
+            self.next_status = now + 2
+        return [self.next_status] + ([self.next_watchdog] if interval is not None else [])
+
+
+class Snapshots:
+    """Taking snapshots: what changed goes to SQLite in a thread, then covered segments go."""
+
+    def __init__(self, snapshot: Snapshot, journal: Journal, queue: Queue,
+                 executor: ThreadPoolExecutor):
+        self.snapshot = snapshot
+        self.journal = journal
+        self.queue = queue
+        self.executor = executor
+        self.task: asyncio.Task | None = None  #: the snapshot being taken
+        self.next_at = 0.0
+        self.taken_at = time.time()
+        self.last: dict = {"seq": None, "at": None, "seconds": None, "error": None}
+
+    def due(self, now: float, interval: float) -> float:
+        """Start a snapshot if one is due; returns when the next is."""
+        if now >= self.next_at:
+            self.next_at = now + interval
+            if self.task is None:
+                self.task = asyncio.get_running_loop().create_task(self._job(interval))
+        return self.next_at
+
+    async def _job(self, interval: float) -> None:
+        try:
+            await self.take(interval)
+        finally:
+            self.task = None
+
+    async def take(self, interval: float) -> None:
+        """Write what changed since the last snapshot, then drop covered journal segments."""
+        changes = self.queue.take_changes()
+        if not changes:
+            return
+        seq, next_id = self.journal.last_seq, self.queue.next_id
+        session_of = {s.name: s.session for s in self.queue.streams.values()}
+        started = time.perf_counter()
+        try:
+            current = self.journal.current
+            if current is None or current.reserved > SEGMENT_HEADER.size:
+                self.journal.rotate()  # later records go to a segment this snapshot does not cover
+            self.journal.sync_now()
+            await asyncio.get_running_loop().run_in_executor(
+                self.executor, self.snapshot.write, changes, seq, next_id, session_of)
+            removed = self.journal.remove_through(seq)
+        except Exception as exc:  # whatever the cause, the changes wait for the next snapshot
+            self.queue.changes = merge_changes(changes, self.queue.changes)
+            self.last["error"] = f"{type(exc).__name__}: {exc}"
+            log.error("snapshot to %s failed, the journal keeps everything; retried in %g s: "
+                      "%s", self.snapshot.path, interval, self.last["error"],
+                      exc_info=not isinstance(exc, (OSError, sqlite3.Error, SparkQError)))
+            return
+        seconds = time.perf_counter() - started
+        self.taken_at = time.time()
+        self.last = {"seq": seq, "at": rfc3339(self.taken_at), "seconds": round(seconds, 4),
+                     "error": None}
+        log.debug("snapshot at record %d: %d tasks written in %.3f s, %d segments removed",
+                  seq, len(changes.tasks), seconds, removed)
+
+
 class Daemon:
-    """The edges around the queue core: journal, snapshot, socket, timers, signals."""
+    """The edges around the queue core: lifecycle, the one dispatch, the change pipeline,
+    the one timer and reload. Everything else is a part it wires together."""
 
     def __init__(self, paths: Paths, config: Config, config_arg: str | None = None,
                  service_env: dict[str, str] | None = None):
+        self.paths, self.config, self.config_arg = paths, config, config_arg
         self.service_env = service_env or {}
         self.notifier = Notifier(self.service_env)
-        self.next_watchdog = self.next_status = 0.0
-        self.last_status = ""
-        self.paths = paths
-        self.config = config
-        self.config_arg = config_arg
+        self.duties = ServiceDuties(self.notifier)
         self.queue = Queue(config, scan_scripts(config.script_dirs))
-        self.pool = Pool(self)
-        #: task id -> connections following its log
-        self.followers: dict[int, set[Connection]] = {}
-        #: worker name -> what agents and `sparkqctl work` told us, for `workers`
-        self.external: dict[str, dict] = {}
-        self.stats = Stats()
-        self.subscriptions: dict[Connection, Subscription] = {}
-        self.hooks = Hooks(self)
-        self.snapshot_time = time.time()
-        self.next_metrics = 0.0
+        self.replies = Replies(self.queue)
         self.journal = Journal(paths.journal, config.database.fsync,
                                config.database.fsync_interval_ms)
         self.queue.record = self.journal.record
-        self.timer_trouble: str | None = None  #: why the last timer turn failed, logged once
-        self.fd_warned_at = -60.0
-        self.snapshot = Snapshot(paths.database)
-        self.snapshot_pool = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
+        self.snapshots = Snapshots(Snapshot(paths.database), self.journal, self.queue,
+                                   self.executor)
+        self.connections = Connections(config.server.max_frame_bytes)
+        self.stats, self.workers = Stats(), WorkerRegistry()
+        self.watchers = Watchers(self.replies)
+        self.logs = TaskLogs(os.path.join(paths.data_dir, "logs"), self.queue, self.executor)
+        self.waiters = Waiters(self._rearm)
+        self.pool = Pool(config, self.queue, self.handle, self.change, self.logs,
+                         self.watchers, paths.socket)
+        self.hooks = Hooks(config, self.queue, paths.socket)
+        self.observers = (self.stats, self.watchers, self.waiters, self.pool, self.logs,
+                          self.hooks)
+        self.connections.forgetters += [self.watchers.drop, self.logs.drop]
         self.started = time.time()
         self.stopping = False
-        #: ("stream", name) or ("task", id) -> (connection, ticket) of requests blocked on it
-        self.waiters: dict[tuple, list] = {}
-        self.connections: set[Connection] = set()
-        self.next_snapshot = 0.0
-        self.snapshot_task: asyncio.Task | None = None
-        self.last_snapshot: dict = {"seq": None, "at": None, "seconds": None, "error": None}
         self.timer_deadline = 0.0
+        self.timer_trouble: str | None = None  #: why the last timer turn failed, logged once
+        self.next_metrics = 0.0
+        self.fd_warned_at = -60.0
         self._lock_fd: int | None = None
         self._socket_inode: int | None = None
-        self._daemon_ops = {
-            Hello: self.op_hello, Status: self.op_status, Tools: self.op_tools,
-            Reload: self.op_reload, Shutdown: self.op_shutdown, Schema: self.op_schema,
-            Logs: self.op_logs, Scripts: self.op_scripts, Workers: self.op_workers,
-            Watch: self.op_watch, Metrics: self.op_metrics,
-        }
 
     # -- startup and shutdown ----------------------------------------------
 
     async def run(self) -> None:
         """Recover, listen, serve until told to stop, then stop cleanly."""
-        self._stopped = asyncio.Event()
-        self._timer_wake = asyncio.Event()
-        self._all_closed = asyncio.Event()
+        self._stopped, self._timer_wake = asyncio.Event(), asyncio.Event()
         self.acquire_lock()
         try:
             replayed = await self.recover()
-            sock = inherited_socket(self.service_env)
-            if sock is not None:
-                self.paths = msgspec.structs.replace(self.paths, socket=sock.getsockname())
-                log.info("listening on the socket the service manager passed: %s", self.paths.socket)
-            else:
-                sock = bind_socket(self.paths.socket, self.paths.socket_explicit)
-                self._socket_inode = os.stat(self.paths.socket).st_ino  # ours to remove
+            await self._listen()
             loop = asyncio.get_running_loop()
-            # We remove the socket file ourselves, and only one we created.
-            keep = {"cleanup_socket": False} if sys.version_info >= (3, 13) else {}
-            self.server = await loop.create_unix_server(lambda: Connection(self), sock=sock,
-                                                        backlog=1024, **keep)
-            loop.set_exception_handler(self._loop_exception)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
             loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
             use_pidfd_child_watcher(loop)
-            self.pool.start()
-            self.next_snapshot = time.time() + (0 if replayed else self.config.database.snapshot_interval)
+            self.pool.reconfigure(self.config)
+            interval = self.config.database.snapshot_interval
+            self.snapshots.next_at = time.time() + (0 if replayed else interval)
             log.info("sparkqd %s ready: socket %s, data %s, %d tasks", VERSION,
                      self.paths.socket, self.paths.data_dir, len(self.queue.tasks))
-            self.last_status = self.status_line()
-            self.notifier.send("READY=1", self.last_status)
+            self.duties.last_status = self.status_line()
+            self.notifier.send("READY=1", self.duties.last_status)
             timers = loop.create_task(self._run_timers())
             await self._stopped.wait()
             timers.cancel()
             await self._shutdown()
         finally:
             self.release()
+
+    async def _listen(self) -> None:
+        """Listen on the socket the service manager passed, else bind our own."""
+        sock = inherited_socket(self.service_env)
+        if sock is not None:
+            self.paths = msgspec.structs.replace(self.paths, socket=sock.getsockname())
+            self.pool.socket_path = self.hooks.socket_path = self.paths.socket
+            log.info("listening on the socket the service manager passed: %s", self.paths.socket)
+        else:
+            sock = bind_socket(self.paths.socket, self.paths.socket_explicit)
+            self._socket_inode = os.stat(self.paths.socket).st_ino  # ours to remove
+        loop = asyncio.get_running_loop()
+        # We remove the socket file ourselves, and only one we created.
+        keep = {"cleanup_socket": False} if sys.version_info >= (3, 13) else {}
+        self.server = await loop.create_unix_server(
+            lambda: Connection(self.handle, self.replies.wire, self.journal, self.connections),
+            sock=sock, backlog=1024, **keep)
+        loop.set_exception_handler(self._loop_exception)
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
         """Say once a minute, without a traceback, that connections wait for descriptors."""
@@ -3658,9 +4067,9 @@ class Daemon:
         """Load the snapshot, replay the journal after it; returns events replayed."""
         started = time.perf_counter()
         gc.disable()  # millions of new objects, none of them garbage: no collections meanwhile
-        state = self.snapshot.load()
+        state = self.snapshots.snapshot.load()
         self.queue.load(state.sessions, state.streams, state.tasks, state.next_id)
-        snapshot_seq = self.last_snapshot["seq"] = state.seq
+        snapshot_seq = self.snapshots.last["seq"] = state.seq
         del state
         replayed = 0
         for event in self.journal.replay(snapshot_seq):
@@ -3670,13 +4079,12 @@ class Daemon:
         self.journal.open()
         if not self.queue.sessions:
             self.change(lambda: self.queue.bootstrap(time.time()), 4096)
-        os.makedirs(os.path.join(self.paths.data_dir, "logs"), mode=0o700, exist_ok=True)
+        os.makedirs(self.logs.directory, mode=0o700, exist_ok=True)
         await self.end_orphaned_runs()
         self.journal.sync_now()  # what recovery decided is durable before anyone is answered
         gc_freeze()
         log.info("recovered %d tasks from snapshot seq %s and %d journal records in %.2f s",
-                 len(self.queue.tasks), snapshot_seq, replayed,
-                 time.perf_counter() - started)
+                 len(self.queue.tasks), snapshot_seq, replayed, time.perf_counter() - started)
         return replayed
 
     async def end_orphaned_runs(self) -> None:
@@ -3691,10 +4099,9 @@ class Daemon:
         loop = asyncio.get_running_loop()
         killed = await asyncio.gather(*(loop.run_in_executor(None, kill_orphan, t.run_pid,
                                                              t.run_start) for t in orphans))
-        for task, was_killed in zip(orphans, killed):
-            if was_killed:
-                log.warning("task %d: killed process group %d left by the previous daemon",
-                            task.id, task.run_pid)
+        for task in (t for t, was_killed in zip(orphans, killed) if was_killed):
+            log.warning("task %d: killed process group %d left by the previous daemon",
+                        task.id, task.run_pid)
 
         def interrupt_all() -> None:
             for task in orphans:
@@ -3709,39 +4116,39 @@ class Daemon:
         if not self.stopping:
             self.notifier.send("STOPPING=1")
             log.info("stopping: finishing requests in flight, then a last snapshot")
-            self.stopping = True
+            self.stopping = self.connections.stopping = True
             self._stopped.set()
 
     async def _shutdown(self) -> None:
         self.server.close()
         await self.pool.stop()
-        for conn in list(self.connections):
+        for conn in list(self.connections.open):
             conn.stop()
-        if self.connections:
+        if self.connections.open:
             try:
-                await asyncio.wait_for(self._all_closed.wait(), timeout=5)
+                await asyncio.wait_for(self.connections.all_closed.wait(), timeout=5)
             except TimeoutError:
                 log.warning("%d clients did not take their replies; closing them",
-                            len(self.connections))
-        for conn in list(self.connections):
+                            len(self.connections.open))
+        for conn in list(self.connections.open):
             conn.transport.abort()
         try:
             self.journal.sync_now()
         except Unavailable as exc:
             log.error("final journal sync failed: %s", exc)
-        if self.snapshot_task is not None:
-            await self.snapshot_task
-        await self.take_snapshot()
-        self.snapshot_pool.shutdown()
-        if self.last_snapshot["seq"] == self.journal.last_seq:
+        if self.snapshots.task is not None:
+            await self.snapshots.task
+        await self.snapshots.take(self.config.database.snapshot_interval)
+        self.executor.shutdown()
+        if self.snapshots.last["seq"] == self.journal.last_seq:
             self.journal.drop_empty_current()
         log.info("stopped: journal at record %d, snapshot at %s", self.journal.last_seq,
-                 self.last_snapshot["seq"])
+                 self.snapshots.last["seq"])
 
     def release(self) -> None:
         """Close files and remove the socket we created; the lock goes last."""
         self.journal.close()
-        self.snapshot.close()
+        self.snapshots.snapshot.close()
         try:
             if self._socket_inode and os.stat(self.paths.socket).st_ino == self._socket_inode:
                 os.unlink(self.paths.socket)
@@ -3750,42 +4157,143 @@ class Daemon:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
 
-    # -- requests -----------------------------------------------------------
+    # -- requests: the one dispatch --------------------------------------------
 
-    def connection_closed(self, conn: Connection) -> None:
-        self.connections.discard(conn)
-        if self.stopping and not self.connections:
-            self._all_closed.set()
+    def handle(self, request: Request, conn: Connection | None = None) -> Any:
+        """Carry out one request: its result (Structs), or WAITING when the reply comes
+        later. A request that changes the queue goes through ``change``."""
+        if request.read_only:
+            return self._dispatch(request, conn, time.time())
+        return self.change(lambda: self._dispatch(request, conn, time.time()),
+                           request.journal_room)
 
-    def answer(self, request: Request, size: int) -> Any:
-        """Carry out one request; queue changes are journaled before this returns."""
-        if not self.queue.handles(request):
-            return self._daemon_ops[type(request)](request)
-        if isinstance(request, READ_ONLY):
-            result = self.queue.handle(request, time.time())
-        else:
-            result = self.change(lambda: self.queue.handle(request, time.time()), size + 65536)
-        if type(request) in (Claim, Touch, Complete, Fail):
-            self._note_worker(request, result)
-        return result
+    def _dispatch(self, request: Request, conn: Connection | None, now: float) -> Any:
+        """One arm per request type."""
+        queue = self.queue
+        match request:
+            case Hello():
+                return {"version": VERSION, "protocol": PROTOCOL}
+            case Status():
+                return self.status()
+            case SessionCreate():
+                return queue.session_create(request, now)
+            case SessionEnd():
+                return queue.session_end(request, now)
+            case SessionList():
+                return queue.session_list(request, now)
+            case StreamCreate():
+                return queue.stream_create(request, now)
+            case StreamEnd():
+                return queue.stream_end(request, now)
+            case StreamList():
+                return queue.stream_list(request, now)
+            case StreamPause():
+                return queue.stream_pause(request, now)
+            case StreamResume():
+                return queue.stream_resume(request, now)
+            case Enqueue():
+                return queue.enqueue(request, now)
+            case Peek():
+                return queue.peek(request, now)
+            case Claim():
+                return self._claim(request, conn, now)
+            case Complete() | Fail():
+                return self._finish(request, conn, now)
+            case Touch():
+                return self._noted(request, queue.touch(request, now), now)
+            case Cancel():
+                return queue.cancel(request, now)
+            case Requeue():
+                return queue.requeue(request, now)
+            case GetTask():
+                return queue.get_task(request, now)
+            case ListTasks():
+                return queue.list_tasks(request, now)
+            case Wait():
+                return self._wait(request, conn, now)
+            case Locks():
+                return queue.locks(request, now)
+            case Logs():
+                return self.logs.answer(conn, request)
+            case Scripts():
+                return [{"name": s.name, "path": s.path, "description": s.description,
+                         "task_class": s.task_class, "timeout": s.timeout, "args": s.args}
+                        for s in queue.scripts.values()]
+            case Workers():
+                return [*map(self.pool.slot_record, self.pool.slots), *self.workers.records(now)]
+            case Watch():
+                return self.watchers.subscribe(conn, request) if conn else {"watching": {}}
+            case History():
+                return queue.history(request, now)
+            case Metrics():
+                return render_metrics(queue, self.stats, self.journal, self.pool, self.snapshots,
+                                      self.watchers, self.started)
+            case Purge():
+                return queue.purge(request, now)
+            case Tools():
+                return self.tools()
+            case Reload():
+                return self.reload()
+            case Shutdown():
+                asyncio.get_running_loop().call_soon(self.request_stop)
+                return {}
+            case Schema():
+                return request_schema()
+        raise BadRequest(f"unknown op {type(request).__name__}")  # a Struct without an arm
 
-    def _note_worker(self, request: Request, result: Any) -> None:
-        """Remember the external workers seen, for the `workers` op."""
-        name = request.worker if type(request) is Claim else self.queue.tasks.get(request.task) and \
-            self.queue.tasks[request.task].worker
-        if not name or name.startswith("sparkqd/"):
-            return
-        seen = self.external.setdefault(name, {"pid": None, "task": None, "done": 0})
-        seen["last_seen"] = time.time()
-        if getattr(request, "pid", None):
-            seen["pid"] = request.pid
-        if type(request) is Claim and result is not None:
-            seen["task"] = result["id"]
-        elif type(request) in (Complete, Fail) and seen["task"] == request.task:
-            seen["task"] = None
-            seen["done"] += 1
+    def _noted(self, request: Request, task: Task | None, now: float) -> Task | None:
+        """Remember who claimed, touched or finished a task, for `workers`."""
+        self.workers.note(request, task, now)
+        return task
 
-    def change(self, carry_out, room: int = 65536):
+    def _claim(self, request: Claim, conn: Connection | None, now: float,
+               finished: Task | None = None, answering: Request | None = None) -> Any:
+        """A claim; with ``wait``, parked until a task arrives or the time runs out. As a
+        ``claim_next``, its result is the finished task's record with the claimed one."""
+        def result(task: Task | None) -> Any:
+            return task if answering is None else TaskResult(finished, {"next": task})
+
+        task = self._noted(request, self.queue.claim(request, now), now)
+        if task is not None or request.wait <= 0 or conn is None:
+            return result(task)
+        keys = [("stream", s) for s in names(request.stream)]
+
+        def again():
+            task = self.change(lambda: self.queue.claim(request, time.time()))
+            self._noted(request, task, time.time())
+            return (result(task), None) if task is not None else (None, keys)
+        return self.waiters.park(conn, answering or request, keys, request.wait, again,
+                                 lambda: result(None))
+
+    def _finish(self, request: Complete | Fail, conn: Connection | None, now: float) -> Any:
+        """Complete or fail a task; with ``claim_next``, claim the next one in the same step
+        (one request, one fsync: the worker loop)."""
+        finished = self.queue.complete(request, now) if type(request) is Complete else \
+            self.queue.fail(request, now)
+        self._noted(request, finished, now)
+        then = request.claim_next
+        if then is None:
+            return finished
+        claim = Claim(stream=then.stream, tool=then.tool, worker=then.worker or finished.worker,
+                      wait=then.wait)
+        return self._claim(claim, conn, now, finished, request)
+
+    def _wait(self, request: Wait, conn: Connection | None, now: float) -> Any:
+        """Whether the tasks ended; parked until they all have, or the timeout."""
+        result = self.queue.wait(request, now)
+        if result["done"] or request.timeout == 0 or conn is None:
+            return result
+
+        def again():
+            task_id = self.queue.first_unfinished(request.tasks)
+            if task_id is not None:
+                return None, [("task", task_id)]
+            return self.queue.wait(request, time.time()), None
+        first = self.queue.first_unfinished(request.tasks)
+        return self.waiters.park(conn, request, [("task", first)], request.timeout, again,
+                                 lambda: self.queue.wait(request, time.time()))
+
+    def change(self, carry_out, room: int = 65536) -> Any:
         """Change the queue: room for ``room`` bytes reserved up front, each event
         journaled as it is emitted (see Queue.record), then committed; the one way
         requests, the timer and the runner change state."""
@@ -3796,176 +4304,25 @@ class Daemon:
             self.commit()
 
     def commit(self) -> None:
-        """Tell observers what the queue emitted, wake blocked requests, re-arm the timer."""
+        """Tell every observer what the queue emitted, then re-arm the timer."""
         events = self.queue.take_events()
         if not events:
             return
         self.journal.schedule_flush()
-        purged = self.stats.count(events, self.queue.tasks)
-        if self.subscriptions:
-            self._publish(events)
-        queue = self.queue
-        if queue.became_ready or queue.finished:
-            self._wake_for(*queue.take_wakeups())
-        if self.pool.runs:
-            self._stop_overtaken_runs()
-        if purged:
-            asyncio.get_running_loop().run_in_executor(
-                self.snapshot_pool, remove_files, [self.log_path(i) for i in purged])
-        deadline = self.queue.next_deadline()
+        for observer in self.observers:
+            observer.on_commit(events, self.queue)
+        self.queue.take_wakeups()
+        self._rearm(self.queue.next_deadline())
+        self._rearm(self.journal.sync_deadline())
+
+    def _rearm(self, deadline: float | None) -> None:
+        """Wake the timer early for a deadline before the one it sleeps towards."""
         if deadline is not None and deadline < self.timer_deadline:
             self._timer_wake.set()
-        sync_at = self.journal.sync_deadline()
-        if sync_at is not None and sync_at < self.timer_deadline:
-            self._timer_wake.set()
 
-    def _wake_for(self, ready: set[tuple[str, str | None]], finished: list[int]) -> None:
-        """Wake what waits on these changes: claims, the pool, waits, followers, hooks."""
-        for stream in {stream for stream, _ in ready}:
-            self.wake(("stream", stream))
-        runnable = self.pool.runnable
-        if self.pool.slots and any(tool is None or tool in runnable for _, tool in ready):
-            self.pool.wake.set()
-        for task_id in finished:
-            self.wake(("task", task_id))
-            if task_id not in self.pool.runs:
-                self.end_followers(task_id)
-            self.hooks.task_ended(self.queue.tasks[task_id])
+    # -- daemon views -----------------------------------------------------------
 
-    def _stop_overtaken_runs(self) -> None:
-        """End a run whose task was cancelled, requeued or expired under it."""
-        for run in self.pool.runs.values():
-            task = self.queue.tasks.get(run.task_id)
-            if run.stop_reason is None and (task is None or task.status != "running"
-                                            or task.lease != run.lease):
-                run.stop_reason = f"task {task.status if task else 'purged'} while it ran"
-                asyncio.get_running_loop().create_task(self.pool.stop_run(run, run.stop_reason))
-
-    def log_path(self, task_id: int) -> str:
-        return os.path.join(self.paths.data_dir, "logs", f"{task_id}.log")
-
-    def interrupt(self, task_id: int, lease: str, reason: str) -> None:
-        """Fail the attempt a worker could not finish, if that attempt still holds the task."""
-        try:
-            self.change(lambda: self.queue.interrupt(task_id, reason, time.time(), lease), 4096)
-        except Unavailable as exc:
-            log.error("task %d: cannot record its failed attempt: %s", task_id, exc)
-
-    def record_run(self, run: Run) -> None:
-        """Journal the process group of a run, so a crash cannot orphan it unseen."""
-        self.change(lambda: self.queue.run_started(run.task_id, run.proc.pid, run.start_ticks,
-                                                   time.time()), 4096)
-
-    def run_finished(self, task_id: int) -> None:
-        task = self.queue.tasks.get(task_id)
-        if task is None or task.status in TERMINAL:
-            self.end_followers(task_id)
-
-    def read_log(self, task_id: int, tail: int | None) -> str:
-        try:
-            with open(self.log_path(task_id), "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            data = b""
-        run = self.pool.runs.get(task_id)
-        if run is not None:
-            data += run.log.pending_tail()
-        text = data.decode(errors="replace")
-        if tail is not None:
-            text = "".join(text.splitlines(keepends=True)[-tail:]) if tail else ""
-        return text
-
-    def follow_log(self, task_id: int, conn: Connection) -> bool:
-        """Stream a task's output to ``conn`` until it ends; False if it has ended."""
-        task = self.queue.tasks.get(task_id)
-        if task is None or (task.status in TERMINAL and task_id not in self.pool.runs):
-            return False
-        self.followers.setdefault(task_id, set()).add(conn)
-        return True
-
-    def log_chunk(self, task_id: int, text: str) -> None:
-        for conn in self.followers.get(task_id, ()):
-            conn.push({"task": task_id, "chunk": text})
-
-    def end_followers(self, task_id: int) -> None:
-        task = self.queue.tasks.get(task_id)
-        for conn in self.followers.pop(task_id, ()):
-            conn.end_stream({"task": task_id, "end": True,
-                             "status": task.status if task else "purged"})
-
-    def broadcast_worker(self, event: str, slot: Slot) -> None:
-        record = next(r for r in self.pool.slot_records() if r["name"] == slot.name)
-        self._send_to_subscribers(event, {"worker": record})
-
-    def subscribe(self, conn: Connection, req: Watch) -> None:
-        self.subscriptions[conn] = Subscription(req)
-
-    def _publish(self, events: list[Event]) -> None:
-        """Tell each subscriber the events it asked for, each task rendered once."""
-        queue = self.queue
-        for event in events:
-            kind = WATCH_EVENTS.get(type(event))
-            if kind is None or (type(event) is TaskReleased and event.waiting_for):
-                continue
-            if kind.startswith("stream."):
-                stream = queue.streams[event.name]
-                self._send_to_subscribers(kind, {"stream": queue.stream_record(stream)},
-                                          event.at, stream.name, stream.session)
-                continue
-            task = queue.tasks.get(event.id)
-            if task is not None:
-                self._send_to_subscribers(kind, lambda: {"task": queue.task_record(task)}, event.at,
-                                          task.stream, queue.streams[task.stream].session, task.id)
-
-    def _send_to_subscribers(self, kind: str, body, at: float | None = None,
-                             stream: str | None = None, session: str | None = None,
-                             task_id: int | None = None) -> None:
-        message = None
-        for conn, subscription in self.subscriptions.items():
-            if subscription.wants(kind, stream, session, task_id):
-                if message is None:
-                    message = {"event": kind, "at": rfc3339(time.time() if at is None else at),
-                               **(body() if callable(body) else body)}
-                conn.publish(message)
-
-    def add_waiter(self, key: tuple, conn: Connection, ticket: int) -> None:
-        """Wake ``conn`` when ``key`` (a stream gaining tasks, a task ending) fires."""
-        waiters = self.waiters.setdefault(key, [])
-        if len(waiters) >= 64:  # drop wake-ups of requests answered or gone since
-            waiters[:] = [(c, t) for c, t in waiters if c.ticket == t and not c.lost]
-        waiters.append((conn, ticket))
-
-    @staticmethod
-    def blocks(request: Request, result: Any) -> tuple[list[tuple], float | None] | None:
-        """For a request that must wait: what can end the wait, and the longest wait."""
-        if type(request) is Claim and result is None and request.wait > 0:
-            return [("stream", s) for s in names(request.stream)], request.wait
-        if type(request) is Wait and not result["done"] and request.timeout != 0:
-            return [("task", next(t["id"] for t in result["tasks"]
-                                  if t["status"] not in TERMINAL))], request.timeout
-        return None
-
-    def still_waiting(self, request: Request) -> list[tuple] | None:
-        """For a blocked `wait`: the next task it waits on, found without rendering any."""
-        if type(request) is Wait:
-            task_id = self.queue.first_unfinished(request.tasks)
-            return None if task_id is None else [("task", task_id)]
-        return None
-
-    def wake(self, key: tuple) -> None:
-        """Let every request blocked on ``key`` try again, on the next loop turn."""
-        waiters = self.waiters.pop(key, None)
-        if waiters:
-            loop = asyncio.get_running_loop()
-            for conn, ticket in waiters:
-                loop.call_soon(conn.woken, ticket)
-
-    # -- daemon ops ---------------------------------------------------------
-
-    def op_hello(self, req: Hello) -> dict:
-        return {"version": VERSION, "protocol": PROTOCOL}
-
-    def op_status(self, req: Status) -> dict:
+    def status(self) -> dict:
         journal = self.journal
         return {
             "version": VERSION, "protocol": PROTOCOL, "pid": os.getpid(),
@@ -3974,68 +4331,32 @@ class Daemon:
             "config": self.paths.config, "counts": self.queue.totals(),
             "tasks": len(self.queue.tasks), "sessions": len(self.queue.sessions),
             "streams": len(self.queue.streams), "locks": len(self.queue.lock_holder),
-            "connections": len(self.connections),
-            "workers": {"slots": len(self.pool.slots),
-                        "busy": sum(1 for s in self.pool.slots if s.run),
-                        "restarts": sum(s.restart_count for s in self.pool.slots),
-                        "failed": {s.name: s.failed for s in self.pool.slots if s.failed}},
+            "connections": len(self.connections.open), "workers": self.pool.summary(),
             "journal": {"seq": journal.last_seq, "durable_seq": journal.durable_seq,
                         "fsync": journal.policy, "segments": len(journal.sealed) + 1,
-                        "failure": journal.failure},
-            "snapshot": dict(self.last_snapshot),
+                        "failure": journal.failure or journal.stalled},
+            "snapshot": dict(self.snapshots.last),
         }
 
-    def op_tools(self, req: Tools) -> dict:
-        classes = self.config.task_classes
+    def tools(self) -> dict:
         settings = self.queue.settings
         return {
             "tools": {name: {"task_class": t.task_class, "description": t.description,
                              "timeout": settings(name).timeout,
                              "max_attempts": settings(name).max_attempts, "command": t.command}
                       for name, t in self.config.tools.items()},
-            "task_classes": {name: msgspec.structs.asdict(c) for name, c in classes.items()},
+            "task_classes": {name: msgspec.structs.asdict(c)
+                             for name, c in self.config.task_classes.items()},
         }
 
-    def op_logs(self, req: Logs) -> dict:
-        task = self.queue.tasks.get(req.task)
-        if task is None:
-            raise NotFound(f"no task {req.task}")
-        return {"task": req.task, "status": task.status, "running": req.task in self.pool.runs,
-                "log": self.read_log(req.task, req.tail)}
+    def status_line(self) -> str:
+        """The queue in one line, for the service manager's STATUS=."""
+        counts, workers = self.queue.totals(), self.pool.summary()
+        return (f"STATUS={counts['pending']} pending, {counts['waiting']} waiting, "
+                f"{counts['running']} running, {counts['failed']} failed; "
+                f"workers {workers['busy']}/{workers['slots']} busy")
 
-    def op_scripts(self, req: Scripts) -> list:
-        return [{"name": s.name, "path": s.path, "description": s.description,
-                 "task_class": s.task_class, "timeout": s.timeout, "args": s.args}
-                for s in self.queue.scripts.values()]
-
-    def op_workers(self, req: Workers) -> list:
-        hour_ago = time.time() - 3600
-        external = [{"name": name, "kind": "external", "pid": w["pid"], "task": w["task"],
-                     "state": "busy" if w["task"] else "idle", "done": w["done"], "restarts": 0,
-                     "error": None, "last_seen": rfc3339(w["last_seen"])}
-                    for name, w in self.external.items() if w["last_seen"] >= hour_ago]
-        return self.pool.slot_records() + external
-
-    def op_watch(self, req: Watch) -> dict:
-        unknown = set(req.events or ()) - EVENT_TYPES
-        if unknown:
-            raise BadRequest(f"unknown event type {sorted(unknown)[0]!r} "
-                             f"(known: {', '.join(sorted(EVENT_TYPES))})")
-        return {"watching": {k: v for k, v in msgspec.structs.asdict(req).items()
-                             if k != "id" and v is not None}}
-
-    def op_metrics(self, req: Metrics) -> str:
-        return render_metrics(self)
-
-    def op_reload(self, req: Reload) -> dict:
-        return self.reload()
-
-    def op_shutdown(self, req: Shutdown) -> dict:
-        asyncio.get_running_loop().call_soon(self.request_stop)
-        return {}
-
-    def op_schema(self, req: Schema) -> dict:
-        return request_schema()
+    # -- reload -------------------------------------------------------------------
 
     def reload(self) -> dict:
         """Re-read the configuration, telling the service manager around it."""
@@ -4055,23 +4376,23 @@ class Daemon:
             raise BadRequest(f"configuration refused, the old one stays in force: {exc}") from None
         restart = [key for key, old, new in (
             ("server.socket", self.config.server.socket, config.server.socket),
-            ("database.path", self.config.database.path, config.database.path))
-            if old != new]
+            ("database.path", self.config.database.path, config.database.path)) if old != new]
         if restart:
             log.warning("reload: %s take effect at the next restart", ", ".join(restart))
-        self.config = config
+        self.config = self.hooks.config = config
         self.queue.reconfigure(config, scan_scripts(config.script_dirs))
-        self.pool.resize()
+        self.pool.reconfigure(config)
+        self.connections.max_frame = config.server.max_frame_bytes
         self.journal.policy = config.database.fsync
         self.journal.interval = config.database.fsync_interval_ms / 1000
         self._timer_wake.set()
         log.info("configuration reloaded from %s", path or "built-in defaults")
         summary = {"config": path, "tools": sorted(config.tools),
-                "task_classes": sorted(config.task_classes), "fsync": config.database.fsync,
-                "snapshot_interval": config.database.snapshot_interval,
-                "purge_older_than_days": config.purge.older_than_days,
-                "stale_factor": config.stale.factor, "restart_needed": restart}
-        self._send_to_subscribers("config.reloaded", {"config": summary})
+                   "task_classes": sorted(config.task_classes), "fsync": config.database.fsync,
+                   "snapshot_interval": config.database.snapshot_interval,
+                   "purge_older_than_days": config.purge.older_than_days,
+                   "stale_factor": config.stale.factor, "restart_needed": restart}
+        self.watchers.send("config.reloaded", {"config": summary})
         return summary
 
     def _reload_on_signal(self) -> None:
@@ -4080,18 +4401,10 @@ class Daemon:
         except BadRequest:
             pass  # already logged with the reason
 
-    def status_line(self) -> str:
-        """The queue in one line, for the service manager's STATUS=."""
-        counts = self.queue.totals()
-        busy = sum(1 for s in self.pool.slots if s.run)
-        return (f"STATUS={counts['pending']} pending, {counts['waiting']} waiting, "
-                f"{counts['running']} running, {counts['failed']} failed; "
-                f"workers {busy}/{len(self.pool.slots)} busy")
-
-    # -- timers and snapshots ---------------------------------------------------
+    # -- the one timer --------------------------------------------------------------
 
     async def _run_timers(self) -> None:
-        """The one timer: stale tasks, purge, batched fsync and snapshots.
+        """The one timer: leases, delays, purge, waits, batched fsync, snapshots, metrics.
 
         A turn that fails is logged and retried a second later: the loop never
         ends. The watchdog is pinged first, so only a loop that truly hangs
@@ -4099,11 +4412,11 @@ class Daemon:
         """
         while not self.stopping:
             now = time.time()
-            deadlines = self._notify_duties(now)
+            deadlines = self.duties.run(now, self.status_line)
             try:
                 deadlines += self._timer_turn(now)
             except Exception as exc:
-                self._timer_failed(exc, now, traceback=True)
+                self._timer_failed(exc, traceback=True)
                 deadlines.append(now + 1.0)
             self.timer_deadline = min(d for d in deadlines if d is not None)
             self._timer_wake.clear()
@@ -4121,40 +4434,25 @@ class Daemon:
                 next_tick = self.change(lambda: self.queue.tick(now))
                 self.timer_trouble = None
             except Unavailable as exc:  # a full disk: the due work waits, the rest goes on
-                self._timer_failed(exc, now)
+                self._timer_failed(exc)
                 next_tick = now + 1.0
-        if now >= self.next_snapshot:
-            self.next_snapshot = now + self.config.database.snapshot_interval
-            if self.snapshot_task is None:
-                self.snapshot_task = asyncio.get_running_loop().create_task(self._snapshot_job())
+        next_wait = self.waiters.tick(now)
+        next_snapshot = self.snapshots.due(now, self.config.database.snapshot_interval)
         sync_at = self.journal.sync_deadline()
         if sync_at is not None and sync_at <= now:
-            self._sync_journal()
+            try:
+                self.journal.sync_now()
+            except Unavailable:
+                pass  # logged by the journal; retried or refused from now on
             sync_at = self.journal.sync_deadline()
-        return [self.next_snapshot, next_tick, sync_at, self._metrics_duty(now)]
+        return [next_snapshot, next_tick, next_wait, sync_at, self._metrics_duty(now)]
 
-    def _timer_failed(self, exc: Exception, now: float, traceback: bool = False) -> None:
+    def _timer_failed(self, exc: Exception, traceback: bool = False) -> None:
         """Log why a timer turn failed, once until it changes; the turn is retried."""
         reason = f"{type(exc).__name__}: {exc}"
         if reason != self.timer_trouble:
             log.error("timer: %s; retrying every second", reason, exc_info=traceback)
             self.timer_trouble = reason
-
-    def _notify_duties(self, now: float) -> list[float]:
-        """Ping the watchdog from this loop (a hung loop stops the pings); keep STATUS fresh."""
-        if self.notifier.sock is None:
-            return []
-        interval = self.notifier.watchdog_interval
-        if interval is not None and now >= self.next_watchdog:
-            self.notifier.send("WATCHDOG=1")
-            self.next_watchdog = now + interval
-        if now >= self.next_status:
-            line = self.status_line()
-            if line != self.last_status:
-                self.notifier.send(line)
-                self.last_status = line
-            self.next_status = now + 2
-        return [self.next_status] + ([self.next_watchdog] if interval is not None else [])
 
     def _metrics_duty(self, now: float) -> float | None:
         """Write metrics.textfile every metrics.interval, for node_exporter."""
@@ -4163,8 +4461,9 @@ class Daemon:
             return None
         if now >= self.next_metrics:
             self.next_metrics = now + self.config.metrics.interval
+            text = self._dispatch(Metrics(), None, now)
             future = asyncio.get_running_loop().run_in_executor(
-                self.snapshot_pool, write_atomically, os.path.expanduser(path), render_metrics(self))
+                self.executor, write_atomically, os.path.expanduser(path), text)
             future.add_done_callback(self._metrics_written)
         return self.next_metrics
 
@@ -4172,49 +4471,6 @@ class Daemon:
     def _metrics_written(future) -> None:
         if future.exception() is not None:
             log.warning("cannot write metrics.textfile: %s", future.exception())
-
-    def _sync_journal(self) -> None:
-        try:
-            self.journal.sync_now()
-        except Unavailable:
-            pass  # logged by the journal; changes are refused from now on
-
-    async def _snapshot_job(self) -> None:
-        try:
-            await self.take_snapshot()
-        finally:
-            self.snapshot_task = None
-
-    async def take_snapshot(self) -> None:
-        """Write what changed since the last snapshot, then drop covered journal segments."""
-        changes = self.queue.take_changes()
-        if not changes:
-            return
-        seq, next_id = self.journal.last_seq, self.queue.next_id
-        session_of = {s.name: s.session for s in self.queue.streams.values()}
-        started = time.perf_counter()
-        try:
-            current = self.journal.current
-            if current is None or current.reserved > SEGMENT_HEADER.size:
-                self.journal.rotate()  # later records go to a segment this snapshot does not cover
-            self.journal.sync_now()
-            await asyncio.get_running_loop().run_in_executor(
-                self.snapshot_pool, self.snapshot.write, changes, seq, next_id, session_of)
-            removed = self.journal.remove_through(seq)
-        except Exception as exc:  # whatever the cause, the changes wait for the next snapshot
-            self.queue.changes = merge_changes(changes, self.queue.changes)
-            self.last_snapshot["error"] = f"{type(exc).__name__}: {exc}"
-            log.error("snapshot to %s failed, the journal keeps everything; retried in %g s: "
-                      "%s", self.paths.database, self.config.database.snapshot_interval,
-                      self.last_snapshot["error"],
-                      exc_info=not isinstance(exc, (OSError, sqlite3.Error, SparkQError)))
-            return
-        seconds = time.perf_counter() - started
-        self.snapshot_time = time.time()
-        self.last_snapshot = {"seq": seq, "at": rfc3339(time.time()),
-                              "seconds": round(seconds, 4), "error": None}
-        log.debug("snapshot at record %d: %d tasks written in %.3f s, %d segments removed",
-                  seq, len(changes.tasks), seconds, removed)
 
 
 def remove_files(paths: list[str]) -> None:
@@ -4230,8 +4486,9 @@ def remove_files(paths: list[str]) -> None:
 
 def use_pidfd_child_watcher(loop: asyncio.AbstractEventLoop) -> None:
     """Wait for task processes through pidfds, not a thread per process (Python < 3.12)."""
-    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
-        return  # 3.12 picks the pidfd watcher itself
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open") or not isinstance(
+            loop, asyncio.BaseEventLoop):
+        return  # 3.12 picks the pidfd watcher itself; uvloop watches children its own way
     try:
         os.close(os.pidfd_open(os.getpid()))
     except OSError:
@@ -4291,8 +4548,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", help="directory of the journal and snapshot")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"],
+                        help="event loop (default: uvloop where it loads, else asyncio's own)")
     parser.add_argument("--version", action="version", version=f"sparkqd {VERSION}")
     return parser.parse_args(argv)
+
+
+def run_loop(main_task, kind: str) -> None:
+    """Run on uvloop (less overhead per request) where it loads, else on asyncio's own loop."""
+    if kind == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            log.info("uvloop is not installed: running on asyncio's own event loop")
+        else:
+            return uvloop.run(main_task)
+    asyncio.run(main_task)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -4309,7 +4580,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = resolve_paths(args, config, config_path, activated=activated)
     daemon = Daemon(paths, config, args.config, service_env)
     try:
-        asyncio.run(daemon.run())
+        run_loop(daemon.run(), args.loop)
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         return 1

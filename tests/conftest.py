@@ -40,6 +40,15 @@ def wait_until(predicate, timeout=10.0, interval=0.01, message="condition"):
         time.sleep(interval)
 
 
+def core_call(queue, request, now):
+    """Hand a request to the pure queue core as the daemon's dispatch does; returns its
+    result in wire form (as a client would see it)."""
+    import sparkqd
+    tag = type(request).__struct_config__.tag
+    method = {"task": "get_task", "tasks": "list_tasks"}.get(tag, tag.replace(".", "_"))
+    return sparkqd.Replies(queue).wire(getattr(queue, method)(request, now))
+
+
 class Conn:
     """A raw connection in either framing: ``send(op=...)`` then ``recv()``."""
 
@@ -109,8 +118,10 @@ class Conn:
 class Daemon:
     """A sparkqd process with its own socket, data directory and optional config."""
 
-    def __init__(self, workdir: Path, config: str | None = None, env: dict | None = None):
+    def __init__(self, workdir: Path, config: str | None = None, env: dict | None = None,
+                 loop: str = "uvloop"):
         self.workdir = Path(workdir)
+        self.loop = loop
         self.socket = self.workdir / "sparkqd.sock"
         self.data_dir = self.workdir / "data"
         self.config_path = self.workdir / "sparkq.yml"
@@ -129,7 +140,8 @@ class Daemon:
         return env
 
     def args(self):
-        args = [*SPARKQD, "--socket", str(self.socket), "--data-dir", str(self.data_dir)]
+        args = [*SPARKQD, "--socket", str(self.socket), "--data-dir", str(self.data_dir),
+                "--loop", self.loop]
         if self.config_path.exists():
             args += ["--config", str(self.config_path)]
         return args
@@ -222,8 +234,23 @@ def workdir():
         yield Path(d)
 
 
+#: Modules whose daemons run under both event loops: uvloop (the default) and asyncio's own.
+BOTH_LOOPS = {"test_protocol", "test_durability", "test_runner", "test_crashes"}
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.module.__name__ in BOTH_LOOPS and "loop_kind" in metafunc.fixturenames:
+        metafunc.parametrize("loop_kind", ["uvloop", "asyncio"], indirect=True)
+
+
 @pytest.fixture
-def make_daemon(workdir):
+def loop_kind(request):
+    """The event loop the test's daemons run on."""
+    return getattr(request, "param", "uvloop")
+
+
+@pytest.fixture
+def make_daemon(workdir, loop_kind):
     """Factory for daemons in this test's temp dir; each is killed at the end.
 
     Unless a test asks for them, the daemon runs no worker pool, so tasks of the
@@ -237,7 +264,7 @@ def make_daemon(workdir):
         where.mkdir(exist_ok=True)
         if workers is not None and "workers:" not in (config or ""):
             config = f"{config or ''}\nworkers:\n  count: {workers}\n"
-        daemon = Daemon(where, config, env)
+        daemon = Daemon(where, config, env, loop_kind)
         daemons.append(daemon)
         return daemon.start() if start else daemon
 

@@ -4,6 +4,7 @@ import msgspec
 import pytest
 
 import sparkqd
+from conftest import core_call
 from sparkqd import (Claim, Complete, Conflict, Enqueue, Fail, GetTask, ListTasks, NotFound,
                      Peek, Purge, Requeue, SessionCreate, SessionEnd, StreamCreate, StreamEnd)
 
@@ -35,7 +36,7 @@ def queue(clock):
 
 
 def do(queue, clock, request):
-    return queue.handle(request, clock.now)
+    return core_call(queue, request, clock.now)
 
 
 def enqueue(queue, clock, payload="x", **fields):
@@ -176,8 +177,8 @@ def test_replaying_events_rebuilds_the_same_state(queue, clock):
     for event in msgspec.msgpack.decode(msgspec.msgpack.encode(events),
                                         type=list[sparkqd.AnyEvent]):
         fresh.apply(event)
-    assert [fresh.task_record(t, True) for t in fresh.tasks.values()] == \
-        [queue.task_record(t, True) for t in queue.tasks.values()]
+    assert [sparkqd.Replies(fresh).task(t, True) for t in fresh.tasks.values()] == \
+        [sparkqd.Replies(queue).task(t, True) for t in queue.tasks.values()]
 
 
 def test_load_rebuilds_indexes_from_snapshot_rows(queue, clock):
@@ -187,7 +188,7 @@ def test_load_rebuilds_indexes_from_snapshot_rows(queue, clock):
     loaded = sparkqd.Queue(sparkqd.Config())
     loaded.load(list(queue.sessions.values()), list(queue.streams.values()),
                 list(queue.tasks.values()), queue.next_id)
-    assert [loaded.handle(Claim(), T0)["payload"] for _ in range(3)] == [1, 0, 2]
+    assert [core_call(loaded, Claim(), T0)["payload"] for _ in range(3)] == [1, 0, 2]
 
 
 def test_snapshot_changes_track_latest_versions(queue, clock):

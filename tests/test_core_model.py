@@ -46,6 +46,7 @@ from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, initia
                                  multiple, rule)
 
 import sparkqd
+from conftest import core_call
 from sparkqd import (BadRequest, Cancel, Claim, Complete, Conflict, Enqueue, Fail, Locks, NotFound,
                      Peek, Purge, Requeue, SessionCreate, StreamCreate, StreamPause, StreamResume,
                      Touch)
@@ -150,7 +151,7 @@ def claim_order_by_brute_force(tasks, paused, lock_group):
 def claim_order_of(queue, now):
     """Claim from ``queue`` on all streams until nothing is claimable (mutates it)."""
     order = []
-    while (record := queue.handle(Claim(stream=list(STREAMS)), now)) is not None:
+    while (record := core_call(queue, Claim(stream=list(STREAMS)), now)) is not None:
         order.append(record["id"])
     return order
 
@@ -204,10 +205,10 @@ def copy_of(queue):
 def observable_state(queue):
     """Everything a client or the snapshot could see, for comparing two queues."""
     return {
-        "sessions": [queue.session_record(s) for s in queue.sessions.values()],
-        "streams": sorted((queue.stream_record(s) for s in queue.streams.values()),
+        "sessions": [sparkqd.Replies(queue).session(s) for s in queue.sessions.values()],
+        "streams": sorted((sparkqd.Replies(queue).stream(s) for s in queue.streams.values()),
                           key=lambda r: r["name"]),
-        "tasks": {t.id: queue.task_record(t, True) for t in queue.tasks.values()},
+        "tasks": {t.id: sparkqd.Replies(queue).task(t, True) for t in queue.tasks.values()},
         "task objects": dict(queue.tasks),
         "next_id": queue.next_id,
         "counts": queue.counts,
@@ -258,7 +259,7 @@ class QueueMachine(RuleBasedStateMachine):
         before = dict(self.queue.tasks)
         streams_before = dict(self.queue.streams)
         try:
-            result = self.queue.handle(request, self.now)
+            result = core_call(self.queue, request, self.now)
         except sparkqd.SparkQError as refusal:
             assert self.queue.take_events() == [], f"{request} refused but emitted events"
             assert self.queue.take_wakeups() == (set(), []), f"{request} refused but woke"
@@ -313,7 +314,7 @@ class QueueMachine(RuleBasedStateMachine):
             elif claimable is not None:
                 self.blocked_claims.discard((streams, tools))  # it claims: no longer blocked
             else:
-                self.queue.handle(Peek(stream=sorted(streams),
+                core_call(self.queue, Peek(stream=sorted(streams),
                                        tool=None if tools is None else sorted(tools)),
                                   self.now)  # as the woken claim does, finding nothing
 
@@ -786,9 +787,9 @@ class QueueMachine(RuleBasedStateMachine):
         finished = {t.id for t in self.queue.tasks.values() if t.status in TERMINAL}
         for how, queue in {"live queue (a copy)": copy_of(self.queue), **rebuilt}.items():
             assert claim_order_of(queue, self.now) == order, f"{how}: claim order differs"
-            ended = [r["id"] for r in queue.handle(sparkqd.History(), self.now)]
+            ended = [r["id"] for r in core_call(queue, sparkqd.History(), self.now)]
             assert sorted(ended) == sorted(finished), f"{how}: history differs"
-            purged = queue.handle(Purge(older_than_days=0), self.now)["purged"]
+            purged = core_call(queue, Purge(older_than_days=0), self.now)["purged"]
             assert purged == len(finished) and not finished & queue.tasks.keys(), \
                 f"{how}: purging every finished task left some"
         self.snapshot = (snapshot_of(self.queue), len(events))

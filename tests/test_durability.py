@@ -118,12 +118,12 @@ def state_of(d):
 
 def state_of_queue(queue):
     """The views of state_of, built from a Queue in this process, as JSON shows them."""
-    tasks = list(queue.tasks.values())
+    tasks, replies = list(queue.tasks.values()), sparkqd.Replies(queue)
     return msgspec.json.decode(msgspec.json.encode({
-        "tasks": [queue.task_record(t) for t in tasks],
-        "task": [queue.task_record(t, with_history=True) for t in tasks],
-        "sessions": [queue.session_record(s) for s in queue.sessions.values()],
-        "streams": [queue.stream_record(s) for s in queue.streams.values()],
+        "tasks": [replies.task(t) for t in tasks],
+        "task": [replies.task(t, with_history=True) for t in tasks],
+        "sessions": [replies.session(s) for s in queue.sessions.values()],
+        "streams": [replies.stream(s) for s in queue.streams.values()],
         "locks": queue.locks(sparkqd.Locks(), 0.0)}))
 
 
