@@ -54,6 +54,7 @@ import logging
 import math
 import os
 import re
+import resource
 import select
 import signal
 import socket
@@ -1074,13 +1075,8 @@ class Changes:
         return bool(self.sessions or self.streams or self.tasks or self.purged)
 
 
-class Queue:
-    """Sessions, streams and tasks, with the rules that change them.
-
-    ``handle(request, now)`` validates a request, emits the events that carry
-    it out (applying each at once) and returns the result. The caller takes
-    the emitted events with ``take_events()`` and journals them. Nothing here
-    does I/O or reads the clock.
+class TaskIndex:
+    """Every task, and the indexes that make claims and timers cheap, kept in step by ``put``.
 
     Pending tasks sit in one heap per (stream, tool), so a claim looks at the
     top of a few heaps: O(log n). A task whose lock is held is moved, when it
@@ -1090,13 +1086,8 @@ class Queue:
     releases (or fails) its dependents.
     """
 
-    def __init__(self, config: Config, scripts: dict | None = None):
-        self.config = config
-        self.scripts: dict[str, Script] = scripts or {}  #: indexed from script_dirs by the daemon
-        self.sessions: dict[str, Session] = {}
-        self.streams: dict[str, Stream] = {}
+    def __init__(self):
         self.tasks: dict[int, Task] = {}
-        self.next_id = 1
         #: stream -> tool -> heap of ready_key() of pending tasks (stale keys skipped)
         self.ready: dict[str, dict[str, list[int]]] = {}
         #: lock -> (stream, tool) -> heap of pending tasks set aside while the lock is held
@@ -1116,7 +1107,147 @@ class Queue:
         #: ended, since last taken.
         self.became_ready: set[tuple[str, str | None]] = set()
         self.finished: list[int] = []
-        self.changes = Changes()
+        self.changes = Changes()  #: what the next snapshot writes
+
+    def add_stream(self, name: str) -> None:
+        self.ready[name] = {}
+        self.counts[name] = dict.fromkeys(STATUSES, 0)
+
+    def take_wakeups(self) -> tuple[set[tuple[str, str | None]], list[int]]:
+        ready, finished = self.became_ready, self.finished
+        self.became_ready, self.finished = set(), []
+        return ready, finished
+
+    def put(self, task: Task, old: Task | None, loading: bool = False) -> None:
+        """Store a new version of a task and keep every index in step.
+
+        ``loading``: a task of the snapshot being loaded; its heaps are built by
+        ``loaded()`` once all are in, and it is no change for the next snapshot.
+        """
+        self.tasks[task.id] = task
+        if not loading:
+            self.changes.tasks[task.id] = task
+        push = list.append if loading else heapq.heappush
+        status, old_status = task.status, old and old.status
+        if old_status != status:
+            counts = self.counts[task.stream]
+            if old_status:
+                counts[old_status] -= 1
+            counts[status] += 1
+        if status == "pending":
+            push(self.ready[task.stream].setdefault(task.tool, []), ready_key(task))
+            self.became_ready.add((task.stream, task.tool))
+        elif status == "running":
+            push(self.stale_heap, (task.lease_expires_at, task.id, task.lease))
+            if task.lock is not None:
+                self.lock_holder[task.lock] = task.id
+        elif status == "waiting":
+            if task.waiting_for in ("delay", "retry"):
+                push(self.delay_heap, (task.ready_at, task.id))
+        elif old_status != status:  # it just ended
+            push(self.purge_heap, (task.finished_at, task.id))
+            self.finish_log.append((task.finished_at, task.id))
+            self.finished.append(task.id)
+            self.index_cascade(task)
+        if loading:
+            if task.key is not None or task.waiting_for == "after":
+                self.index_new(task)
+            return
+        if old_status == "running" and status != "running" and task.lock is not None:
+            if self.lock_holder.get(task.lock) == task.id:
+                del self.lock_holder[task.lock]
+        if task.lock is not None and task.lock not in self.lock_holder:
+            self.unpark(task.lock)
+
+    def loaded(self) -> None:
+        """Build the heaps and the finish log once a snapshot's tasks are all in."""
+        for by_tool in self.ready.values():
+            for heap in by_tool.values():
+                heapq.heapify(heap)
+        for heap in (self.stale_heap, self.delay_heap, self.purge_heap):
+            heapq.heapify(heap)
+        self.finish_log = self.live_finish_log()
+        self.take_wakeups()
+
+    def remove(self, task_id: int) -> None:
+        """Forget a purged task (stale heap entries are skipped where they are met)."""
+        task = self.tasks.pop(task_id, None)
+        if task is None:
+            return
+        self.counts[task.stream][task.status] -= 1
+        if task.key is not None and self.keys.get((task.stream, task.key)) == task_id:
+            del self.keys[task.stream, task.key]
+        self.changes.tasks.pop(task_id, None)
+        self.changes.purged.add(task_id)
+
+    def top(self, stream: str, tool: str) -> Task | None:
+        """The best claimable task of one heap, setting aside those whose lock is held."""
+        heap = self.ready[stream].get(tool)
+        while heap:
+            task = self.tasks.get(heap[0] & ID_MASK)
+            if task is None or task.status != "pending" or ready_key(task) != heap[0]:
+                heapq.heappop(heap)  # a stale key: the task moved on since it was pushed
+            elif task.lock is not None and task.lock in self.lock_holder:
+                heapq.heappop(heap)
+                groups = self.parked.setdefault(task.lock, {})
+                heapq.heappush(groups.setdefault((stream, tool), []), ready_key(task))
+            else:
+                return task
+        return None
+
+    def unpark(self, lock: str) -> None:
+        """The lock is free: the best parked task of each heap may be claimed again."""
+        groups = self.parked.get(lock)
+        if not groups:
+            return
+        for (stream, tool), heap in list(groups.items()):
+            while heap:
+                task = self.tasks.get(heapq.heappop(heap) & ID_MASK)
+                if task is not None and task.status == "pending":
+                    heapq.heappush(self.ready[stream].setdefault(tool, []), ready_key(task))
+                    self.became_ready.add((stream, tool))
+                    break
+            if not heap:
+                del groups[(stream, tool)]
+        if not groups:
+            del self.parked[lock]
+
+    def index_cascade(self, task: Task) -> None:
+        """Remember a task failed only because a dependency did, for requeue's cascade."""
+        cause = cascade_cause(task)
+        if cause is not None:
+            self.cascaded.setdefault(cause, []).append(task.id)
+
+    def index_new(self, task: Task) -> None:
+        """Index a task's unique key and the dependencies it waits for."""
+        if task.key is not None:
+            self.keys[task.stream, task.key] = task.id
+        if task.waiting_for == "after":
+            for dep in task.after:
+                if dep in self.tasks and self.tasks[dep].status != "completed":
+                    self.dependents.setdefault(dep, []).append(task.id)
+
+    def live_finish_log(self) -> list[tuple[float, int]]:
+        return sorted((t.finished_at, t.id) for t in self.tasks.values() if t.status in TERMINAL)
+
+
+class Queue:
+    """Sessions, streams and tasks, with the rules that change them.
+
+    Each handler (``enqueue(request, now)``, ``claim``...) validates a request,
+    emits the events that carry it out (each handed to ``record`` and then
+    applied) and returns its result as Structs. ``tick(now)`` does what time
+    makes due. The caller takes the emitted events with ``take_events()``.
+    Nothing here does I/O or reads the clock; the indexes are a TaskIndex.
+    """
+
+    def __init__(self, config: Config, scripts: dict | None = None):
+        self.config = config
+        self.scripts: dict[str, Script] = scripts or {}  #: indexed from script_dirs by the daemon
+        self.sessions: dict[str, Session] = {}
+        self.streams: dict[str, Stream] = {}
+        self.next_id = 1
+        self.index = TaskIndex()
         #: Called with each event before it is applied; the daemon's journal encodes it and
         #: reserves its room there, and may refuse it (BadRequest, Unavailable).
         self.record = None
@@ -1142,14 +1273,25 @@ class Queue:
 
     def take_changes(self) -> Changes:
         """What changed since the last call, for the snapshot."""
-        changes, self.changes = self.changes, Changes()
+        changes, self.index.changes = self.index.changes, Changes()
         return changes
+
+    def keep_changes(self, changes: Changes) -> None:
+        """Put back the changes a failed snapshot took, under those made since."""
+        self.index.changes = merge_changes(changes, self.index.changes)
 
     def take_wakeups(self) -> tuple[set[tuple[str, str | None]], list[int]]:
         """(stream, tool) that gained claimable tasks and tasks that ended, since the last call."""
-        ready, finished = self.became_ready, self.finished
-        self.became_ready, self.finished = set(), []
-        return ready, finished
+        return self.index.take_wakeups()
+
+    # What the daemon's parts read of the index.
+    tasks = property(lambda self: self.index.tasks)
+    counts = property(lambda self: self.index.counts)
+    lock_holder = property(lambda self: self.index.lock_holder)
+    keys = property(lambda self: self.index.keys)
+    dependents = property(lambda self: self.index.dependents)
+    became_ready = property(lambda self: self.index.became_ready)
+    finished = property(lambda self: self.index.finished)
 
     def apply(self, event: Event) -> None:
         """Change state by one event: the same path live and on replay."""
@@ -1188,7 +1330,7 @@ class Queue:
 
     def _task(self, task_id: int) -> Task:
         try:
-            return self.tasks[task_id]
+            return self.index.tasks[task_id]
         except KeyError:
             raise NotFound(f"no task {task_id}") from None
 
@@ -1292,8 +1434,8 @@ class Queue:
             raise Conflict(f"stream {stream.name!r} has ended and takes no new tasks")
         tool_name, payload = self._what_to_run(req)
         settings = self.settings(tool_name)
-        if req.key is not None and (stream.name, req.key) in self.keys:
-            return TaskResult(self.tasks[self.keys[stream.name, req.key]], {"existing": True})
+        if req.key is not None and (stream.name, req.key) in self.index.keys:
+            return TaskResult(self.index.tasks[self.index.keys[stream.name, req.key]], {"existing": True})
         if req.delay is not None and req.at is not None:
             raise BadRequest("give delay or at, not both")
         ready_at = parse_time(req.at) if req.at is not None else (
@@ -1302,9 +1444,9 @@ class Queue:
             raise BadRequest(f"at: {req.at!r} is before 1970 or after 9999")
         after = tuple(dict.fromkeys(req.after or ()))
         for dep in after:
-            if dep not in self.tasks:
+            if dep not in self.index.tasks:
                 raise NotFound(f"no task {dep} (named in after)")
-        unfinished = [dep for dep in after if self.tasks[dep].status != "completed"]
+        unfinished = [dep for dep in after if self.index.tasks[dep].status != "completed"]
         waiting_for = "after" if unfinished else (
             "delay" if ready_at is not None and ready_at > now else None)
         task_id = self.next_id
@@ -1315,9 +1457,9 @@ class Queue:
             waiting_for=waiting_for, ready_at=ready_at, after=after, key=req.key,
             lock=normalise_lock(req.lock) if req.lock else None))
         for dep in unfinished:
-            if self.tasks[dep].status in TERMINAL:
+            if self.index.tasks[dep].status in TERMINAL:
                 self._settle_dependents(dep, now)  # a dependency that failed already
-        return TaskResult(self.tasks[task_id], {"existing": False})
+        return TaskResult(self.index.tasks[task_id], {"existing": False})
 
     # -- claim and peek -------------------------------------------------------
 
@@ -1329,44 +1471,12 @@ class Queue:
         for name in stream_names:
             if self.streams[name].paused:
                 continue
-            by_tool = self.ready[name]
+            by_tool = self.index.ready[name]
             for tool in (tools if tools is not None else list(by_tool)):
-                task = self._top(name, tool)
+                task = self.index.top(name, tool)
                 if task is not None and (best is None or ready_key(task) < ready_key(best)):
                     best = task
         return best
-
-    def _top(self, stream: str, tool: str) -> Task | None:
-        """The best claimable task of one heap, setting aside those whose lock is held."""
-        heap = self.ready[stream].get(tool)
-        while heap:
-            task = self.tasks.get(heap[0] & ID_MASK)
-            if task is None or task.status != "pending" or ready_key(task) != heap[0]:
-                heapq.heappop(heap)  # a stale key: the task moved on since it was pushed
-            elif task.lock is not None and task.lock in self.lock_holder:
-                heapq.heappop(heap)
-                groups = self.parked.setdefault(task.lock, {})
-                heapq.heappush(groups.setdefault((stream, tool), []), ready_key(task))
-            else:
-                return task
-        return None
-
-    def _unpark(self, lock: str) -> None:
-        """The lock is free: the best parked task of each heap may be claimed again."""
-        groups = self.parked.get(lock)
-        if not groups:
-            return
-        for (stream, tool), heap in list(groups.items()):
-            while heap:
-                task = self.tasks.get(heapq.heappop(heap) & ID_MASK)
-                if task is not None and task.status == "pending":
-                    heapq.heappush(self.ready[stream].setdefault(tool, []), ready_key(task))
-                    self.became_ready.add((stream, tool))
-                    break
-            if not heap:
-                del groups[(stream, tool)]
-        if not groups:
-            del self.parked[lock]
 
     def peek(self, req: Peek, now: float) -> dict | None:
         task = self._best_ready(names(req.stream), names(req.tool))
@@ -1379,7 +1489,7 @@ class Queue:
         self._emit(TaskClaimed(at=now, id=task.id, worker=req.worker,
                                lease=f"{task.id}.{len(task.history) + 1}",
                                lease_expires_at=now + self.config.stale.factor * task.timeout))
-        return self.tasks[task.id]
+        return self.index.tasks[task.id]
 
     # -- finishing ------------------------------------------------------------
 
@@ -1387,12 +1497,12 @@ class Queue:
         self._running(req.task, "complete", req.lease)
         self._emit(TaskCompleted(at=now, id=req.task, summary=req.summary, result=req.result))
         self._settle_dependents(req.task, now)
-        return self.tasks[req.task]
+        return self.index.tasks[req.task]
 
     def fail(self, req: Fail, now: float) -> dict:
         task = self._running(req.task, "fail", req.lease)
         self._fail_attempt(task, req.reason, now, final=req.final)
-        return self.tasks[req.task]
+        return self.index.tasks[req.task]
 
     def _fail_attempt(self, task: Task, reason: str, now: float, final: bool = False,
                       by: str | None = None) -> None:
@@ -1415,17 +1525,17 @@ class Queue:
         """A task ended: release dependents whose every dependency completed, fail the rest."""
         settled = [task_id]
         while settled:
-            done = self.tasks[settled.pop()]
-            for dep_id in self.dependents.pop(done.id, ()):
-                dependent = self.tasks.get(dep_id)
+            done = self.index.tasks[settled.pop()]
+            for dep_id in self.index.dependents.pop(done.id, ()):
+                dependent = self.index.tasks.get(dep_id)
                 if dependent is None or dependent.waiting_for != "after":
                     continue
                 if done.status != "completed":
                     self._emit(TaskFailed(at=now, id=dep_id, by="sparkqd",
                                           reason=f"dependency {done.id} {done.status}"))
                     settled.append(dep_id)
-                elif all(self.tasks[d].status == "completed" for d in dependent.after
-                         if d in self.tasks):
+                elif all(self.index.tasks[d].status == "completed" for d in dependent.after
+                         if d in self.index.tasks):
                     delayed = dependent.ready_at is not None and dependent.ready_at > now
                     self._emit(TaskReleased(at=now, id=dep_id,
                                             waiting_for="delay" if delayed else None))
@@ -1436,7 +1546,7 @@ class Queue:
 
     def interrupt(self, task_id: int, reason: str, now: float, lease: str | None = None) -> None:
         """A run the daemon could not finish: a failed attempt, retried if attempts remain."""
-        task = self.tasks.get(task_id)
+        task = self.index.tasks.get(task_id)
         if task is not None and task.status == "running" and lease in (None, task.lease):
             self._fail_attempt(task, reason, now, by="sparkqd")
 
@@ -1444,7 +1554,7 @@ class Queue:
         task = self._running(req.task, "touch", req.lease)
         self._emit(TaskTouched(at=now, id=req.task,
                                lease_expires_at=now + self.config.stale.factor * task.timeout))
-        return self.tasks[req.task]
+        return self.index.tasks[req.task]
 
     def cancel(self, req: Cancel, now: float) -> dict:
         task = self._task(req.task)
@@ -1452,7 +1562,7 @@ class Queue:
             raise Conflict(f"cannot cancel task {req.task}: it is {task.status} already")
         self._emit(TaskCancelled(at=now, id=req.task))
         self._settle_dependents(req.task, now)
-        return self.tasks[req.task]
+        return self.index.tasks[req.task]
 
     def requeue(self, req: Requeue, now: float) -> dict:
         if req.task is None:
@@ -1464,7 +1574,7 @@ class Queue:
             raise Conflict(f"cannot requeue task {req.task}: it is {task.status}"
                            + (" (enqueue it again instead)" if task.status == "completed" else ""))
         requeued = self._requeue(req.task, now)
-        return TaskResult(self.tasks[req.task], {"requeued_dependents": requeued[1:]})
+        return TaskResult(self.index.tasks[req.task], {"requeued_dependents": requeued[1:]})
 
     def _requeue(self, task_id: int, now: float) -> list[int]:
         """Requeue a task and, after it, the dependents that failed only because it did.
@@ -1474,13 +1584,13 @@ class Queue:
         """
         done, todo = [], [task_id]
         while todo:
-            task = self.tasks[todo.pop(0)]
-            unfinished = any(d in self.tasks and self.tasks[d].status != "completed"
+            task = self.index.tasks[todo.pop(0)]
+            unfinished = any(d in self.index.tasks and self.index.tasks[d].status != "completed"
                              for d in task.after)
             self._emit(TaskRequeued(at=now, id=task.id, waiting_for="after" if unfinished else None))
             done.append(task.id)
-            todo += [i for i in dict.fromkeys(self.cascaded.pop(task.id, ()))
-                     if cascade_cause(self.tasks.get(i)) == task.id]
+            todo += [i for i in dict.fromkeys(self.index.cascaded.pop(task.id, ()))
+                     if cascade_cause(self.index.tasks.get(i)) == task.id]
         return done
 
     def _requeue_matching(self, req: Requeue, now: float) -> dict:
@@ -1488,11 +1598,11 @@ class Queue:
             raise BadRequest("requeue needs task, or status (and optionally stream)")
         if req.stream is not None:
             self._stream(req.stream)
-        ids = [t.id for t in self.tasks.values()
+        ids = [t.id for t in self.index.tasks.values()
                if t.status == req.status and (req.stream is None or t.stream == req.stream)]
         requeued = []
         for task_id in ids:  # in id order: a chain's dependencies before their dependents
-            if self.tasks[task_id].status == req.status:  # not requeued by a cascade already
+            if self.index.tasks[task_id].status == req.status:  # not requeued by a cascade already
                 requeued += self._requeue(task_id, now)
         return {"requeued": len(requeued), "tasks": requeued}
 
@@ -1506,9 +1616,9 @@ class Queue:
             self._stream(req.stream)
         if req.session is not None:
             self._session(req.session)
-        limit = req.limit if req.limit is not None else len(self.tasks)
+        limit = req.limit if req.limit is not None else len(self.index.tasks)
         out = []
-        for task in self.tasks.values():
+        for task in self.index.tasks.values():
             if len(out) >= limit:
                 break
             if ((req.status is None or task.status == req.status)
@@ -1519,7 +1629,7 @@ class Queue:
 
     def first_unfinished(self, task_ids: list[int]) -> int | None:
         """The first of these tasks that has not ended (purged ones have), or None."""
-        tasks = self.tasks
+        tasks = self.index.tasks
         return next((i for i in task_ids if i in tasks and tasks[i].status not in TERMINAL), None)
 
     def wait(self, req: Wait, now: float) -> dict:
@@ -1535,12 +1645,12 @@ class Queue:
         if req.session is not None:
             self._session(req.session)
         since = parse_time(req.since) if req.since is not None else None
-        limit = req.limit if req.limit is not None else len(self.finish_log)
+        limit = req.limit if req.limit is not None else len(self.index.finish_log)
         out, stale, seen = [], 0, set()
-        for finished_at, task_id in reversed(self.finish_log):
+        for finished_at, task_id in reversed(self.index.finish_log):
             if len(out) >= limit or (since is not None and finished_at < since):
                 break
-            task = self.tasks.get(task_id)
+            task = self.index.tasks.get(task_id)
             if (task is None or task.finished_at != finished_at or task.status not in TERMINAL
                     or task_id in seen):
                 stale += 1  # purged or requeued since it ended, or ended twice in one instant
@@ -1550,18 +1660,15 @@ class Queue:
                     and (req.stream is None or task.stream == req.stream)
                     and (req.session is None or self.streams[task.stream].session == req.session)):
                 out.append(Ended(task))
-        if stale > len(self.finish_log) // 2 + 1000:
-            self.finish_log = self._live_finish_log()
+        if stale > len(self.index.finish_log) // 2 + 1000:
+            self.index.finish_log = self.index.live_finish_log()
         return out
 
-    def _live_finish_log(self) -> list[tuple[float, int]]:
-        return sorted((t.finished_at, t.id) for t in self.tasks.values() if t.status in TERMINAL)
-
     def locks(self, req: Locks, now: float) -> list:
-        return [{"lock": lock, "task": task_id, "stream": self.tasks[task_id].stream,
-                 "worker": self.tasks[task_id].worker,
-                 "since": rfc3339(self.tasks[task_id].started_at)}
-                for lock, task_id in sorted(self.lock_holder.items())]
+        return [{"lock": lock, "task": task_id, "stream": self.index.tasks[task_id].stream,
+                 "worker": self.index.tasks[task_id].worker,
+                 "since": rfc3339(self.index.tasks[task_id].started_at)}
+                for lock, task_id in sorted(self.index.lock_holder.items())]
 
     def purge(self, req: Purge, now: float) -> dict:
         days = self.config.purge.older_than_days if req.older_than_days is None else req.older_than_days
@@ -1569,16 +1676,18 @@ class Queue:
 
     def _purge_before(self, cutoff: float, now: float) -> int:
         ids, entries = [], []
-        heap = self.purge_heap
+        heap = self.index.purge_heap
         while heap and heap[0][0] <= cutoff:
             finished_at, task_id = entry = heapq.heappop(heap)
-            task = self.tasks.get(task_id)
+            task = self.index.tasks.get(task_id)
             if task is not None and task.status in TERMINAL and task.finished_at == finished_at:
                 ids.append(task_id)
                 entries.append(entry)
         ids = list(dict.fromkeys(ids))  # ended twice at the same instant: two heap entries
         if ids:
             with restored_on_error(heap, entries):
+                for task_id in ids:  # a dependent requeued by hand waits no more for one gone
+                    self._settle_dependents(task_id, now)
                 self._emit(TasksPurged(at=now, ids=ids))
         return len(ids)
 
@@ -1586,10 +1695,10 @@ class Queue:
 
     def tick(self, now: float) -> float | None:
         """Expire leases, end delays and back-offs, purge; returns the next deadline."""
-        heap = self.stale_heap
+        heap = self.index.stale_heap
         while heap and heap[0][0] <= now:
             expires, task_id, lease = entry = heapq.heappop(heap)
-            task = self.tasks.get(task_id)
+            task = self.index.tasks.get(task_id)
             if (task is not None and task.status == "running" and task.lease == lease
                     and task.lease_expires_at == expires):
                 with restored_on_error(heap, [entry]):
@@ -1597,10 +1706,10 @@ class Queue:
                         f"stale: lease expired, no complete, fail or touch for "
                         f"{self.config.stale.factor:g} x timeout {task.timeout:g} s"), now,
                         by="sparkqd")
-        heap = self.delay_heap
+        heap = self.index.delay_heap
         while heap and heap[0][0] <= now:
             ready_at, task_id = entry = heapq.heappop(heap)
-            task = self.tasks.get(task_id)
+            task = self.index.tasks.get(task_id)
             if (task is not None and task.status == "waiting" and task.ready_at == ready_at
                     and task.waiting_for in ("delay", "retry")):
                 with restored_on_error(heap, [entry]):
@@ -1610,70 +1719,38 @@ class Queue:
 
     def next_deadline(self) -> float | None:
         """The earliest time tick() may have work to do."""
-        deadlines = [heap[0][0] for heap in (self.stale_heap, self.delay_heap) if heap]
-        if self.purge_heap:
-            deadlines.append(self.purge_heap[0][0] + self.config.purge.older_than_days * DAY)
+        deadlines = [heap[0][0] for heap in (self.index.stale_heap, self.index.delay_heap) if heap]
+        if self.index.purge_heap:
+            deadlines.append(self.index.purge_heap[0][0] + self.config.purge.older_than_days * DAY)
         return min(deadlines, default=None)
 
     # -- apply: one method per event; these must never fail --------------------
 
-    def _put(self, task: Task, old: Task | None) -> None:
-        """Store a new version of a task and keep every index in step."""
-        self.tasks[task.id] = task
-        self.changes.tasks[task.id] = task
-        status, old_status = task.status, old and old.status
-        if old_status != status:
-            counts = self.counts[task.stream]
-            if old_status:
-                counts[old_status] -= 1
-            counts[status] += 1
-        if status == "pending":
-            heapq.heappush(self.ready[task.stream].setdefault(task.tool, []), ready_key(task))
-            self.became_ready.add((task.stream, task.tool))
-        elif status == "running":
-            heapq.heappush(self.stale_heap, (task.lease_expires_at, task.id, task.lease))
-            if task.lock is not None:
-                self.lock_holder[task.lock] = task.id
-        elif status == "waiting":
-            if task.waiting_for in ("delay", "retry"):
-                heapq.heappush(self.delay_heap, (task.ready_at, task.id))
-        elif old_status != status:  # it just ended
-            heapq.heappush(self.purge_heap, (task.finished_at, task.id))
-            self.finish_log.append((task.finished_at, task.id))
-            self.finished.append(task.id)
-            self._index_cascade(task)
-        if old_status == "running" and status != "running" and task.lock is not None:
-            if self.lock_holder.get(task.lock) == task.id:
-                del self.lock_holder[task.lock]
-        if task.lock is not None and task.lock not in self.lock_holder:
-            self._unpark(task.lock)
-
     def _transition(self, event: Event, status: str, by: str | None, note: str | None,
                     **fields) -> None:
-        task = self.tasks[event.id]
+        task = self.index.tasks[event.id]
         history = task.history + ((event.at, status, by, note),)
         if task.run_pid is not None:
             fields.update(run_pid=None, run_start=None)  # the run is over once it leaves running
-        self._put(msgspec.structs.replace(task, status=status, history=history, **fields), task)
+        self.index.put(msgspec.structs.replace(task, status=status, history=history, **fields), task)
 
     def _apply_session_created(self, e: SessionCreated) -> None:
-        self.sessions[e.name] = self.changes.sessions[e.name] = Session(e.name, e.at)
+        self.sessions[e.name] = self.index.changes.sessions[e.name] = Session(e.name, e.at)
 
     def _apply_session_ended(self, e: SessionEnded) -> None:
         session = msgspec.structs.replace(self.sessions[e.name], status="ended", ended_at=e.at)
-        self.sessions[e.name] = self.changes.sessions[e.name] = session
+        self.sessions[e.name] = self.index.changes.sessions[e.name] = session
         for stream in list(self.streams.values()):
             if stream.session == e.name and stream.status != "ended":
                 self._apply_stream_ended(StreamEnded(at=e.at, name=stream.name))
 
     def _apply_stream_created(self, e: StreamCreated) -> None:
-        self.streams[e.name] = self.changes.streams[e.name] = Stream(e.name, e.session, e.at)
-        self.ready[e.name] = {}
-        self.counts[e.name] = dict.fromkeys(STATUSES, 0)
+        self.streams[e.name] = self.index.changes.streams[e.name] = Stream(e.name, e.session, e.at)
+        self.index.add_stream(e.name)
 
     def _replace_stream(self, name: str, **fields) -> None:
         stream = msgspec.structs.replace(self.streams[name], **fields)
-        self.streams[name] = self.changes.streams[name] = stream
+        self.streams[name] = self.index.changes.streams[name] = stream
 
     def _apply_stream_ended(self, e: StreamEnded) -> None:
         self._replace_stream(e.name, status="ended", ended_at=e.at)
@@ -1683,7 +1760,7 @@ class Queue:
 
     def _apply_stream_resumed(self, e: StreamResumed) -> None:
         self._replace_stream(e.name, paused=False)
-        self.became_ready.add((e.name, None))
+        self.index.became_ready.add((e.name, None))
 
     def _apply_enqueued(self, e: TaskEnqueued) -> None:
         status = "waiting" if e.waiting_for else "pending"
@@ -1693,34 +1770,19 @@ class Queue:
                     priority=e.priority, timeout=e.timeout, created_at=e.at, history=history,
                     max_attempts=e.max_attempts, waiting_for=e.waiting_for,
                     ready_at=e.ready_at, after=tuple(e.after), key=e.key, lock=e.lock)
-        self._put(task, None)
-        self._index_new(task)
+        self.index.put(task, None)
+        self.index.index_new(task)
         self.next_id = max(self.next_id, e.id + 1)
 
-    def _index_cascade(self, task: Task) -> None:
-        """Remember a task failed only because a dependency did, for requeue's cascade."""
-        cause = cascade_cause(task)
-        if cause is not None:
-            self.cascaded.setdefault(cause, []).append(task.id)
-
-    def _index_new(self, task: Task) -> None:
-        """Index a task's unique key and the dependencies it waits for."""
-        if task.key is not None:
-            self.keys[task.stream, task.key] = task.id
-        if task.waiting_for == "after":
-            for dep in task.after:
-                if dep in self.tasks and self.tasks[dep].status != "completed":
-                    self.dependents.setdefault(dep, []).append(task.id)
-
     def _apply_released(self, e: TaskReleased) -> None:
-        task = self.tasks[e.id]
+        task = self.index.tasks[e.id]
         status = "waiting" if e.waiting_for else "pending"
         self._transition(e, status, "sparkqd", WAIT_NOTES[task.waiting_for],
                          waiting_for=e.waiting_for)
 
     def _apply_claimed(self, e: TaskClaimed) -> None:
-        task = self.tasks[e.id]
-        heap = self.ready[task.stream].get(task.tool)
+        task = self.index.tasks[e.id]
+        heap = self.index.ready[task.stream].get(task.tool)
         if heap and heap[0] == ready_key(task):
             heapq.heappop(heap)
         self._transition(e, "running", e.worker, f"attempt {task.attempts + 1}",
@@ -1729,25 +1791,25 @@ class Queue:
                          waiting_for=None, ready_at=None)
 
     def _apply_run_started(self, e: TaskRunStarted) -> None:
-        task = msgspec.structs.replace(self.tasks[e.id], run_pid=e.pid, run_start=e.start)
-        self._put(task, self.tasks[e.id])
+        task = msgspec.structs.replace(self.index.tasks[e.id], run_pid=e.pid, run_start=e.start)
+        self.index.put(task, self.index.tasks[e.id])
 
     def _apply_touched(self, e: TaskTouched) -> None:
-        task = msgspec.structs.replace(self.tasks[e.id], lease_expires_at=e.lease_expires_at)
-        self._put(task, self.tasks[e.id])
+        task = msgspec.structs.replace(self.index.tasks[e.id], lease_expires_at=e.lease_expires_at)
+        self.index.put(task, self.index.tasks[e.id])
 
     def _apply_completed(self, e: TaskCompleted) -> None:
-        task = self.tasks[e.id]
+        task = self.index.tasks[e.id]
         self._transition(e, "completed", task.worker, None, finished_at=e.at,
                          summary=e.summary, result=e.result, lease=None, lease_expires_at=None)
 
     def _apply_failed(self, e: TaskFailed) -> None:
-        task = self.tasks[e.id]
+        task = self.index.tasks[e.id]
         self._transition(e, "failed", e.by or task.worker, e.reason, finished_at=e.at,
                          reason=e.reason, lease=None, lease_expires_at=None, waiting_for=None)
 
     def _apply_retrying(self, e: TaskRetrying) -> None:
-        task = self.tasks[e.id]
+        task = self.index.tasks[e.id]
         note = f"attempt {task.attempts} of {task.max_attempts} failed: {e.reason}"
         self._transition(e, "waiting", e.by or task.worker, note, reason=e.reason,
                          waiting_for="retry", ready_at=e.ready_at, lease=None,
@@ -1764,18 +1826,11 @@ class Queue:
                          reason=None, summary=None, result=None, lease=None,
                          lease_expires_at=None, waiting_for=e.waiting_for, ready_at=None)
         if e.waiting_for:
-            self._index_new(self.tasks[e.id])
+            self.index.index_new(self.index.tasks[e.id])
 
     def _apply_purged(self, e: TasksPurged) -> None:
         for task_id in e.ids:
-            task = self.tasks.pop(task_id, None)
-            if task is None:
-                continue
-            self.counts[task.stream][task.status] -= 1
-            if task.key is not None and self.keys.get((task.stream, task.key)) == task_id:
-                del self.keys[task.stream, task.key]
-            self.changes.tasks.pop(task_id, None)
-            self.changes.purged.add(task_id)
+            self.index.remove(task_id)
 
     # -- loading from a snapshot -------------------------------------------
 
@@ -1785,37 +1840,15 @@ class Queue:
         self.sessions = {s.name: s for s in sessions}
         for s in streams:
             self.streams[s.name] = s
-            self.ready[s.name] = {}
-            self.counts[s.name] = dict.fromkeys(STATUSES, 0)
-        ready, counts, tasks_by_id = self.ready, self.counts, self.tasks
+            self.index.add_stream(s.name)
         for task in tasks:  # in id order: a task's dependencies are loaded before it
-            tasks_by_id[task.id] = task
-            status = task.status
-            counts[task.stream][status] += 1
-            if status == "pending":
-                ready[task.stream].setdefault(task.tool, []).append(ready_key(task))
-            elif status == "running":
-                self.stale_heap.append((task.lease_expires_at, task.id, task.lease))
-                if task.lock is not None:
-                    self.lock_holder[task.lock] = task.id
-            elif status == "waiting" and task.waiting_for in ("delay", "retry"):
-                self.delay_heap.append((task.ready_at, task.id))
-            elif status in TERMINAL:
-                self.purge_heap.append((task.finished_at, task.id))
-                self._index_cascade(task)
-            if task.key is not None or task.waiting_for == "after":
-                self._index_new(task)
-        for by_tool in ready.values():
-            for heap in by_tool.values():
-                heapq.heapify(heap)
-        for heap in (self.stale_heap, self.delay_heap, self.purge_heap):
-            heapq.heapify(heap)
-        self.finish_log = self._live_finish_log()
+            self.index.put(task, None, loading=True)
+        self.index.loaded()
         self.next_id = next_id
 
     def totals(self) -> dict[str, int]:
         totals = dict.fromkeys(STATUSES, 0)
-        for counts in self.counts.values():
+        for counts in self.index.counts.values():
             for status, n in counts.items():
                 totals[status] += n
         return totals
@@ -2784,6 +2817,31 @@ class Pool:
                 run.stop_reason = f"task {task.status if task else 'purged'} while it ran"
                 asyncio.get_running_loop().create_task(self.stop_run(run, run.stop_reason))
 
+    async def end_orphans(self) -> None:
+        """Kill the runs a crashed daemon left behind, then record their attempts failed.
+
+        Each kill waits (up to 5 s) for its group to be gone, in a thread of its own, so
+        orphans are waited for together and the event loop is never put to sleep.
+        """
+        orphans = [t for t in self.queue.tasks.values() if t.status == "running" and t.run_pid]
+        if not orphans:
+            return
+        loop = asyncio.get_running_loop()
+        killed = await asyncio.gather(*(loop.run_in_executor(None, kill_orphan, t.run_pid,
+                                                             t.run_start) for t in orphans))
+        for task in (t for t, was_killed in zip(orphans, killed) if was_killed):
+            log.warning("task %d: killed process group %d left by the previous daemon",
+                        task.id, task.run_pid)
+
+        def interrupt_all() -> None:
+            for task in orphans:
+                self.queue.interrupt(task.id, "interrupted: daemon stopped", time.time())
+        try:
+            self.change(interrupt_all, 4096 * len(orphans))
+        except Unavailable as exc:
+            log.error("cannot record the attempts the previous daemon left running: %s; their "
+                      "leases expire as usual", exc)
+
     async def _supervise(self, slot: Slot) -> None:
         while self.active(slot):
             try:
@@ -2981,6 +3039,9 @@ class Pool:
             await asyncio.wait(self.loops, timeout=5)
         for loop_task in self.loops:
             loop_task.cancel()
+
+    def slot_records(self) -> list[dict]:
+        return [self.slot_record(slot) for slot in self.slots]
 
     def slot_record(self, s: Slot) -> dict:
         return {"name": s.name, "kind": "builtin", "pid": s.run.proc.pid if s.run and s.run.proc
@@ -3436,7 +3497,10 @@ class Waiters:
     the next loop turn, and their deadlines are deadlines of the daemon's one timer.
     """
 
-    def __init__(self, rearm):
+    def __init__(self, queue: Queue, change, workers: WorkerRegistry, rearm):
+        self.queue = queue
+        self.change = change  #: the daemon's change pipeline: a retried claim changes state
+        self.workers = workers
         self.rearm = rearm  #: tells the one timer of an earlier deadline
         self.parked: dict[tuple, list[Waiter]] = {}
         self.deadlines: list[tuple[float, int, Waiter]] = []
@@ -3456,6 +3520,58 @@ class Waiters:
             heapq.heappush(self.deadlines, (deadline, next(self._order), waiter))
             self.rearm(deadline)
         return WAITING
+
+    def noted(self, request: Request, task: Task | None, now: float) -> Task | None:
+        """Remember who claimed, touched or finished a task, for `workers`."""
+        self.workers.note(request, task, now)
+        return task
+
+    def claim(self, request: Claim, conn: Connection | None, now: float,
+               finished: Task | None = None, answering: Request | None = None) -> Any:
+        """A claim; with ``wait``, parked until a task arrives or the time runs out. As a
+        ``claim_next``, its result is the finished task's record with the claimed one."""
+        def result(task: Task | None) -> Any:
+            return task if answering is None else TaskResult(finished, {"next": task})
+
+        task = self.noted(request, self.queue.claim(request, now), now)
+        if task is not None or request.wait <= 0 or conn is None:
+            return result(task)
+        keys = [("stream", s) for s in names(request.stream)]
+
+        def again():
+            task = self.change(lambda: self.queue.claim(request, time.time()))
+            self.noted(request, task, time.time())
+            return (result(task), None) if task is not None else (None, keys)
+        return self.park(conn, answering or request, keys, request.wait, again,
+                                 lambda: result(None))
+
+    def finish(self, request: Complete | Fail, conn: Connection | None, now: float) -> Any:
+        """Complete or fail a task; with ``claim_next``, claim the next one in the same step
+        (one request, one fsync: the worker loop)."""
+        finished = self.queue.complete(request, now) if type(request) is Complete else \
+            self.queue.fail(request, now)
+        self.noted(request, finished, now)
+        then = request.claim_next
+        if then is None:
+            return finished
+        claim = Claim(stream=then.stream, tool=then.tool, worker=then.worker or finished.worker,
+                      wait=then.wait)
+        return self.claim(claim, conn, now, finished, request)
+
+    def wait(self, request: Wait, conn: Connection | None, now: float) -> Any:
+        """Whether the tasks ended; parked until they all have, or the timeout."""
+        result = self.queue.wait(request, now)
+        if result["done"] or request.timeout == 0 or conn is None:
+            return result
+
+        def again():
+            task_id = self.queue.first_unfinished(request.tasks)
+            if task_id is not None:
+                return None, [("task", task_id)]
+            return self.queue.wait(request, time.time()), None
+        first = self.queue.first_unfinished(request.tasks)
+        return self.park(conn, request, [("task", first)], request.timeout, again,
+                                 lambda: self.queue.wait(request, time.time()))
 
     def _register(self, waiter: Waiter, keys: list[tuple]) -> None:
         for key in keys:
@@ -3518,7 +3634,15 @@ class Connections:
         self.max_frame = max_frame
         self.stopping = False
         self.forgetters: list = []  #: called with each connection that closed
+        self.shortage = DescriptorShortage()
         self.all_closed = asyncio.Event()
+
+    def added(self, conn: Connection, fd: int) -> None:
+        """A new connection; one whose descriptor is near the limit says the limit is near
+        (descriptors are handed out lowest first), whatever loop accepts them."""
+        self.open.add(conn)
+        if fd >= resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 4:
+            self.shortage.warn("nearly every file descriptor is in use")
 
     def closed(self, conn: Connection) -> None:
         self.open.discard(conn)
@@ -3568,7 +3692,7 @@ class Connection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         self.peer_uid = struct.unpack("3i", creds)[1]
-        self.registry.open.add(self)
+        self.registry.added(self, sock.fileno())
 
     def connection_lost(self, exc) -> None:
         self.lost = True
@@ -3615,18 +3739,23 @@ class Connection(asyncio.Protocol):
     # -- answering --------------------------------------------------------------
 
     def _process(self) -> None:
-        while self.frames and self.blocked is None and not self._over_budget():
-            frame = self.frames.popleft()
-            if isinstance(frame, TooLarge):
-                self._add_reply(error_reply(None, frame))
-                self.frames.clear()
-                self.closing = True
-                break
-            reply = self._answer(frame)
-            if reply is not None:
-                self._add_reply(reply)
-        self._update_reading()
-        self._send_durable()
+        while True:
+            while self.frames and self.blocked is None and not self._over_budget():
+                frame = self.frames.popleft()
+                if isinstance(frame, TooLarge):
+                    self._add_reply(error_reply(None, frame))
+                    self.frames.clear()
+                    self.closing = True
+                    break
+                reply = self._answer(frame)
+                if reply is not None:
+                    self._add_reply(reply)
+            self._update_reading()
+            self._send_durable()
+            # The socket may have taken every reply without filling: go on while it does.
+            if not (self.frames and self.blocked is None and not self.lost
+                    and not self.closing and not self._over_budget()):
+                return
 
     def _answer(self, frame: bytes) -> dict | None:
         """The reply to one frame, or None when the request now waits."""
@@ -3868,6 +3997,173 @@ def take_service_environment() -> dict[str, str]:
     return {name: os.environ.pop(name) for name in SERVICE_VARIABLES if name in os.environ}
 
 
+def lock_data_dir(data_dir: str) -> int:
+    """Take the data directory for this process, or say who holds it."""
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    path = os.path.join(data_dir, "sparkqd.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StartupError(f"data directory {data_dir} is in use by sparkqd "
+                           f"pid {holder} (lock {path}); stop it first") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+
+class DescriptorShortage:
+    """The loop's exception handler: running out of file descriptors is said once a
+    minute, without a traceback (the loop retries accepting by itself)."""
+
+    def __init__(self):
+        self.warned_at = -60.0
+
+    def handle(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            return self.warn(exc.strerror)
+        loop.default_exception_handler(context)
+
+    def warn(self, why: str) -> None:
+        if time.monotonic() - self.warned_at >= 60:
+            log.warning("out of file descriptors (%s): new connections wait until others "
+                        "close; raise the limit (LimitNOFILE=, ulimit -n)", why)
+            self.warned_at = time.monotonic()
+
+
+def scripts_view(scripts: dict[str, Script]) -> list[dict]:
+    """The `scripts` reply: each script indexed from ``script_dirs``."""
+    return [{"name": s.name, "path": s.path, "description": s.description,
+             "task_class": s.task_class, "timeout": s.timeout, "args": s.args}
+            for s in scripts.values()]
+
+
+def tools_view(config: Config, settings) -> dict:
+    """The `tools` reply: each tool with its resolved settings, and the task classes."""
+    settings = settings
+    return {
+        "tools": {name: {"task_class": t.task_class, "description": t.description,
+                         "timeout": settings(name).timeout,
+                         "max_attempts": settings(name).max_attempts, "command": t.command}
+                  for name, t in config.tools.items()},
+        "task_classes": {name: msgspec.structs.asdict(c)
+                         for name, c in config.task_classes.items()},
+    }
+
+
+
+class MetricsFile:
+    """``metrics.textfile``: the metrics written every ``metrics.interval``, for node_exporter."""
+
+    def __init__(self, executor: ThreadPoolExecutor):
+        self.executor = executor
+        self.next_at = 0.0
+
+    def due(self, now: float, config: Config, render) -> float | None:
+        """Write metrics.textfile every metrics.interval, for node_exporter."""
+        path = config.metrics.textfile
+        if not path:
+            return None
+        if now >= self.next_at:
+            self.next_at = now + config.metrics.interval
+            future = asyncio.get_running_loop().run_in_executor(
+                self.executor, write_atomically, os.path.expanduser(path), render())
+            future.add_done_callback(self._written)
+        return self.next_at
+
+    @staticmethod
+    def _written(future) -> None:
+        if future.exception() is not None:
+            log.warning("cannot write metrics.textfile: %s", future.exception())
+
+
+
+async def listen(paths: Paths, service_env: dict[str, str], make_connection,
+                 connections: Connections):
+    """Listen on the socket the service manager passed, else bind our own.
+
+    Returns the server, the paths (with the socket actually used) and the inode of
+    the socket file we created (ours to remove at the end), or None.
+    """
+    sock, inode = inherited_socket(service_env), None
+    if sock is not None:
+        paths = msgspec.structs.replace(paths, socket=sock.getsockname())
+        log.info("listening on the socket the service manager passed: %s", paths.socket)
+    else:
+        sock = bind_socket(paths.socket, paths.socket_explicit)
+        inode = os.stat(paths.socket).st_ino
+    loop = asyncio.get_running_loop()
+    # We remove the socket file ourselves, and only one we created.
+    keep = {"cleanup_socket": False} if sys.version_info >= (3, 13) else {}
+    server = await loop.create_unix_server(make_connection, sock=sock, backlog=1024, **keep)
+    loop.set_exception_handler(connections.shortage.handle)
+    return server, paths, inode
+
+
+def status_view(paths: Paths, queue: Queue, journal: Journal, snapshots: Snapshots, pool: Pool,
+                connections: int, started: float) -> dict:
+    """The `status` reply."""
+    return {
+        "version": VERSION, "protocol": PROTOCOL, "pid": os.getpid(),
+        "uptime": round(time.time() - started, 3), "socket": paths.socket,
+        "data_dir": paths.data_dir, "database": paths.database, "config": paths.config,
+        "counts": queue.totals(), "tasks": len(queue.tasks), "sessions": len(queue.sessions),
+        "streams": len(queue.streams), "locks": len(queue.lock_holder),
+        "connections": connections, "workers": pool.summary(),
+        "journal": {"seq": journal.last_seq, "durable_seq": journal.durable_seq,
+                    "fsync": journal.policy, "segments": len(journal.sealed) + 1,
+                    "failure": journal.failure or journal.stalled},
+        "snapshot": dict(snapshots.last),
+    }
+
+
+async def recover(queue: Queue, journal: Journal, snapshots: Snapshots, pool: Pool,
+                  change, logs_dir: str) -> int:
+    """Load the snapshot, replay the journal after it; returns events replayed."""
+    started = time.perf_counter()
+    gc.disable()  # millions of new objects, none of them garbage: no collections meanwhile
+    state = snapshots.snapshot.load()
+    queue.load(state.sessions, state.streams, state.tasks, state.next_id)
+    snapshot_seq = snapshots.last["seq"] = state.seq
+    del state
+    replayed = 0
+    for event in journal.replay(snapshot_seq):
+        queue.apply(event)
+        replayed += 1
+    queue.take_wakeups()
+    journal.open()
+    if not queue.sessions:
+        change(lambda: queue.bootstrap(time.time()), 4096)
+    os.makedirs(logs_dir, mode=0o700, exist_ok=True)
+    await pool.end_orphans()
+    journal.sync_now()  # what recovery decided is durable before anyone is answered
+    gc_freeze()
+    log.info("recovered %d tasks from snapshot seq %s and %d journal records in %.2f s",
+             len(queue.tasks), snapshot_seq, replayed, time.perf_counter() - started)
+    return replayed
+
+
+def status_line(queue: Queue, pool: Pool) -> str:
+    """The queue in one line, for the service manager's STATUS=."""
+    counts, workers = queue.totals(), pool.summary()
+    return (f"STATUS={counts['pending']} pending, {counts['waiting']} waiting, "
+            f"{counts['running']} running, {counts['failed']} failed; "
+            f"workers {workers['busy']}/{workers['slots']} busy")
+
+
+def reload_summary(config: Config, path: str | None, restart: list[str]) -> dict:
+    """The `reload` reply: what is in force now, and what waits for a restart."""
+    return {"config": path, "tools": sorted(config.tools),
+            "task_classes": sorted(config.task_classes), "fsync": config.database.fsync,
+            "snapshot_interval": config.database.snapshot_interval,
+            "purge_older_than_days": config.purge.older_than_days,
+            "stale_factor": config.stale.factor, "restart_needed": restart}
+
+
 class ServiceDuties:
     """What the service manager hears from the timer: watchdog pings and a STATUS= line."""
 
@@ -3938,7 +4234,7 @@ class Snapshots:
                 self.executor, self.snapshot.write, changes, seq, next_id, session_of)
             removed = self.journal.remove_through(seq)
         except Exception as exc:  # whatever the cause, the changes wait for the next snapshot
-            self.queue.changes = merge_changes(changes, self.queue.changes)
+            self.queue.keep_changes(changes)
             self.last["error"] = f"{type(exc).__name__}: {exc}"
             log.error("snapshot to %s failed, the journal keeps everything; retried in %g s: "
                       "%s", self.snapshot.path, interval, self.last["error"],
@@ -3974,7 +4270,7 @@ class Daemon:
         self.stats, self.workers = Stats(), WorkerRegistry()
         self.watchers = Watchers(self.replies)
         self.logs = TaskLogs(os.path.join(paths.data_dir, "logs"), self.queue, self.executor)
-        self.waiters = Waiters(self._rearm)
+        self.waiters = Waiters(self.queue, self.change, self.workers, self._rearm)
         self.pool = Pool(config, self.queue, self.handle, self.change, self.logs,
                          self.watchers, paths.socket)
         self.hooks = Hooks(config, self.queue, paths.socket)
@@ -3985,8 +4281,7 @@ class Daemon:
         self.stopping = False
         self.timer_deadline = 0.0
         self.timer_trouble: str | None = None  #: why the last timer turn failed, logged once
-        self.next_metrics = 0.0
-        self.fd_warned_at = -60.0
+        self.metrics_file = MetricsFile(self.executor)
         self._lock_fd: int | None = None
         self._socket_inode: int | None = None
 
@@ -3995,9 +4290,10 @@ class Daemon:
     async def run(self) -> None:
         """Recover, listen, serve until told to stop, then stop cleanly."""
         self._stopped, self._timer_wake = asyncio.Event(), asyncio.Event()
-        self.acquire_lock()
+        self._lock_fd = lock_data_dir(self.paths.data_dir)
         try:
-            replayed = await self.recover()
+            replayed = await recover(self.queue, self.journal, self.snapshots, self.pool,
+                                     self.change, self.logs.directory)
             await self._listen()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -4019,98 +4315,16 @@ class Daemon:
             self.release()
 
     async def _listen(self) -> None:
-        """Listen on the socket the service manager passed, else bind our own."""
-        sock = inherited_socket(self.service_env)
-        if sock is not None:
-            self.paths = msgspec.structs.replace(self.paths, socket=sock.getsockname())
-            self.pool.socket_path = self.hooks.socket_path = self.paths.socket
-            log.info("listening on the socket the service manager passed: %s", self.paths.socket)
-        else:
-            sock = bind_socket(self.paths.socket, self.paths.socket_explicit)
-            self._socket_inode = os.stat(self.paths.socket).st_ino  # ours to remove
-        loop = asyncio.get_running_loop()
-        # We remove the socket file ourselves, and only one we created.
-        keep = {"cleanup_socket": False} if sys.version_info >= (3, 13) else {}
-        self.server = await loop.create_unix_server(
+        self.server, self.paths, self._socket_inode = await listen(
+            self.paths, self.service_env,
             lambda: Connection(self.handle, self.replies.wire, self.journal, self.connections),
-            sock=sock, backlog=1024, **keep)
-        loop.set_exception_handler(self._loop_exception)
+            self.connections)
+        self.pool.socket_path = self.hooks.socket_path = self.paths.socket
 
-    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
-        """Say once a minute, without a traceback, that connections wait for descriptors."""
-        exc = context.get("exception")
-        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
-            if time.monotonic() - self.fd_warned_at >= 60:
-                log.warning("out of file descriptors (%s): new connections wait until others "
-                            "close; raise the limit (LimitNOFILE=, ulimit -n)", exc.strerror)
-                self.fd_warned_at = time.monotonic()
-            return
-        loop.default_exception_handler(context)
-
-    def acquire_lock(self) -> None:
-        """Take the data directory for this process, or say who holds it."""
-        os.makedirs(self.paths.data_dir, mode=0o700, exist_ok=True)
-        path = os.path.join(self.paths.data_dir, "sparkqd.lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise StartupError(f"data directory {self.paths.data_dir} is in use by sparkqd "
-                               f"pid {holder} (lock {path}); stop it first") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock_fd = fd
-
-    async def recover(self) -> int:
-        """Load the snapshot, replay the journal after it; returns events replayed."""
-        started = time.perf_counter()
-        gc.disable()  # millions of new objects, none of them garbage: no collections meanwhile
-        state = self.snapshots.snapshot.load()
-        self.queue.load(state.sessions, state.streams, state.tasks, state.next_id)
-        snapshot_seq = self.snapshots.last["seq"] = state.seq
-        del state
-        replayed = 0
-        for event in self.journal.replay(snapshot_seq):
-            self.queue.apply(event)
-            replayed += 1
-        self.queue.take_wakeups()
-        self.journal.open()
-        if not self.queue.sessions:
-            self.change(lambda: self.queue.bootstrap(time.time()), 4096)
-        os.makedirs(self.logs.directory, mode=0o700, exist_ok=True)
-        await self.end_orphaned_runs()
-        self.journal.sync_now()  # what recovery decided is durable before anyone is answered
-        gc_freeze()
-        log.info("recovered %d tasks from snapshot seq %s and %d journal records in %.2f s",
-                 len(self.queue.tasks), snapshot_seq, replayed, time.perf_counter() - started)
-        return replayed
-
-    async def end_orphaned_runs(self) -> None:
-        """Kill the runs a crashed daemon left behind, then record their attempts failed.
-
-        Each kill waits (up to 5 s) for its group to be gone, in a thread of its own, so
-        orphans are waited for together and the event loop is never put to sleep.
-        """
-        orphans = [t for t in self.queue.tasks.values() if t.status == "running" and t.run_pid]
-        if not orphans:
-            return
-        loop = asyncio.get_running_loop()
-        killed = await asyncio.gather(*(loop.run_in_executor(None, kill_orphan, t.run_pid,
-                                                             t.run_start) for t in orphans))
-        for task in (t for t, was_killed in zip(orphans, killed) if was_killed):
-            log.warning("task %d: killed process group %d left by the previous daemon",
-                        task.id, task.run_pid)
-
-        def interrupt_all() -> None:
-            for task in orphans:
-                self.queue.interrupt(task.id, "interrupted: daemon stopped", time.time())
-        try:
-            self.change(interrupt_all, 4096 * len(orphans))
-        except Unavailable as exc:
-            log.error("cannot record the attempts the previous daemon left running: %s; their "
-                      "leases expire as usual", exc)
+    def stop_soon(self) -> dict:
+        """The `shutdown` op: stop once its reply is out."""
+        asyncio.get_running_loop().call_soon(self.request_stop)
+        return {}
 
     def request_stop(self) -> None:
         if not self.stopping:
@@ -4169,129 +4383,43 @@ class Daemon:
 
     def _dispatch(self, request: Request, conn: Connection | None, now: float) -> Any:
         """One arm per request type."""
-        queue = self.queue
+        queue, waiters = self.queue, self.waiters
         match request:
-            case Hello():
-                return {"version": VERSION, "protocol": PROTOCOL}
-            case Status():
-                return self.status()
-            case SessionCreate():
-                return queue.session_create(request, now)
-            case SessionEnd():
-                return queue.session_end(request, now)
-            case SessionList():
-                return queue.session_list(request, now)
-            case StreamCreate():
-                return queue.stream_create(request, now)
-            case StreamEnd():
-                return queue.stream_end(request, now)
-            case StreamList():
-                return queue.stream_list(request, now)
-            case StreamPause():
-                return queue.stream_pause(request, now)
-            case StreamResume():
-                return queue.stream_resume(request, now)
-            case Enqueue():
-                return queue.enqueue(request, now)
-            case Peek():
-                return queue.peek(request, now)
-            case Claim():
-                return self._claim(request, conn, now)
-            case Complete() | Fail():
-                return self._finish(request, conn, now)
-            case Touch():
-                return self._noted(request, queue.touch(request, now), now)
-            case Cancel():
-                return queue.cancel(request, now)
-            case Requeue():
-                return queue.requeue(request, now)
-            case GetTask():
-                return queue.get_task(request, now)
-            case ListTasks():
-                return queue.list_tasks(request, now)
-            case Wait():
-                return self._wait(request, conn, now)
-            case Locks():
-                return queue.locks(request, now)
-            case Logs():
-                return self.logs.answer(conn, request)
-            case Scripts():
-                return [{"name": s.name, "path": s.path, "description": s.description,
-                         "task_class": s.task_class, "timeout": s.timeout, "args": s.args}
-                        for s in queue.scripts.values()]
-            case Workers():
-                return [*map(self.pool.slot_record, self.pool.slots), *self.workers.records(now)]
-            case Watch():
-                return self.watchers.subscribe(conn, request) if conn else {"watching": {}}
-            case History():
-                return queue.history(request, now)
-            case Metrics():
-                return render_metrics(queue, self.stats, self.journal, self.pool, self.snapshots,
-                                      self.watchers, self.started)
-            case Purge():
-                return queue.purge(request, now)
-            case Tools():
-                return self.tools()
-            case Reload():
-                return self.reload()
-            case Shutdown():
-                asyncio.get_running_loop().call_soon(self.request_stop)
-                return {}
-            case Schema():
-                return request_schema()
-        raise BadRequest(f"unknown op {type(request).__name__}")  # a Struct without an arm
-
-    def _noted(self, request: Request, task: Task | None, now: float) -> Task | None:
-        """Remember who claimed, touched or finished a task, for `workers`."""
-        self.workers.note(request, task, now)
-        return task
-
-    def _claim(self, request: Claim, conn: Connection | None, now: float,
-               finished: Task | None = None, answering: Request | None = None) -> Any:
-        """A claim; with ``wait``, parked until a task arrives or the time runs out. As a
-        ``claim_next``, its result is the finished task's record with the claimed one."""
-        def result(task: Task | None) -> Any:
-            return task if answering is None else TaskResult(finished, {"next": task})
-
-        task = self._noted(request, self.queue.claim(request, now), now)
-        if task is not None or request.wait <= 0 or conn is None:
-            return result(task)
-        keys = [("stream", s) for s in names(request.stream)]
-
-        def again():
-            task = self.change(lambda: self.queue.claim(request, time.time()))
-            self._noted(request, task, time.time())
-            return (result(task), None) if task is not None else (None, keys)
-        return self.waiters.park(conn, answering or request, keys, request.wait, again,
-                                 lambda: result(None))
-
-    def _finish(self, request: Complete | Fail, conn: Connection | None, now: float) -> Any:
-        """Complete or fail a task; with ``claim_next``, claim the next one in the same step
-        (one request, one fsync: the worker loop)."""
-        finished = self.queue.complete(request, now) if type(request) is Complete else \
-            self.queue.fail(request, now)
-        self._noted(request, finished, now)
-        then = request.claim_next
-        if then is None:
-            return finished
-        claim = Claim(stream=then.stream, tool=then.tool, worker=then.worker or finished.worker,
-                      wait=then.wait)
-        return self._claim(claim, conn, now, finished, request)
-
-    def _wait(self, request: Wait, conn: Connection | None, now: float) -> Any:
-        """Whether the tasks ended; parked until they all have, or the timeout."""
-        result = self.queue.wait(request, now)
-        if result["done"] or request.timeout == 0 or conn is None:
-            return result
-
-        def again():
-            task_id = self.queue.first_unfinished(request.tasks)
-            if task_id is not None:
-                return None, [("task", task_id)]
-            return self.queue.wait(request, time.time()), None
-        first = self.queue.first_unfinished(request.tasks)
-        return self.waiters.park(conn, request, [("task", first)], request.timeout, again,
-                                 lambda: self.queue.wait(request, time.time()))
+            case Hello(): return {"version": VERSION, "protocol": PROTOCOL}
+            case Status(): return status_view(self.paths, queue, self.journal, self.snapshots,
+                                              self.pool, len(self.connections.open), self.started)
+            case SessionCreate(): return queue.session_create(request, now)
+            case SessionEnd(): return queue.session_end(request, now)
+            case SessionList(): return queue.session_list(request, now)
+            case StreamCreate(): return queue.stream_create(request, now)
+            case StreamEnd(): return queue.stream_end(request, now)
+            case StreamList(): return queue.stream_list(request, now)
+            case StreamPause(): return queue.stream_pause(request, now)
+            case StreamResume(): return queue.stream_resume(request, now)
+            case Enqueue(): return queue.enqueue(request, now)
+            case Peek(): return queue.peek(request, now)
+            case Claim(): return waiters.claim(request, conn, now)
+            case Complete() | Fail(): return waiters.finish(request, conn, now)
+            case Touch(): return waiters.noted(request, queue.touch(request, now), now)
+            case Cancel(): return queue.cancel(request, now)
+            case Requeue(): return queue.requeue(request, now)
+            case GetTask(): return queue.get_task(request, now)
+            case ListTasks(): return queue.list_tasks(request, now)
+            case Wait(): return waiters.wait(request, conn, now)
+            case Locks(): return queue.locks(request, now)
+            case Logs(): return self.logs.answer(conn, request)
+            case Scripts(): return scripts_view(queue.scripts)
+            case Workers(): return self.pool.slot_records() + self.workers.records(now)
+            case Watch(): return self.watchers.subscribe(conn, request)
+            case History(): return queue.history(request, now)
+            case Metrics(): return render_metrics(queue, self.stats, self.journal, self.pool,
+                                                  self.snapshots, self.watchers, self.started)
+            case Purge(): return queue.purge(request, now)
+            case Tools(): return tools_view(self.config, queue.settings)
+            case Reload(): return self.reload()
+            case Shutdown(): return self.stop_soon()
+            case Schema(): return request_schema()
+        raise BadRequest(f"no handler for {type(request).__name__}")  # a request without an arm
 
     def change(self, carry_out, room: int = 65536) -> Any:
         """Change the queue: room for ``room`` bytes reserved up front, each event
@@ -4322,39 +4450,8 @@ class Daemon:
 
     # -- daemon views -----------------------------------------------------------
 
-    def status(self) -> dict:
-        journal = self.journal
-        return {
-            "version": VERSION, "protocol": PROTOCOL, "pid": os.getpid(),
-            "uptime": round(time.time() - self.started, 3), "socket": self.paths.socket,
-            "data_dir": self.paths.data_dir, "database": self.paths.database,
-            "config": self.paths.config, "counts": self.queue.totals(),
-            "tasks": len(self.queue.tasks), "sessions": len(self.queue.sessions),
-            "streams": len(self.queue.streams), "locks": len(self.queue.lock_holder),
-            "connections": len(self.connections.open), "workers": self.pool.summary(),
-            "journal": {"seq": journal.last_seq, "durable_seq": journal.durable_seq,
-                        "fsync": journal.policy, "segments": len(journal.sealed) + 1,
-                        "failure": journal.failure or journal.stalled},
-            "snapshot": dict(self.snapshots.last),
-        }
-
-    def tools(self) -> dict:
-        settings = self.queue.settings
-        return {
-            "tools": {name: {"task_class": t.task_class, "description": t.description,
-                             "timeout": settings(name).timeout,
-                             "max_attempts": settings(name).max_attempts, "command": t.command}
-                      for name, t in self.config.tools.items()},
-            "task_classes": {name: msgspec.structs.asdict(c)
-                             for name, c in self.config.task_classes.items()},
-        }
-
     def status_line(self) -> str:
-        """The queue in one line, for the service manager's STATUS=."""
-        counts, workers = self.queue.totals(), self.pool.summary()
-        return (f"STATUS={counts['pending']} pending, {counts['waiting']} waiting, "
-                f"{counts['running']} running, {counts['failed']} failed; "
-                f"workers {workers['busy']}/{workers['slots']} busy")
+        return status_line(self.queue, self.pool)
 
     # -- reload -------------------------------------------------------------------
 
@@ -4387,11 +4484,7 @@ class Daemon:
         self.journal.interval = config.database.fsync_interval_ms / 1000
         self._timer_wake.set()
         log.info("configuration reloaded from %s", path or "built-in defaults")
-        summary = {"config": path, "tools": sorted(config.tools),
-                   "task_classes": sorted(config.task_classes), "fsync": config.database.fsync,
-                   "snapshot_interval": config.database.snapshot_interval,
-                   "purge_older_than_days": config.purge.older_than_days,
-                   "stale_factor": config.stale.factor, "restart_needed": restart}
+        summary = reload_summary(config, path, restart)
         self.watchers.send("config.reloaded", {"config": summary})
         return summary
 
@@ -4445,7 +4538,9 @@ class Daemon:
             except Unavailable:
                 pass  # logged by the journal; retried or refused from now on
             sync_at = self.journal.sync_deadline()
-        return [next_snapshot, next_tick, next_wait, sync_at, self._metrics_duty(now)]
+        next_metrics = self.metrics_file.due(now, self.config,
+                                             lambda: self._dispatch(Metrics(), None, now))
+        return [next_snapshot, next_tick, next_wait, sync_at, next_metrics]
 
     def _timer_failed(self, exc: Exception, traceback: bool = False) -> None:
         """Log why a timer turn failed, once until it changes; the turn is retried."""
@@ -4453,25 +4548,6 @@ class Daemon:
         if reason != self.timer_trouble:
             log.error("timer: %s; retrying every second", reason, exc_info=traceback)
             self.timer_trouble = reason
-
-    def _metrics_duty(self, now: float) -> float | None:
-        """Write metrics.textfile every metrics.interval, for node_exporter."""
-        path = self.config.metrics.textfile
-        if not path:
-            return None
-        if now >= self.next_metrics:
-            self.next_metrics = now + self.config.metrics.interval
-            text = self._dispatch(Metrics(), None, now)
-            future = asyncio.get_running_loop().run_in_executor(
-                self.executor, write_atomically, os.path.expanduser(path), text)
-            future.add_done_callback(self._metrics_written)
-        return self.next_metrics
-
-    @staticmethod
-    def _metrics_written(future) -> None:
-        if future.exception() is not None:
-            log.warning("cannot write metrics.textfile: %s", future.exception())
-
 
 def remove_files(paths: list[str]) -> None:
     """Remove files that may not exist (a purged task's log); in a worker thread."""

@@ -686,7 +686,7 @@ class QueueMachine(RuleBasedStateMachine):
 
     def check_each_task_is_in_exactly_one_state(self):
         """One known status, counted once, the last in its history, in its status's index."""
-        q = self.queue
+        q, index = self.queue, self.queue.index
         recount = {name: dict.fromkeys(sparkqd.STATUSES, 0) for name in q.streams}
         for t in q.tasks.values():
             assert t.status in sparkqd.STATUSES
@@ -694,15 +694,15 @@ class QueueMachine(RuleBasedStateMachine):
             assert sparkqd.full_history(t)[-1][1] == t.status, f"task {t.id}: history disagrees"
             if t.status == "pending":
                 key = sparkqd.ready_key(t)
-                parked = q.parked.get(t.lock, {}).get((t.stream, t.tool), [])
-                assert key in q.ready[t.stream].get(t.tool, []) or key in parked, \
+                parked = index.parked.get(t.lock, {}).get((t.stream, t.tool), [])
+                assert key in index.ready[t.stream].get(t.tool, []) or key in parked, \
                     f"pending task {t.id} is in no ready heap"
             elif t.status == "running":
-                assert (t.lease_expires_at, t.id, t.lease) in q.stale_heap
+                assert (t.lease_expires_at, t.id, t.lease) in index.stale_heap
             elif t.status == "waiting" and t.waiting_for in ("delay", "retry"):
-                assert (t.ready_at, t.id) in q.delay_heap
+                assert (t.ready_at, t.id) in index.delay_heap
             elif t.status in TERMINAL:
-                assert (t.finished_at, t.id) in q.purge_heap
+                assert (t.finished_at, t.id) in index.purge_heap
         assert q.counts == recount, (q.counts, recount)
 
     def check_no_two_running_tasks_share_a_lock(self):
