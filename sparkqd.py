@@ -1,12 +1,25 @@
 """sparkqd: the SparkQ daemon, a local task queue for one developer's machine.
 
 The queue lives in memory. Every change is an *event* (``TaskEnqueued``,
-``TaskClaimed``, ...) produced by the pure queue core, written to an
-append-only journal and applied to the in-memory state by one ``apply``
-function, the same one that replays the journal at startup. A reply that
-could have observed a change leaves only once the journal holds that change
-durably (``database.fsync: always``); requests that arrive together share one
-write and one fsync (group commit).
+``TaskClaimed``, ...) produced by the pure queue core and applied to the
+in-memory state by one ``apply`` function, the same one that replays the
+journal at startup. Each event is encoded and given its room in the
+append-only journal *before* it is applied, so an event that cannot be
+journaled never changes anything. A reply that could have observed a change
+leaves only once the journal holds that change durably (``database.fsync:
+always``); requests that arrive together share one write and one fsync
+(group commit).
+
+A request's path: ``Connection`` splits and decodes frames into request
+Structs and hands each to ``Daemon.handle``, the one dispatch (a ``match``
+with one short arm per request). A request that changes the queue runs inside
+``Daemon.change``, the one change pipeline (reserve journal room, run the core,
+commit), which the timer's ``tick`` and the runner use too. ``commit`` hands
+the events to the observers (stats, watchers, waiters, the pool, task logs,
+hooks), each an ``on_commit(events, queue)``. The core returns Structs;
+``Replies`` renders them to wire form at the edge. Requests that wait (a claim
+with ``wait``, ``wait``, a ``claim_next`` that waits) are parked in
+``Waiters`` and timed out by the one timer.
 
 Every ``snapshot_interval`` seconds the rows that changed since the last
 snapshot are written to a SQLite file in a worker thread, in one transaction
@@ -23,16 +36,17 @@ Sections, in the order the data flows:
 
 1. Errors and constants
 2. Configuration
-3. Model: records and events
+3. Model: records, results and events
 4. Protocol: requests and framing
-5. Queue core (pure: no I/O, the time is an argument)
-6. Journal
-7. Snapshot
-8. Runner (the daemon's own workers)
-9. Observers: metrics, subscriptions, hooks
-10. Server
-11. Daemon wiring and timers
-12. main()
+5. Queue core (pure: no I/O, the time is an argument) and its TaskIndex
+6. Replies: the core's results in wire form
+7. Journal
+8. Snapshot
+9. Runner (the daemon's own workers)
+10. Observers: stats, metrics, watchers, task logs, workers, hooks
+11. Server: waiters and connections
+12. Daemon: lifecycle, dispatch, change pipeline, timer, reload
+13. main()
 """
 
 from __future__ import annotations
@@ -474,7 +488,7 @@ def resolve_paths(args, config: Config, config_path: str | None, env=os.environ,
 
 
 # ============================================================================
-# 3. Model: records and events
+# 3. Model: records, results and events
 # ============================================================================
 
 
@@ -1463,11 +1477,14 @@ class Queue:
 
     # -- claim and peek -------------------------------------------------------
 
+    def streams_named(self, stream_names: list[str]) -> list[Stream]:
+        """The streams of these names; NotFound for one that does not exist."""
+        return [self._stream(name) for name in stream_names]
+
     def _best_ready(self, stream_names: list[str], tools: list[str] | None) -> Task | None:
         """The task a claim would take: highest priority, then oldest, across the filters."""
         best = None
-        for name in stream_names:
-            self._stream(name)
+        self.streams_named(stream_names)
         for name in stream_names:
             if self.streams[name].paused:
                 continue
@@ -1873,7 +1890,7 @@ def full_history(task: Task) -> tuple:
 
 
 # ============================================================================
-# Replies: the core's results in wire form
+# 6. Replies: the core's results in wire form
 # ============================================================================
 
 
@@ -1939,7 +1956,7 @@ class Replies:
 
 
 # ============================================================================
-# 6. Journal
+# 7. Journal
 # ============================================================================
 
 #: A segment begins with (magic, format version, first record's seq, random salt).
@@ -2119,10 +2136,15 @@ class Journal:
             path = files[-1][1]
             with open(path, "rb") as f:
                 data = f.read()
-            start, salt_crc, _ = segment_layout(data)
-            if record_at(data, start, salt_crc) is not None or intact_record_after(
-                    data, start, salt_crc):
-                break
+            try:
+                start, salt_crc, _ = segment_layout(data)
+            except JournalDamaged:  # a header torn in its creation holds nothing after it
+                if data[SEGMENT_HEADER.size:].strip(b"\0"):
+                    raise
+            else:
+                if record_at(data, start, salt_crc) is not None or intact_record_after(
+                        data, start, salt_crc):
+                    break
             log.warning("journal %s: newest segment holds no record (a crash while it was "
                         "created); removed", path)
             os.unlink(path)
@@ -2420,7 +2442,7 @@ class Journal:
 
 
 # ============================================================================
-# 7. Snapshot
+# 8. Snapshot
 # ============================================================================
 
 SNAPSHOT_SCHEMA = """
@@ -2583,7 +2605,7 @@ def merge_changes(older: Changes, newer: Changes) -> Changes:
 
 
 # ============================================================================
-# 8. Runner
+# 9. Runner
 # ============================================================================
 
 #: Variables of the daemon's own service manager that must not reach a task.
@@ -3058,7 +3080,7 @@ class Pool:
 
 
 # ============================================================================
-# 9. Observers: metrics, subscriptions, hooks
+# 10. Observers: stats, metrics, watchers, task logs, workers, hooks
 # ============================================================================
 
 FSYNC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
@@ -3410,7 +3432,7 @@ class Hooks:
 
 
 # ============================================================================
-# 10. Server
+# 11. Server: waiters and connections
 # ============================================================================
 
 
@@ -3548,10 +3570,12 @@ class Waiters:
     def finish(self, request: Complete | Fail, conn: Connection | None, now: float) -> Any:
         """Complete or fail a task; with ``claim_next``, claim the next one in the same step
         (one request, one fsync: the worker loop)."""
+        then = request.claim_next
+        if then is not None:
+            self.queue.streams_named(names(then.stream))  # refused before anything finishes
         finished = self.queue.complete(request, now) if type(request) is Complete else \
             self.queue.fail(request, now)
         self.noted(request, finished, now)
-        then = request.claim_next
         if then is None:
             return finished
         claim = Claim(stream=then.stream, tool=then.tool, worker=then.worker or finished.worker,
@@ -3935,7 +3959,7 @@ class Connection(asyncio.Protocol):
 
 
 # ============================================================================
-# 11. Daemon wiring and timers
+# 12. Daemon: lifecycle, dispatch, change pipeline, timer, reload
 # ============================================================================
 
 
@@ -4582,7 +4606,7 @@ def gc_freeze() -> None:
 
 
 # ============================================================================
-# 12. main()
+# 13. main()
 # ============================================================================
 
 

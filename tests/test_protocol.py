@@ -613,3 +613,67 @@ def test_bad_fields_of_scheduling_runner_and_watch_ops(shared, request_, code):
     reply = shared.call(**request_)
     assert reply["ok"] is False and reply["error"]["code"] == code, reply
     assert shared.ok(op="hello")["protocol"] == 1
+
+
+# -- complete and claim in one step (claim_next) ------------------------------------
+
+
+def test_complete_with_claim_next_returns_the_finished_and_the_next_task(daemon):
+    """`complete` with claim_next finishes one task and claims the next in the same reply."""
+    first, second = (daemon.ok(op="enqueue", tool="llm-haiku", payload=n)["id"] for n in (1, 2))
+    daemon.ok(op="claim", worker="w")
+    reply = daemon.ok(op="complete", task=first, claim_next={"worker": "w"})
+    assert (reply["id"], reply["status"]) == (first, "completed")
+    assert (reply["next"]["id"], reply["next"]["status"], reply["next"]["worker"]) == \
+        (second, "running", "w")
+
+
+def test_fail_with_claim_next_and_nothing_left_has_next_null(daemon):
+    """`fail` with claim_next on an empty stream fails the task and says next is null."""
+    task = daemon.ok(op="enqueue", tool="llm-haiku")["id"]
+    daemon.ok(op="claim")
+    reply = daemon.ok(op="fail", task=task, reason="broken", claim_next={})
+    assert (reply["status"], reply["next"]) == ("failed", None)
+
+
+@pytest.mark.parametrize("framing", ["json", "msgpack"])
+def test_claim_next_with_wait_gets_the_task_enqueued_meanwhile(daemon, framing):
+    """A claim_next that waits replies once a task arrives, with the finished task too."""
+    task = daemon.ok(op="enqueue", tool="llm-haiku")["id"]
+    daemon.ok(op="claim")
+    worker = daemon.connect(framing)
+    worker.send(op="complete", task=task, id="done", claim_next={"wait": 20})
+    later = daemon.ok(op="enqueue", tool="llm-haiku")["id"]
+    reply = worker.recv()
+    assert (reply["id"], reply["result"]["status"], reply["result"]["next"]["id"]) == \
+        ("done", "completed", later)
+
+
+def test_claim_next_survives_kill_9_as_one_durable_step(make_daemon):
+    """What a complete with claim_next acknowledged (both tasks) is there after kill -9."""
+    d = make_daemon()
+    first, second = (d.ok(op="enqueue", tool="llm-haiku")["id"] for _ in range(2))
+    d.ok(op="claim", worker="w")
+    d.ok(op="complete", task=first, claim_next={"worker": "w"})
+    d.kill()
+    d.start()
+    assert [(t["id"], t["status"]) for t in d.ok(op="tasks")] == \
+        [(first, "completed"), (second, "running")]
+
+
+def test_claim_next_with_a_bad_field_is_refused_and_nothing_finishes(daemon):
+    """A claim_next naming an unknown field is bad_request, and the task stays running."""
+    task = daemon.ok(op="enqueue", tool="llm-haiku")["id"]
+    daemon.ok(op="claim")
+    error = daemon.call(op="complete", task=task, claim_next={"streams": "x"})["error"]
+    assert error["code"] == "bad_request" and "streams" in error["message"]
+    assert daemon.ok(op="task", task=task)["status"] == "running"
+
+
+def test_claim_next_on_an_unknown_stream_is_refused_and_nothing_finishes(daemon):
+    """A claim_next on a stream that does not exist is not_found; the task stays running."""
+    task = daemon.ok(op="enqueue", tool="llm-haiku")["id"]
+    daemon.ok(op="claim")
+    error = daemon.call(op="complete", task=task, claim_next={"stream": "nope"})["error"]
+    assert error["code"] == "not_found"
+    assert daemon.ok(op="task", task=task)["status"] == "running"
