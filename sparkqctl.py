@@ -358,6 +358,9 @@ class Worker:
     (exit 0); a second kills them, records their attempts failed and exits 1.
     """
 
+    #: The reason of an attempt a second signal ended (or kept from starting).
+    STOPPED = "interrupted: worker stopped"
+
     def __init__(self, parser, args):
         import threading
 
@@ -371,8 +374,10 @@ class Worker:
         self.path = args.socket or default_socket_path()
         self.prefix = args.worker or f"{socket.gethostname()}:{os.getpid()}"
         self.stopping = threading.Event()
-        self.killed = False
-        self.lock = threading.Lock()
+        self.killed = False  #: a second signal came: running commands die, no more start
+        self.failed = False  #: a slot lost the daemon or was refused
+        # Reentrant: a signal that comes while the handler holds it runs the handler again.
+        self.lock = threading.RLock()
         self.procs: dict[int, object] = {}  # task id -> Popen
         self.clients: list[Client] = []
 
@@ -394,7 +399,7 @@ class Worker:
         for slot in slots:
             while slot.is_alive():
                 slot.join(0.2)  # wakes up to let the main thread take signals
-        return EXIT_REFUSED if self.killed else EXIT_OK
+        return EXIT_REFUSED if self.killed or self.failed else EXIT_OK
 
     def _on_signal(self, signum, frame) -> None:
         import signal
@@ -410,7 +415,7 @@ class Worker:
                     pass
             return
         self.killed = True
-        with self.lock:
+        with self.lock:  # waits out a spawn in progress, whose child is then in procs
             for proc in self.procs.values():
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)
@@ -431,10 +436,10 @@ class Worker:
         except Unreachable:
             if not self.stopping.is_set():
                 print("sparkqctl work: lost the daemon", file=sys.stderr)
-                self.killed = True
+                self.failed = True
         except SparkQError as exc:
             print(f"sparkqctl work: {exc.code}: {exc}", file=sys.stderr)
-            self.killed = True
+            self.failed = True
 
     def _execute(self, client: Client, task: dict) -> None:
         import subprocess
@@ -448,11 +453,11 @@ class Worker:
         argv = [*self.command, *([payload] if isinstance(payload, str) else [])]
         started = time.monotonic()
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            proc = self._start(task["id"], argv, env)
         except OSError as exc:
             return self._report(client, "fail", task, reason=f"cannot start: {exc.strerror}")
-        with self.lock:
-            self.procs[task["id"]] = proc
+        if proc is None:
+            return self._report(client, "fail", task, reason=self.STOPPED)
         heartbeat = max(0.5, seconds_until(task["lease_expires_at"]) / 3)
         while True:
             try:
@@ -463,13 +468,31 @@ class Worker:
         with self.lock:
             del self.procs[task["id"]]
         if self.killed:
-            self._report(client, "fail", task, reason="interrupted: worker stopped")
+            self._report(client, "fail", task, reason=self.STOPPED)
         elif code == 0:
             self._report(client, "complete", task,
                          result={"exit_code": 0, "duration": round(time.monotonic() - started, 3)})
         else:
             why = f"exit code {code}" if code > 0 else f"killed by signal {-code}"
             self._report(client, "fail", task, reason=why)
+
+    def _start(self, task_id: int, argv: list[str], env: dict):
+        """Start a command in its own process group and register it; None once killed.
+
+        Spawn and registration hold the lock the kill sweep takes, so a sweep sees
+        every child started before it and none starts after it. Blocking signals
+        around the spawn would not do: Python runs handlers in the main thread,
+        whatever this thread's mask, and the child would inherit the mask.
+        """
+        import subprocess
+
+        with self.lock:
+            if self.killed:
+                return None
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env,
+                                    start_new_session=True)
+            self.procs[task_id] = proc
+            return proc
 
     @staticmethod
     def _report(client: Client, op: str, task: dict, **fields) -> None:

@@ -562,3 +562,30 @@ def test_work_second_sigint_kills_running_commands(make_daemon):
     record = ended(d, task_id, 5)
     assert (record["status"], record["reason"]) == ("failed", "interrupted: worker stopped")
     assert not processes(d, "sleep", "30")
+
+
+def test_work_second_signal_kills_commands_that_are_just_starting(make_daemon):
+    """A second signal that comes while commands start kills them all: none outlives the worker."""
+    d = runner(make_daemon, count=0)
+    # Each command signals its worker as it starts, SIGINT (stop) then SIGTERM (kill), while
+    # the other slots are still starting theirs. A worker that registers a child only after
+    # starting it misses one in about every second round, so eight rounds show it.
+    signals_as_it_starts = "kill -INT $PPID; kill -TERM $PPID; exec sleep 30"
+    for _ in range(8):
+        for _ in range(16):
+            enqueue(d, None, tool="llm-haiku")
+        worker = ctl_started(d, "work", "--concurrency", 16, "--", "bash", "-c",
+                             signals_as_it_starts)
+        wait_until(lambda: worker.poll() is not None, 10,
+                   message="the worker to exit (a command it started must not outlive it)")
+        assert worker.returncode == 1 and not processes(d, "sleep", "30")
+
+
+def test_work_command_starts_with_no_signal_blocked(make_daemon):
+    """A command starts with an empty signal mask, so SIGINT and SIGTERM sent to it arrive."""
+    d = runner(make_daemon, count=0)
+    enqueue(d, None, tool="llm-haiku")
+    worker = ctl_started(d, "work", "--", "grep", "SigBlk", "/proc/self/status")
+    assert next_line(worker.stdout) == "SigBlk:\t0000000000000000\n"
+    worker.send_signal(signal.SIGINT)
+    assert worker.wait(5) == 0
