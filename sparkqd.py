@@ -1442,14 +1442,12 @@ class Queue:
 
     # -- enqueue ------------------------------------------------------------
 
-    def enqueue(self, req: Enqueue, now: float) -> dict:
+    def enqueue(self, req: Enqueue, now: float) -> TaskResult:
         stream = self._stream(req.stream)
         if stream.status == "ended":
             raise Conflict(f"stream {stream.name!r} has ended and takes no new tasks")
         tool_name, payload = self._what_to_run(req)
         settings = self.settings(tool_name)
-        if req.key is not None and (stream.name, req.key) in self.index.keys:
-            return TaskResult(self.index.tasks[self.index.keys[stream.name, req.key]], {"existing": True})
         if req.delay is not None and req.at is not None:
             raise BadRequest("give delay or at, not both")
         ready_at = parse_time(req.at) if req.at is not None else (
@@ -1460,6 +1458,8 @@ class Queue:
         for dep in after:
             if dep not in self.index.tasks:
                 raise NotFound(f"no task {dep} (named in after)")
+        if req.key is not None and (stream.name, req.key) in self.index.keys:  # valid, and known
+            return TaskResult(self.index.tasks[self.index.keys[stream.name, req.key]], {"existing": True})
         unfinished = [dep for dep in after if self.index.tasks[dep].status != "completed"]
         waiting_for = "after" if unfinished else (
             "delay" if ready_at is not None and ready_at > now else None)

@@ -379,14 +379,14 @@ class QueueMachine(RuleBasedStateMachine):
         result, refusal = self.send(Enqueue(
             stream=stream, tool=tool, payload=f"job {new_id}", priority=priority, delay=delay,
             at=when, key=key, lock=lock, max_attempts=max_attempts, after=after))
-        if existing is not None:
-            assert refusal is None and result["existing"] and result["id"] == existing.id
-            return multiple()
-        if delay is not None and at is not None:
+        if delay is not None and at is not None:  # refused even when the key exists
             assert isinstance(refusal, BadRequest), refusal
             return multiple()
         if unknown:
             assert isinstance(refusal, NotFound), (unknown, refusal)
+            return multiple()
+        if existing is not None:
+            assert refusal is None and result["existing"] and result["id"] == existing.id
             return multiple()
         assert refusal is None, refusal
         assert result["id"] == new_id and result["existing"] is False

@@ -12,7 +12,6 @@ import re
 import shutil
 import signal
 import sqlite3
-import struct
 import subprocess
 import sys
 import threading
@@ -388,6 +387,9 @@ def test_restart_after_crash_loads_snapshot_and_journal_tail(make_daemon):
 
 
 # -- timers: stale tasks and purge --------------------------------------------------
+
+# The rules of lease expiry are specified on the core with a fake clock (test_core.py,
+# test_core_rules.py); the first test here is the one that waits for the daemon's own timer.
 
 
 def test_stale_running_task_is_failed(make_daemon):

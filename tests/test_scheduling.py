@@ -7,11 +7,19 @@ elsewhere, a stream created) and the checks of task records go over the
 socket, because each sparkqctl run costs a Python start. The tool ``t`` has
 1 s leases and 2 attempts with a 0.2 s back-off, so expiry and retries happen
 within a test; ``agent`` and ``other`` have 60 s leases and no retries.
+
+How long delays, back-offs and leases last is specified on the pure core with a
+fake clock, on this same configuration (test_core_rules.py). Here one test each
+shows that the daemon's timer really fires them: a delay
+(test_delay_end_wakes_blocked_claim) and a back-off
+(test_retry_fail_waits_for_backoff_then_pending); test_durability.py's
+test_stale_running_task_is_failed does it for a lease expiry. The restart tests
+still wait for a delay, back-off or lease to end around a real restart.
 """
 
 import subprocess
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -200,27 +208,6 @@ def test_priority_survives_restart(q, how):
 
 
 # -- delays ----------------------------------------------------------------------------
-
-
-def test_delay_waits_then_becomes_pending(q):
-    """--delay 1s: the task waits (waiting_for delay, ready_at set), then turns pending alone."""
-    task_id = enqueue(q, "--delay", "1s")
-    record = expect(q, task_id, status="waiting", waiting_for="delay")
-    assert abs(epoch(record["ready_at"]) - epoch(record["created_at"]) - 1.0) < 0.002
-    assert nothing_to_claim(q)
-    released = becomes(q, task_id, "pending", timeout=2.5)
-    assert epoch(released["history"][-1]["at"]) >= epoch(record["ready_at"])
-    assert run(q, task_id)["status"] == "running"
-
-
-def test_delay_at_rfc3339_waits_until_then(q):
-    """--at with an RFC 3339 time waits until that time, then the task is pending."""
-    moment = int(time.time()) + 2
-    stamp = datetime.fromtimestamp(moment, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    task_id = enqueue(q, "--at", stamp)
-    expect(q, task_id, status="waiting", waiting_for="delay", ready_at=stamp[:-1] + ".000Z")
-    becomes(q, task_id, "pending", timeout=3.5)
-    assert time.time() >= moment
 
 
 def test_delay_at_in_the_past_is_pending_at_once(q):
@@ -469,17 +456,6 @@ def test_retry_fail_waits_for_backoff_then_pending(q):
     assert run(q, task_id)["attempts"] == 2
 
 
-def test_retry_history_has_every_attempt_and_reason(q):
-    """Three failed attempts of three: the task ends failed and its history names each reason."""
-    task_id = enqueue(q, "--max-attempts", "3", tool="t")
-    for n in (1, 2, 3):
-        becomes(q, task_id, "pending")
-        started(q, task_id)
-        q.ctl_ok("fail", task_id, "--reason", f"reason-{n}")
-    record = expect(q, task_id, status="failed", attempts=3, reason="reason-3")
-    notes = " | ".join(h["note"] or "" for h in record["history"])
-    assert all(f"reason-{n}" in notes and f"attempt {n}" in notes for n in (1, 2, 3)), notes
-
 
 def test_retry_final_fails_at_once(q):
     """`fail --final` fails the task for good although attempts remain."""
@@ -496,30 +472,6 @@ def test_retry_builtin_default_is_one_attempt(daemon):
     started(daemon, task_id)
     daemon.ctl_ok("fail", task_id, "--reason", "no")
     expect(daemon, task_id, status="failed", attempts=1, max_attempts=1)
-
-
-def test_retry_backoff_grows_and_is_never_shorter_than_configured(q):
-    """Back-off after attempt n is retry_backoff * 2**(n-1), capped at retry_backoff_max, +0-25%."""
-    task_id = enqueue(q, "--max-attempts", "5", tool="t")
-    for n, base in enumerate((0.2, 0.4, 0.8, 1.0), start=1):
-        becomes(q, task_id, "pending")
-        started(q, task_id)
-        q.ctl_ok("fail", task_id, "--reason", f"attempt {n}")
-        record = show(q, task_id)
-        backoff = epoch(record["ready_at"]) - epoch(record["history"][-1]["at"])
-        # Timestamps are shown truncated to milliseconds: allow 1 ms either way.
-        assert base - 0.001 <= backoff <= base * 1.25 + 0.001, (n, backoff)
-
-
-def test_retry_stale_lease_counts_as_failed_attempt(q):
-    """A lease that expires is a failed attempt: the task is retried, and history says stale."""
-    task_id = add(q, tool="t")
-    run(q, task_id)
-    record = wait_until(lambda: (r := show(q, task_id))["status"] != "running" and r, timeout=3)
-    assert record["attempts"] == 1 and "stale" in record["reason"]
-    assert any("stale" in (h["note"] or "") and h["by"] == "sparkqd" for h in record["history"])
-    becomes(q, task_id, "pending")
-    assert run(q, task_id)["attempts"] == 2
 
 
 @RESTARTS
@@ -568,15 +520,6 @@ def test_lease_touch_extends_expiry(q):
            lease_expires_at=touched["lease_expires_at"])
 
 
-def test_lease_touch_keeps_task_running_past_first_expiry(q):
-    """A touched task is still running after its first lease would have expired."""
-    task_id = add(q, tool="t", timeout=2)
-    first_expiry = epoch(run(q, task_id)["lease_expires_at"])
-    wait_until(lambda: time.time() > first_expiry - 1, message="half the lease to pass")
-    q.ctl_ok("touch", task_id)
-    wait_until(lambda: time.time() > first_expiry + 0.3, message="the first expiry to pass")
-    expect(q, task_id, status="running", attempts=1)
-
 
 def test_lease_wrong_lease_refused_and_changes_nothing(q):
     """complete, fail and touch with a lease that is not the task's are refused with conflict."""
@@ -587,18 +530,6 @@ def test_lease_wrong_lease_refused_and_changes_nothing(q):
     after = show(q, task_id)
     assert {k: after[k] for k in before} == before
 
-
-def test_lease_old_lease_after_expiry_and_reclaim_refused(q):
-    """After the lease expired and the task was claimed again, the old lease is refused."""
-    task_id = add(q, tool="t", timeout=2)
-    old = run(q, task_id)["lease"]
-    becomes(q, task_id, "pending", timeout=4)
-    new = run(q, task_id)
-    refused(q, "complete", task_id, "--lease", old, code="conflict")
-    refused(q, "fail", task_id, "--lease", old, "--reason", "late", code="conflict")
-    expect(q, task_id, status="running", attempts=2, lease=new["lease"],
-           lease_expires_at=new["lease_expires_at"])
-    assert old != new["lease"]
 
 
 def test_lease_not_needed_to_complete_by_hand(q):
