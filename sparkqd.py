@@ -1354,8 +1354,11 @@ class Queue:
         if task.status != "running":
             raise Conflict(f"cannot {verb} task {task_id}: it is {task.status}, not running")
         if lease is not None and lease != task.lease:
-            raise Conflict(f"cannot {verb} task {task_id}: lease {lease} no longer holds it "
-                           f"(it expired and the task was claimed again)")
+            issued = {f"{task.id}.{n + 1}" for n, entry in enumerate(task.history)
+                      if entry[1] == "running"}
+            why = ("it expired and the task was claimed again" if lease in issued else
+                   f"it is not a lease of this task; the current one is {task.lease}")
+            raise Conflict(f"cannot {verb} task {task_id}: lease {lease} does not hold it ({why})")
         return task
 
     def settings(self, tool_name: str, task_class: str | None = None) -> Settings:
@@ -1386,9 +1389,13 @@ class Queue:
             return SCRIPT_TOOL_PREFIX + req.script, list(req.args or ())
         if req.args is not None:
             raise BadRequest("args go with script; give a tool a payload")
-        if req.tool not in self.config.tools:
+        tool = self.config.tools.get(req.tool)
+        if tool is None:
             known = ", ".join(sorted(self.config.tools)) or "none"
             raise BadRequest(f"unknown tool {req.tool!r} (known: {known})")
+        if tool.command and tool.command[-1].startswith("-") and req.payload is None:
+            raise BadRequest(f"tool {req.tool!r} runs `{' '.join(tool.command)} PAYLOAD`: it "
+                             f"needs a payload, the text to run")
         return req.tool, req.payload
 
     # -- sessions and streams -----------------------------------------------
@@ -2489,6 +2496,7 @@ class SnapshotState(Struct):
     tasks: list[Task]
     next_id: int
     seq: int
+    written_at: str | None = None  #: when it was written (RFC 3339), None for an empty one
 
 
 class Snapshot:
@@ -2549,7 +2557,7 @@ class Snapshot:
                       waiting_for, ready_at, after, key, lock, lease, expires, run_pid, run_start)
                  in db.execute(f"SELECT {TASK_COLUMNS} FROM tasks ORDER BY id")]
         return SnapshotState(sessions, streams, tasks, int(meta.get("next_id", 1)),
-                             int(meta.get("journal_seq", 0)))
+                             int(meta.get("journal_seq", 0)), meta.get("written_at"))
 
     def write(self, changes: Changes, seq: int, next_id: int, session_of: dict[str, str]) -> None:
         """Write what changed, and the journal sequence it covers, in one transaction."""
@@ -4153,6 +4161,7 @@ async def recover(queue: Queue, journal: Journal, snapshots: Snapshots, pool: Po
     state = snapshots.snapshot.load()
     queue.load(state.sessions, state.streams, state.tasks, state.next_id)
     snapshot_seq = snapshots.last["seq"] = state.seq
+    snapshots.loaded(state.written_at)
     del state
     replayed = 0
     for event in journal.replay(snapshot_seq):
@@ -4226,6 +4235,12 @@ class Snapshots:
         self.next_at = 0.0
         self.taken_at = time.time()
         self.last: dict = {"seq": None, "at": None, "seconds": None, "error": None}
+
+    def loaded(self, written_at: str | None) -> None:
+        """The snapshot startup loaded is the last one taken: its age counts from then."""
+        if written_at is not None:
+            self.last["at"] = written_at
+            self.taken_at = datetime.datetime.fromisoformat(written_at).timestamp()
 
     def due(self, now: float, interval: float) -> float:
         """Start a snapshot if one is due; returns when the next is."""

@@ -677,3 +677,28 @@ def test_claim_next_on_an_unknown_stream_is_refused_and_nothing_finishes(daemon)
     error = daemon.call(op="complete", task=task, claim_next={"stream": "nope"})["error"]
     assert error["code"] == "not_found"
     assert daemon.ok(op="task", task=task)["status"] == "running"
+
+
+def test_enqueue_of_a_command_tool_with_nothing_to_run_is_refused(daemon):
+    """run-bash with no payload is bad_request saying it needs one, not a run that fails."""
+    error = daemon.call(op="enqueue", tool="run-bash")["error"]
+    assert error["code"] == "bad_request" and "needs a payload" in error["message"]
+    assert daemon.ok(op="tasks") == []
+
+
+def test_touch_with_a_lease_never_issued_says_it_does_not_match(daemon):
+    """A touch with a made-up lease is a conflict naming the current lease, not 'expired'."""
+    task = daemon.ok(op="enqueue", tool="llm-haiku")["id"]
+    lease = daemon.ok(op="claim")["lease"]
+    error = daemon.call(op="touch", task=task, lease="made-up")["error"]
+    assert error["code"] == "conflict" and "not a lease of this task" in error["message"]
+    assert lease in error["message"] and "expired" not in error["message"]
+
+
+def test_status_after_a_restart_shows_the_loaded_snapshot(make_daemon):
+    """After a graceful restart `status` says when the loaded snapshot was written."""
+    d = make_daemon()
+    d.ok(op="enqueue", tool="llm-haiku")
+    d.restart()
+    snapshot = d.ok(op="status")["snapshot"]
+    assert snapshot["seq"] is not None and snapshot["at"] is not None and snapshot["at"].endswith("Z")
