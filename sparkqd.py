@@ -1389,14 +1389,17 @@ class Queue:
             return SCRIPT_TOOL_PREFIX + req.script, list(req.args or ())
         if req.args is not None:
             raise BadRequest("args go with script; give a tool a payload")
-        tool = self.config.tools.get(req.tool)
-        if tool is None:
+        if req.tool not in self.config.tools:
             known = ", ".join(sorted(self.config.tools)) or "none"
             raise BadRequest(f"unknown tool {req.tool!r} (known: {known})")
-        if tool.command and tool.command[-1].startswith("-") and req.payload is None:
-            raise BadRequest(f"tool {req.tool!r} runs `{' '.join(tool.command)} PAYLOAD`: it "
-                             f"needs a payload, the text to run")
         return req.tool, req.payload
+
+    def _check_something_to_run(self, req: Enqueue) -> None:
+        """A tool whose command ends in an option taking the payload (``bash -c``) needs one."""
+        command = req.tool is not None and self.config.tools[req.tool].command
+        if command and command[-1].startswith("-") and req.payload is None:
+            raise BadRequest(f"tool {req.tool!r} runs `{' '.join(command)} PAYLOAD`: it needs a "
+                             f"payload, the text to run")
 
     # -- sessions and streams -----------------------------------------------
 
@@ -1465,6 +1468,7 @@ class Queue:
         for dep in after:
             if dep not in self.index.tasks:
                 raise NotFound(f"no task {dep} (named in after)")
+        self._check_something_to_run(req)
         if req.key is not None and (stream.name, req.key) in self.index.keys:  # valid, and known
             return TaskResult(self.index.tasks[self.index.keys[stream.name, req.key]], {"existing": True})
         unfinished = [dep for dep in after if self.index.tasks[dep].status != "completed"]
