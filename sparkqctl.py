@@ -1,9 +1,14 @@
 """sparkqctl: the SparkQ client for shell scripts, editors and agents.
 
 It speaks JSON lines to sparkqd over its Unix socket. It imports only the
-standard library and builds its argument parser lazily, because every shell
-command that calls it pays its start-up time. ``Client`` is the small Python
-API; ``main()`` is the command line.
+standard library, because every shell command that calls it pays its start-up
+time. ``Client`` is the small Python API; ``main()`` is the command line.
+
+The command line is one table, ``TABLE``: a ``Command`` record per command with
+its arguments (``Arg``), the request fields they fill and how the reply is
+shown. The argument parser, the request, the output and the bash, zsh and fish
+completion scripts are all derived from it, and only the parser of the command
+given is built.
 
 Exit status: 0 success; 1 the daemon refused the request; 2 usage error;
 3 the daemon cannot be reached; 4 nothing to claim or peek, or `wait` timed
@@ -19,6 +24,7 @@ import sys
 VERSION = "0.1.0"
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_EMPTY, EXIT_FAILED = 0, 1, 2, 3, 4, 5
 STATUSES = ["pending", "waiting", "running", "completed", "failed", "cancelled"]
+ENDED = ("completed", "failed", "cancelled")
 
 
 # ---------------------------------------------------------------------------
@@ -47,8 +53,22 @@ def default_socket_path(env=os.environ) -> str:
     return f"/tmp/sparkq-{os.getuid()}/sparkqd.sock"
 
 
+def request_line(request: dict) -> bytes:
+    """A request as the JSON line sent for it; its fields that are None are left out."""
+    request = {k: v for k, v in request.items() if v is not None}
+    return json.dumps(request, separators=(",", ":")).encode() + b"\n"
+
+
 class Client:
-    """A connection to sparkqd: ``Client().call("enqueue", tool="run-bash", payload="ls")``."""
+    """A connection to sparkqd: ``Client().call("enqueue", tool="run-bash", payload="ls")``.
+
+    ``call`` sends one request and returns its result. The worker loop is one call a
+    task: ``call("complete", task=7, lease=L, claim_next={"stream": "ci", "wait": 30})``
+    finishes task 7 and claims the next, returning the finished task with the claimed
+    one (or None) under ``"next"``; ``fail`` takes ``claim_next`` too. Requests can be
+    pipelined: ``send`` and ``send_many`` write without waiting, and ``receive`` reads
+    the replies, one per request, in the order the requests were sent.
+    """
 
     def __init__(self, path: str | None = None, timeout: float | None = None):
         self.path = path or default_socket_path()
@@ -60,12 +80,13 @@ class Client:
             self.sock.close()
             raise Unreachable(f"cannot reach sparkqd at {self.path}: "
                               f"{exc.strerror or exc}") from None
-        self.reader = self.sock.makefile("rb")
+        self.buffer = bytearray()  #: bytes received and not yet read as messages
+        self._scanned = 0  #: how much of ``buffer`` holds no newline
         self._next_id = 0
 
     def call(self, op: str, **fields):
         """Send one request and return its result, raising SparkQError on refusal."""
-        return self._result(self.request(op, **fields))
+        return self.result(self.request(op, **fields))
 
     def request(self, op: str, **fields) -> dict:
         """Send one request and return the whole reply."""
@@ -73,28 +94,93 @@ class Client:
         return self.receive()
 
     def send(self, op: str, **fields) -> None:
-        """Send a request without waiting, for pipelining; replies come in order."""
-        self._next_id += 1
-        fields = {k: v for k, v in fields.items() if v is not None}
-        line = json.dumps({"op": op, "id": self._next_id, **fields}, separators=(",", ":"))
-        self.sock.sendall(line.encode() + b"\n")
+        """Send a request without waiting for its reply (read it with ``receive``)."""
+        self.send_many([{"op": op, **fields}])
+
+    def send_many(self, requests: list[dict]) -> None:
+        """Send many requests in one write, without waiting; ``receive`` then reads their
+        replies, one per request, in this order.
+
+        Each request is a dict of ``"op"`` and that op's fields, like
+        ``{"op": "enqueue", "tool": "run-bash", "payload": "make"}``, and gets the next
+        ``id``. While the socket takes no more, the replies that arrive are read into
+        memory, so a batch of any size goes through: the daemon answers a client that
+        reads none of its replies only up to about 1 MiB of them.
+        """
+        lines = []
+        for request in requests:
+            self._next_id += 1
+            lines.append(request_line({"op": request["op"], "id": self._next_id, **request}))
+        self._write(b"".join(lines))
 
     def receive(self) -> dict:
-        """Read the next reply."""
-        line = self.reader.readline()
-        if not line:
-            raise Unreachable("sparkqd closed the connection")
+        """The next reply, whole (``ok``, ``result`` or ``error``, ``id``), waiting for it;
+        on a stream (watch, logs with follow), its next message."""
+        while (end := self.buffer.find(b"\n", self._scanned)) < 0:
+            self._scanned = len(self.buffer)  # a long reply is scanned once, not per chunk
+            self._fill()
+        line = self.buffer[:end]
+        del self.buffer[:end + 1]
+        self._scanned = 0
         return json.loads(line)
 
+    def receive_ready(self) -> list[dict]:
+        """The messages that have arrived, without waiting for more."""
+        import select
+
+        if self._poll(select.POLLIN, 0):
+            self._fill()
+        messages = []
+        while b"\n" in self.buffer:
+            messages.append(self.receive())
+        return messages
+
     @staticmethod
-    def _result(reply: dict):
+    def result(reply: dict):
+        """The result of a reply, raising SparkQError if it is a refusal."""
         if not reply.get("ok"):
             error = reply.get("error") or {}
             raise SparkQError(error.get("code", "internal"), error.get("message", "refused"))
         return reply.get("result")
 
+    def _fill(self) -> None:
+        chunk = self.sock.recv(1 << 16)
+        if not chunk:
+            raise Unreachable("sparkqd closed the connection")
+        self.buffer += chunk
+
+    def _write(self, data: bytes) -> None:
+        """Write all of ``data``, reading what the daemon answers while it takes no more."""
+        import select
+
+        view = memoryview(data)
+        while view:
+            ready = self._poll(select.POLLIN | select.POLLOUT, self.sock.gettimeout())
+            if not ready:
+                raise TimeoutError(f"sparkqd at {self.path} took no request and sent no reply")
+            if ready & ~select.POLLOUT:  # a reply came, or the daemon went
+                self._fill()
+            if ready & select.POLLOUT:
+                try:
+                    view = view[self.sock.send(view, socket.MSG_DONTWAIT):]
+                except BlockingIOError:
+                    pass
+
+    def _poll(self, events: int, timeout: float | None) -> int:
+        """Which of ``events`` the socket has (or POLLHUP, POLLERR), waiting up to
+        ``timeout`` seconds for one. poll(), not select(): any descriptor number will do."""
+        import select
+
+        poller = select.poll()
+        poller.register(self.sock, events)
+        ready = poller.poll(None if timeout is None else timeout * 1000)
+        return ready[0][1] if ready else 0
+
+    def fileno(self) -> int:
+        """The socket's descriptor, for select()."""
+        return self.sock.fileno()
+
     def close(self) -> None:
-        self.reader.close()
         self.sock.close()
 
     def __enter__(self):
@@ -147,6 +233,24 @@ def show_tasks(tasks: list) -> str:
                  ["ID", "STREAM", "TOOL", "STATUS", "ATTEMPTS", "CREATED", "PAYLOAD"])
 
 
+def show_outcome(task: dict) -> str:
+    """A task after a change of state: `task 7 waiting (retry at ...)`."""
+    extra = f" (retry at {task['ready_at']})" if task["waiting_for"] == "retry" else ""
+    return f"task {task['id']} {task['status']}{extra}"
+
+
+def show_requeued(result: dict) -> str:
+    if "requeued" in result:
+        return f"requeued {result['requeued']} tasks"
+    return show_outcome(result)
+
+
+def show_history(tasks: list) -> str:
+    return table([[t["id"], t["stream"], t["tool"], t["status"], t["waited"], t["duration"],
+                   t["finished_at"], short(t["summary"] or t["reason"] or "", 36)] for t in tasks],
+                 ["ID", "STREAM", "TOOL", "STATUS", "WAITED", "RAN", "FINISHED", "SUMMARY"])
+
+
 def show_streams(streams: list) -> str:
     return table([[s["name"], s["session"], s["status"], *s["counts"].values()] for s in streams],
                  ["NAME", "SESSION", "STATUS", *(k.upper() for k in (streams[0]["counts"]
@@ -158,6 +262,28 @@ def show_sessions(sessions: list) -> str:
                   for s in sessions], ["NAME", "STATUS", "CREATED", "STREAMS"])
 
 
+def shown_as(kind: str):
+    """The human form of a session or stream after a change: `stream w1 active (paused)`."""
+    return lambda record: (f"{kind} {record['name']} {record['status']}"
+                           + (" (paused)" if record.get("paused") else ""))
+
+
+def show_scripts(scripts: list) -> str:
+    return table([[s["name"], s["task_class"], s["timeout"], s["args"], s["description"]]
+                  for s in scripts], ["NAME", "CLASS", "TIMEOUT", "ARGS", "DESCRIPTION"])
+
+
+def show_workers(workers: list) -> str:
+    return table([[w["name"], w["kind"], w["pid"], w["state"], w["task"], w["done"],
+                   w["restarts"], w["last_seen"]] for w in workers],
+                 ["NAME", "KIND", "PID", "STATE", "TASK", "DONE", "RESTARTS", "LAST SEEN"])
+
+
+def show_locks(locks: list) -> str:
+    return table([[lk["lock"], lk["task"], lk["stream"], lk["worker"], lk["since"]]
+                  for lk in locks], ["LOCK", "TASK", "STREAM", "WORKER", "SINCE"])
+
+
 def show_status(status: dict) -> str:
     lines = []
     for key, value in status.items():
@@ -165,6 +291,11 @@ def show_status(status: dict) -> str:
             value = "  ".join(f"{k}={v}" for k, v in value.items())
         lines.append(f"{key + ':':12}{value}")
     return "\n".join(lines)
+
+
+def show_plain(result) -> str:
+    """A result no command shows its own way: `key: value` lines, else JSON."""
+    return show_status(result) if isinstance(result, dict) else json.dumps(result)
 
 
 def show_tools(result: dict) -> str:
@@ -176,6 +307,15 @@ def show_tools(result: dict) -> str:
                      for n, c in result["task_classes"].items()],
                     ["CLASS", "TIMEOUT", "ATTEMPTS", "BACKOFF"])
     return tools + "\n\n" + classes
+
+
+def ids_of(result) -> str | None:
+    """The -q form of a result: the ids (or names) it holds, one a line."""
+    if isinstance(result, list):
+        return "\n".join(str(r.get("id", r.get("name"))) for r in result) or None
+    if isinstance(result, dict) and "id" in result:
+        return str(result["id"])
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -354,32 +494,31 @@ def seconds_until(rfc3339_time: str) -> float:
 class Worker:
     """Claim tasks and run COMMAND for each, ``--concurrency`` at a time.
 
-    The first SIGINT or SIGTERM stops claiming and lets running commands finish
-    (exit 0); a second kills them, records their attempts failed and exits 1.
+    A slot that finishes a task reports it and claims its next one in the same request
+    (``claim_next``, which does not wait); only when that finds nothing does it wait in a
+    plain `claim`. The first SIGINT or SIGTERM stops claiming and lets running commands
+    finish (exit 0); a second kills them, records their attempts failed and exits 1.
     """
 
     #: The reason of an attempt a second signal ended (or kept from starting).
     STOPPED = "interrupted: worker stopped"
 
-    def __init__(self, parser, args):
+    def __init__(self, args):
         import threading
 
-        command = args.run[1:] if args.run[:1] == ["--"] else args.run
-        if not command:
-            parser.error("work needs a command: sparkqctl work [options] -- COMMAND [ARGS...]")
-        if args.concurrency < 1:
-            parser.error("--concurrency must be at least 1")
-        self.command = command
-        self.args = args
+        self.command = args.run
         self.path = args.socket or default_socket_path()
-        self.prefix = args.worker or f"{socket.gethostname()}:{os.getpid()}"
+        prefix = args.worker or f"{socket.gethostname()}:{os.getpid()}"
+        #: Each slot's claim: the command line's filters and the slot's worker name.
+        self.claims = [{"stream": args.stream, "tool": args.tool, "worker": f"{prefix}/{n}"}
+                       for n in range(1, args.concurrency + 1)]
         self.stopping = threading.Event()
         self.killed = False  #: a second signal came: running commands die, no more start
         self.failed = False  #: a slot lost the daemon or was refused
         # Reentrant: a signal that comes while the handler holds it runs the handler again.
         self.lock = threading.RLock()
         self.procs: dict[int, object] = {}  # task id -> Popen
-        self.clients: list[Client] = []
+        self.clients: list[Client] = []  #: the connections slots wait on in `claim`
 
     def run(self) -> int:
         import signal
@@ -392,8 +531,8 @@ class Worker:
             return EXIT_UNREACHABLE
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
-        slots = [threading.Thread(target=self._slot, args=(n,), daemon=True)
-                 for n in range(1, self.args.concurrency + 1)]
+        slots = [threading.Thread(target=self._slot, args=(claim,), daemon=True)
+                 for claim in self.claims]
         for slot in slots:
             slot.start()
         for slot in slots:
@@ -422,17 +561,18 @@ class Worker:
                 except ProcessLookupError:
                     pass
 
-    def _slot(self, number: int) -> None:
-        name = f"{self.prefix}/{number}"
-        streams = self.args.stream or [os.environ.get("SPARKQ_STREAM") or "default"]
+    def _slot(self, claim: dict) -> None:
+        """Claim and run tasks until stopped. Reports go over a connection of their own,
+        which the first signal leaves open: a task claimed with a report still runs."""
         try:
             with Client(self.path) as claimer, Client(self.path) as reporter:
                 self.clients.append(claimer)
-                while not self.stopping.is_set():
-                    task = claimer.call("claim", stream=streams, tool=self.args.tool,
-                                        worker=name, pid=os.getpid(), wait=30)
-                    if task is not None:
-                        self._execute(reporter, task)
+                task = None
+                while task is not None or not self.stopping.is_set():
+                    if task is None:
+                        task = claimer.call("claim", **claim, pid=os.getpid(), wait=30)
+                    else:
+                        task = self._execute(reporter, task, claim)
         except Unreachable:
             if not self.stopping.is_set():
                 print("sparkqctl work: lost the daemon", file=sys.stderr)
@@ -441,40 +581,36 @@ class Worker:
             print(f"sparkqctl work: {exc.code}: {exc}", file=sys.stderr)
             self.failed = True
 
-    def _execute(self, client: Client, task: dict) -> None:
-        import subprocess
+    def _execute(self, client: Client, task: dict, claim: dict) -> dict | None:
+        """Run COMMAND for a task and report how it ended; the next task, if the report
+        claimed one."""
         import time
 
         payload = task["payload"]
-        env = dict(os.environ, SPARKQ_TASK_ID=str(task["id"]), SPARKQ_STREAM=task["stream"],
-                   SPARKQ_SESSION=task["session"], SPARKQ_TOOL=task["tool"],
-                   SPARKQ_ATTEMPT=str(task["attempts"]), SPARKQ_SOCKET=self.path,
-                   SPARKQ_PAYLOAD=payload if isinstance(payload, str) else json.dumps(payload))
         argv = [*self.command, *([payload] if isinstance(payload, str) else [])]
         started = time.monotonic()
         try:
-            proc = self._start(task["id"], argv, env)
+            proc = self._start(task["id"], argv, self._environment(task))
         except OSError as exc:
-            return self._report(client, "fail", task, reason=f"cannot start: {exc.strerror}")
+            return self._finish(client, task, claim, op="fail",
+                                reason=f"cannot start: {exc.strerror}")
         if proc is None:
-            return self._report(client, "fail", task, reason=self.STOPPED)
-        heartbeat = max(0.5, seconds_until(task["lease_expires_at"]) / 3)
-        while True:
-            try:
-                code = proc.wait(timeout=heartbeat)
-                break
-            except subprocess.TimeoutExpired:
-                self._report(client, "touch", task)
-        with self.lock:
-            del self.procs[task["id"]]
+            return self._finish(client, task, claim, op="fail", reason=self.STOPPED)
+        code = self._wait(client, task, proc)
         if self.killed:
-            self._report(client, "fail", task, reason=self.STOPPED)
-        elif code == 0:
-            self._report(client, "complete", task,
-                         result={"exit_code": 0, "duration": round(time.monotonic() - started, 3)})
-        else:
-            why = f"exit code {code}" if code > 0 else f"killed by signal {-code}"
-            self._report(client, "fail", task, reason=why)
+            return self._finish(client, task, claim, op="fail", reason=self.STOPPED)
+        if code == 0:
+            return self._finish(client, task, claim, op="complete", result={
+                "exit_code": 0, "duration": round(time.monotonic() - started, 3)})
+        why = f"exit code {code}" if code > 0 else f"killed by signal {-code}"
+        return self._finish(client, task, claim, op="fail", reason=why)
+
+    def _environment(self, task: dict) -> dict:
+        payload = task["payload"]
+        return dict(os.environ, SPARKQ_TASK_ID=str(task["id"]), SPARKQ_STREAM=task["stream"],
+                    SPARKQ_SESSION=task["session"], SPARKQ_TOOL=task["tool"],
+                    SPARKQ_ATTEMPT=str(task["attempts"]), SPARKQ_SOCKET=self.path,
+                    SPARKQ_PAYLOAD=payload if isinstance(payload, str) else json.dumps(payload))
 
     def _start(self, task_id: int, argv: list[str], env: dict):
         """Start a command in its own process group and register it; None once killed.
@@ -494,12 +630,36 @@ class Worker:
             self.procs[task_id] = proc
             return proc
 
-    @staticmethod
-    def _report(client: Client, op: str, task: dict, **fields) -> None:
+    def _wait(self, client: Client, task: dict, proc) -> int:
+        """Wait for a command to end, touching the task's lease meanwhile; its exit code."""
+        import subprocess
+
+        heartbeat = max(0.5, seconds_until(task["lease_expires_at"]) / 3)
+        while True:
+            try:
+                code = proc.wait(timeout=heartbeat)
+                break
+            except subprocess.TimeoutExpired:
+                try:
+                    client.call("touch", task=task["id"], lease=task["lease"])
+                except SparkQError as exc:
+                    print(f"sparkqctl work: task {task['id']}: touch refused: {exc}",
+                          file=sys.stderr)
+        with self.lock:
+            del self.procs[task["id"]]
+        return code
+
+    def _finish(self, client: Client, task: dict, claim: dict, op: str, **fields) -> dict | None:
+        """Complete or fail a task and, unless stopping, claim the next in the same request;
+        the task claimed, or None."""
+        claim_next = None if self.stopping.is_set() else claim
         try:
-            client.call(op, task=task["id"], lease=task["lease"], **fields)
+            finished = client.call(op, task=task["id"], lease=task["lease"],
+                                   claim_next=claim_next, **fields)
         except SparkQError as exc:
             print(f"sparkqctl work: task {task['id']}: {op} refused: {exc}", file=sys.stderr)
+            return None
+        return finished.get("next")
 
 
 # ---------------------------------------------------------------------------
@@ -507,57 +667,32 @@ class Worker:
 # ---------------------------------------------------------------------------
 
 
-def watch(path: str, fields: dict) -> int:
+def watch(command, client: Client, fields: dict, args) -> int:
     """Print each event as one JSON line, flushed, until the daemon or the reader goes."""
-    with Client(path) as client:
-        client.call("watch", **fields)
-        try:
-            while True:
-                message = client.receive()
-                if message.get("ok") is False:  # the daemon ends the stream: shutting down
-                    error = message["error"]
-                    print(f"sparkqctl: {error['code']}: {error['message']}", file=sys.stderr)
-                    return EXIT_UNREACHABLE if error["code"] == "unavailable" else EXIT_REFUSED
-                print(json.dumps(message), flush=True)
-        except (BrokenPipeError, KeyboardInterrupt):
-            return EXIT_OK
-        except Unreachable:
-            return EXIT_UNREACHABLE
-
-
-class EventReader:
-    """Events of a `watch` connection, read without blocking (for `top`)."""
-
-    def __init__(self, path: str):
-        self.client = Client(path)
-        self.client.call("watch")
-        self.client.sock.setblocking(False)
-        self.buf = b""
-
-    def fileno(self) -> int:
-        return self.client.sock.fileno()
-
-    def read(self) -> list[dict]:
-        try:
-            chunk = self.client.sock.recv(1 << 20)
-        except BlockingIOError:
-            return []
-        if not chunk:
-            raise Unreachable("sparkqd closed the connection")
-        self.buf += chunk
-        *lines, self.buf = self.buf.split(b"\n")
-        return [json.loads(line) for line in lines if line.strip()]
+    client.call("watch", **fields)
+    try:
+        while True:
+            message = client.receive()
+            if message.get("ok") is False:  # the daemon ends the stream: shutting down
+                error = message["error"]
+                print(f"sparkqctl: {error['code']}: {error['message']}", file=sys.stderr)
+                return EXIT_UNREACHABLE if error["code"] == "unavailable" else EXIT_REFUSED
+            print(json.dumps(message), flush=True)
+    except (BrokenPipeError, KeyboardInterrupt):
+        return EXIT_OK
+    except Unreachable:
+        return EXIT_UNREACHABLE
 
 
 class Top:
     """`sparkqctl top`: the queue on one screen, redrawn when events arrive."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str | None):
         import collections
 
-        self.path = path
         self.client = Client(path)
-        self.events = EventReader(path)
+        self.events = Client(path)  #: a `watch` connection, read without blocking
+        self.events.call("watch")
         self.finished = collections.deque(maxlen=100_000)  # (epoch seconds, stream)
         self.selected = 0
         self.message = ""
@@ -565,11 +700,10 @@ class Top:
 
     def refresh(self) -> None:
         """Fetch what the screen shows, in one pipelined round trip."""
-        ops = [("stream.list", {}), ("tasks", {"status": "running"}), ("locks", {}),
-               ("workers", {}), ("history", {"status": "failed", "limit": 5})]
-        for op, fields in ops:
-            self.client.send(op, **fields)
-        results = [Client._result(self.client.receive()) for _ in ops]
+        requests = [{"op": "stream.list"}, {"op": "tasks", "status": "running"}, {"op": "locks"},
+                    {"op": "workers"}, {"op": "history", "status": "failed", "limit": 5}]
+        self.client.send_many(requests)
+        results = [Client.result(self.client.receive()) for _ in requests]
         streams, self.running, self.locks, self.workers, self.failures = results
         self.streams = [s for s in streams if s["status"] != "ended"]
         self.selected = min(self.selected, max(0, len(self.streams) - 1))
@@ -578,7 +712,7 @@ class Top:
                 self.finished.append((parse_iso(task["finished_at"]), task["stream"]))
 
     def take_events(self) -> bool:
-        events = self.events.read()
+        events = self.events.receive_ready()
         for event in events:
             if event.get("event") in ("task.completed", "task.failed", "task.cancelled"):
                 self.finished.append((parse_iso(event["at"]), event["task"]["stream"]))
@@ -682,13 +816,18 @@ class Top:
             return EXIT_OK
 
 
-def top(path: str) -> int:
-    view = Top(path)
-    if not sys.stdout.isatty():
-        return view.run_plain()
-    import curses
+def top(args) -> int:
+    """`sparkqctl top`: curses in a terminal, a plain table every 2 s when piped."""
+    try:
+        view = Top(args.socket)
+        if not sys.stdout.isatty():
+            return view.run_plain()
+        import curses
 
-    return curses.wrapper(view.run_terminal)
+        return curses.wrapper(view.run_terminal)
+    except Unreachable as exc:
+        print(f"sparkqctl: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
 
 
 def parse_iso(text: str) -> float:
@@ -713,269 +852,191 @@ def age(seconds: float) -> str:
     return f"{seconds // 3600}h"
 
 
-COMPLETION_BASH = r"""# sparkqctl completion for bash: source <(sparkqctl completion bash)
-_sparkqctl() {
-    local cur prev words
-    cur="${COMP_WORDS[COMP_CWORD]}"; prev="${COMP_WORDS[COMP_CWORD-1]}"
-    case "$prev" in
-        --stream) COMPREPLY=($(compgen -W "$(sparkqctl __complete streams 2>/dev/null)" -- "$cur")); return;;
-        --session) COMPREPLY=($(compgen -W "$(sparkqctl __complete sessions 2>/dev/null)" -- "$cur")); return;;
-        --tool) COMPREPLY=($(compgen -W "$(sparkqctl __complete tools 2>/dev/null)" -- "$cur")); return;;
-        --script) COMPREPLY=($(compgen -W "$(sparkqctl __complete scripts 2>/dev/null)" -- "$cur")); return;;
-        --status) COMPREPLY=($(compgen -W "pending waiting running completed failed cancelled" -- "$cur")); return;;
-        complete|fail|requeue|task|touch|cancel|logs|wait|--task-id|--task)
-            COMPREPLY=($(compgen -W "$(sparkqctl __complete tasks 2>/dev/null)" -- "$cur")); return;;
-        session|stream) COMPREPLY=($(compgen -W "create list end pause resume" -- "$cur")); return;;
-        service) COMPREPLY=($(compgen -W "install uninstall show" -- "$cur")); return;;
-        completion) COMPREPLY=($(compgen -W "bash zsh fish" -- "$cur")); return;;
-    esac
-    if [ "$COMP_CWORD" -eq 1 ]; then
-        COMPREPLY=($(compgen -W "@COMMANDS@" -- "$cur"))
-    elif [[ "$cur" == -* ]]; then
-        COMPREPLY=($(compgen -W "--json -q --socket --stream --session --tool --status --limit --wait --worker" -- "$cur"))
-    fi
+#: What `sparkqctl __complete KIND` lists: the request for it, and the names in its result.
+NAME_SOURCES = {
+    "streams": ({"op": "stream.list"}, lambda streams: [s["name"] for s in streams]),
+    "sessions": ({"op": "session.list"}, lambda sessions: [s["name"] for s in sessions]),
+    "tasks": ({"op": "tasks"}, lambda tasks: [str(t["id"]) for t in tasks
+                                              if t["status"] not in ENDED]),
+    "scripts": ({"op": "scripts"}, lambda scripts: [s["name"] for s in scripts]),
+    "tools": ({"op": "tools"}, lambda result: list(result["tools"])),
 }
-complete -F _sparkqctl sparkqctl
-"""
-
-COMPLETION_ZSH = r"""#compdef sparkqctl
-# sparkqctl completion for zsh: source <(sparkqctl completion zsh)
-_sparkqctl() {
-    local prev=${words[CURRENT-1]}
-    case $prev in
-        --stream) compadd -- ${(f)"$(sparkqctl __complete streams 2>/dev/null)"}; return;;
-        --session) compadd -- ${(f)"$(sparkqctl __complete sessions 2>/dev/null)"}; return;;
-        --tool) compadd -- ${(f)"$(sparkqctl __complete tools 2>/dev/null)"}; return;;
-        --script) compadd -- ${(f)"$(sparkqctl __complete scripts 2>/dev/null)"}; return;;
-        complete|fail|requeue|task|touch|cancel|logs|wait|--task-id)
-            compadd -- ${(f)"$(sparkqctl __complete tasks 2>/dev/null)"}; return;;
-    esac
-    if (( CURRENT == 2 )); then compadd -- @COMMANDS@; fi
-}
-compdef _sparkqctl sparkqctl
-"""
-
-COMPLETION_FISH = r"""# sparkqctl completion for fish: sparkqctl completion fish | source
-complete -c sparkqctl -f
-complete -c sparkqctl -n "__fish_use_subcommand" -a "@COMMANDS@"
-complete -c sparkqctl -l stream -xa "(sparkqctl __complete streams 2>/dev/null)"
-complete -c sparkqctl -l session -xa "(sparkqctl __complete sessions 2>/dev/null)"
-complete -c sparkqctl -l tool -xa "(sparkqctl __complete tools 2>/dev/null)"
-complete -c sparkqctl -l script -xa "(sparkqctl __complete scripts 2>/dev/null)"
-complete -c sparkqctl -n "__fish_seen_subcommand_from complete fail requeue task touch cancel logs wait" -xa "(sparkqctl __complete tasks 2>/dev/null)"
-"""
 
 
-def completion_names(path: str, kind: str) -> list[str]:
-    """Names to complete, from the running daemon; nothing if it is not there."""
-    op, fields, key = {"streams": ("stream.list", {}, "name"),
-                       "sessions": ("session.list", {}, "name"),
-                       "tasks": ("tasks", {}, "id"), "scripts": ("scripts", {}, "name")}.get(
-        kind, ("tools", {}, None))
+def print_names(args) -> int:
+    """`sparkqctl __complete KIND`: names from the running daemon; none if it is not there."""
+    request, names = NAME_SOURCES.get(args.kind, NAME_SOURCES["tools"])
     try:
-        with Client(path, timeout=2) as client:
-            result = client.call(op, **fields)
+        with Client(args.socket, timeout=2) as client:
+            found = names(client.call(**request))
     except (Unreachable, SparkQError, OSError):
-        return []
-    if kind == "tools":
-        return list(result["tools"])
-    if kind == "tasks":
-        return [str(t["id"]) for t in result if t["status"] not in ("completed", "failed", "cancelled")]
-    return [str(item[key]) for item in result]
+        found = []
+    print("\n".join(found))
+    return EXIT_OK
+
+
+#: Where bash and zsh differ in the completion function: the words of the line, the
+#: index of the first after "sparkqctl", how files and the words found are offered.
+SHELLS = {
+    "bash": {"head": "# sparkqctl completion for bash: source <(sparkqctl completion bash)",
+             "words": "COMP_WORDS", "current": "COMP_CWORD", "first": "1",
+             "files": 'COMPREPLY=($(compgen -f -- "$cur")); return',
+             "offer": 'COMPREPLY=($(compgen -W "$offer" -- "$cur"))',
+             "register": "complete -F _sparkqctl sparkqctl"},
+    "zsh": {"head": "#compdef sparkqctl\n"
+                    "# sparkqctl completion for zsh: source <(sparkqctl completion zsh)",
+            "words": "words", "current": "CURRENT", "first": "2", "files": "_files; return",
+            "offer": "compadd -- ${=offer}", "register": "compdef _sparkqctl sparkqctl"},
+}
+
+#: The bash and zsh completion function; @case@ is what the table says to offer.
+SHELL_SCRIPT = r"""@head@
+_sparkqctl() {
+    local cur="${@words@[@current@]}" prev="${@words@[@current@-1]}" cmd="" offer="" i
+    for ((i = @first@; i < @current@; i++)); do
+        case "${@words@[i]}" in
+            @valued@) ((i++));;
+            -*) ;;
+            *) cmd="${@words@[i]}"; break;;
+        esac
+    done
+@case@
+    @offer@
+}
+@register@
+"""
+
+FISH_SCRIPT = """# sparkqctl completion for fish: sparkqctl completion fish | source
+function __fish_sparkqctl_after --description 'the command is $argv[1] and the last word $argv[2]'
+    set -l words (commandline -opc)
+    contains -- $argv[1] $words; and test "$words[-1]" = "$argv[2]"
+end
+complete -c sparkqctl -f
+"""
+
+
+def completed_commands() -> list:
+    """The commands the shells complete: all but the hidden."""
+    return [command for command in TABLE if not command.hidden]
+
+
+def completed_arguments():
+    """(command, the command or action it is of, argument) for every argument completed."""
+    for command in completed_commands():
+        for leaf in (command, *command.actions):
+            for arg in flatten(leaf.args):
+                yield command, leaf, arg
+
+
+def completion_rules() -> tuple[dict, dict]:
+    """What completes a word, from the table: ``values`` maps (command, word before it) to
+    what is offered (a kind of `__complete`, "files", or a list of words; command "*" is
+    any), ``options`` each command ("" before any) to its option flags."""
+    anywhere = [flag for option in GLOBAL_OPTIONS for flag in option.flags]
+    values = {("*", flag): option.words for option in GLOBAL_OPTIONS if option.words
+              for flag in option.flags}
+    options = {"": anywhere + ["--version"]}
+    for command in completed_commands():
+        options[command.name] = list(anywhere)
+        if command.actions:
+            values[(command.name, command.name)] = [action.name for action in command.actions]
+    for command, leaf, arg in completed_arguments():
+        flags = options[command.name]
+        flags += [flag for flag in arg.flags if arg.is_option and flag not in flags]
+        for before in arg.flags if arg.is_option else (leaf.name,):
+            if arg.words:
+                values[(command.name, before)] = arg.words
+    return values, options
+
+
+def shell_case(shell: str) -> str:
+    """The bash or zsh code that sets what to offer: after a dash, the command's options;
+    else what the word before calls for; else, before any command, the commands."""
+    values, options = completion_rules()
+    offered: dict[object, list[str]] = {}
+    for (command, before), words in values.items():
+        offered.setdefault(words if isinstance(words, str) else tuple(words), []).append(
+            f"{command}:{before}")
+    lines = ['    if [[ "$cur" == -* ]]; then', '        case "$cmd" in']
+    for name, flags in options.items():
+        pattern = name or '""'  # no command yet
+        lines.append(f'            {pattern}) offer="{" ".join(flags)}";;')
+    lines += ["        esac", "    else", '        case "$cmd:$prev" in']
+    for words, keys in offered.items():
+        if words == "files":
+            action = SHELLS[shell]["files"]
+        elif isinstance(words, str):
+            action = f'offer="$(sparkqctl __complete {words} 2>/dev/null)"'
+        else:
+            action = f'offer="{" ".join(words)}"'
+        lines.append(f"            {'|'.join(keys)}) {action};;")
+    commands = " ".join(command.name for command in TABLE if not command.hidden)
+    lines += [f'            :*) offer="{commands}";;', "        esac", "    fi"]
+    return "\n".join(lines)
+
+
+def fish_quote(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def fish_words(words) -> str:
+    if isinstance(words, str):
+        return fish_quote(f"(sparkqctl __complete {words} 2>/dev/null)")
+    return fish_quote(" ".join(words))
+
+
+def fish_option(arg, command: str | None) -> str:
+    """The fish `complete` line of an option (of one command, or of any)."""
+    line = "complete -c sparkqctl"
+    if command:
+        line += f" -n '__fish_seen_subcommand_from {command}'"
+    for flag in arg.flags:
+        line += f" -l {flag[2:]}" if flag.startswith("--") else f" -s {flag[1:]}"
+    if arg.takes_value:
+        line += " -rF" if arg.words == "files" else " -x"
+    if arg.words and arg.words != "files":
+        line += f" -a {fish_words(arg.words)}"
+    if arg.help:
+        line += f" -d {fish_quote(arg.help)}"
+    return line
+
+
+def fish_script() -> str:
+    commands = completed_commands()
+    names = " ".join(command.name for command in commands)
+    lines = [f"complete -c sparkqctl -n __fish_use_subcommand -a {fish_quote(names)}"]
+    lines += [fish_option(option, None) for option in GLOBAL_OPTIONS]
+    after = "complete -c sparkqctl -n '__fish_sparkqctl_after {} {}' -fa {}"
+    lines += [after.format(command.name, command.name, fish_words([a.name for a in command.actions]))
+              for command in commands if command.actions]
+    for command, leaf, arg in completed_arguments():
+        if arg.is_option:
+            lines.append(fish_option(arg, command.name))
+        elif arg.words:
+            lines.append(after.format(command.name, leaf.name, fish_words(arg.words)))
+    return FISH_SCRIPT + "\n".join(dict.fromkeys(lines)) + "\n"
+
+
+def print_completion(args) -> int:
+    """`sparkqctl completion bash|zsh|fish`: the shell's completion script, from the table."""
+    if args.shell == "fish":
+        print(fish_script(), end="")
+        return EXIT_OK
+    valued = "|".join(f for option in GLOBAL_OPTIONS if option.takes_value for f in option.flags)
+    script = SHELL_SCRIPT.replace("@case@", shell_case(args.shell)).replace("@valued@", valued)
+    for key, text in SHELLS[args.shell].items():
+        script = script.replace(f"@{key}@", text)
+    print(script, end="")
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------
-# Command line
+# Command line: the table of commands, and what is derived from it
 # ---------------------------------------------------------------------------
 
 
-#: Every command; `main` builds the parser of the one given only (a test checks this list).
-COMMANDS = ("status", "stop", "reload", "tools", "schema", "session", "stream", "enqueue", "peek",
-            "claim", "complete", "fail", "touch", "cancel", "requeue", "task", "wait", "locks",
-            "logs", "scripts", "workers", "watch", "top", "metrics", "history", "completion",
-            "__complete", "service", "work", "tasks", "purge")
-
-
-class Unbuilt:
-    """Stands in for the parser of a command not on this command line: nothing is built."""
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: self
-
-
-UNBUILT = Unbuilt()
-
-
-def command_given(argv: list[str]) -> str | None:
-    """The command on a command line, if it is one we know and no global help is asked."""
-    args = iter(argv)
-    for arg in args:
-        if arg == "--socket":
-            next(args, None)
-        elif not arg.startswith("-"):
-            return arg if arg in COMMANDS else None
-        elif arg in ("-h", "--help", "--version"):
-            return None
-    return None
-
-
-def build_parser(only: str | None = None):
-    """The command-line parser; with ``only``, the parser of that one command alone."""
-    import argparse
-
-    def global_options(p, default):
-        p.add_argument("--socket", default=default, help="daemon socket (default: "
-                       "$SPARKQ_SOCKET, then $XDG_RUNTIME_DIR/sparkq/sparkqd.sock)")
-        p.add_argument("--json", action="store_true", default=default,
-                       help="print the result as JSON")
-        p.add_argument("-q", "--quiet", action="store_true", default=default,
-                       help="print ids only")
-
-    parser = argparse.ArgumentParser(prog="sparkqctl", description="Talk to the SparkQ daemon.")
-    global_options(parser, None)
-    parser.add_argument("--version", action="version", version=f"sparkqctl {VERSION}")
-    # The global options work after the command too: `sparkqctl claim --json`.
-    anywhere = argparse.ArgumentParser(add_help=False)
-    global_options(anywhere, argparse.SUPPRESS)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    stream_default = os.environ.get("SPARKQ_STREAM") or "default"
-
-    def command(name, help_text, parser=commands):
-        if parser is UNBUILT or (parser is commands and only is not None and name != only):
-            return UNBUILT  # every shell call pays for the parser: build only what it needs
-        return parser.add_parser(name, help=help_text, description=help_text, parents=[anywhere])
-
-    def task_id(p):
-        p.add_argument("task", nargs="?", type=int, metavar="ID")
-        p.add_argument("--task-id", type=int, dest="task_opt", metavar="ID")
-
-    command("status", "show the daemon's state")
-    command("stop", "stop the daemon cleanly")
-    command("reload", "re-read the configuration")
-    command("tools", "list tools and task classes in force")
-    command("schema", "print the JSON Schema of every request")
-
-    session = command("session", "create, list or end sessions")
-    sub = session.add_subparsers(dest="action", metavar="ACTION", required=True)
-    command("create", "create a session", sub).add_argument("name")
-    command("list", "list sessions", sub)
-    command("end", "end a session and its streams", sub).add_argument("name")
-
-    stream = command("stream", "create, list or end streams")
-    sub = stream.add_subparsers(dest="action", metavar="ACTION", required=True)
-    p = command("create", "create a stream in a session", sub)
-    p.add_argument("name")
-    p.add_argument("--session", required=True)
-    command("list", "list streams", sub).add_argument("--session")
-    command("end", "stop a stream taking new tasks", sub).add_argument("name")
-    command("pause", "stop claims from a stream; enqueue still works", sub).add_argument("name")
-    command("resume", "let claims take from a paused stream again", sub).add_argument("name")
-
-    p = command("enqueue", "add a task; prints its id")
-    p.add_argument("--stream", default=stream_default)
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--tool")
-    what.add_argument("--script", metavar="NAME", help="run a script from script_dirs; "
-                      "its arguments follow --")
-    p.add_argument("script_args", nargs="*", metavar="ARGS", help=argparse.SUPPRESS)
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--payload", help="payload text")
-    group.add_argument("--payload-json", metavar="JSON", help="payload as a JSON value")
-    group.add_argument("--payload-file", metavar="PATH", help="payload read from a file, - for stdin")
-    p.add_argument("--timeout", type=float, metavar="SECS")
-    p.add_argument("--priority", type=int, default=0, help="higher first (default 0)")
-    when = p.add_mutually_exclusive_group()
-    when.add_argument("--delay", type=duration, metavar="DURATION",
-                      help="wait first: 90s, 5m, 2h, 1d or plain seconds")
-    when.add_argument("--at", type=moment, metavar="TIME",
-                      help="wait until TIME: RFC 3339, or local 'YYYY-MM-DD HH:MM'")
-    p.add_argument("--after", type=id_list, metavar="ID[,ID...]",
-                   help="wait until these tasks have completed")
-    p.add_argument("--key", help="unique key: an existing task with it is returned instead")
-    p.add_argument("--lock", help="at most one running task per lock (a repository URL is normalised)")
-    p.add_argument("--max-attempts", type=int, metavar="N", help="attempts before it fails")
-
-    def filters(p):
-        p.add_argument("--stream", action="append", metavar="S",
-                       help=f"stream to take from, repeatable (default {stream_default})")
-        p.add_argument("--tool", action="append", metavar="T", help="only these tools, repeatable")
-
-    filters(command("peek", "show the next task without claiming it"))
-    p = command("claim", "claim the next task")
-    filters(p)
-    p.add_argument("--worker", default=os.environ.get("SPARKQ_WORKER"))
-    p.add_argument("--wait", type=float, default=0, metavar="SECS",
-                   help="wait up to SECS for a task")
-
-    p = command("complete", "mark a running task completed")
-    task_id(p)
-    p.add_argument("--summary")
-    p.add_argument("--result-json", metavar="JSON")
-    p.add_argument("--lease", help="refuse if the task was claimed again since")
-    p = command("fail", "record a failed attempt (retried while attempts remain)")
-    task_id(p)
-    p.add_argument("--reason", required=True)
-    p.add_argument("--final", action="store_true", help="fail for good, no retry")
-    p.add_argument("--lease", help="refuse if the task was claimed again since")
-    p = command("touch", "extend a running task's lease (a heartbeat)")
-    task_id(p)
-    p.add_argument("--lease", help="refuse if the task was claimed again since")
-    task_id(command("cancel", "cancel a task that has not ended"))
-    p = command("requeue", "put a task back to pending, or every match of --stream/--status")
-    task_id(p)
-    p.add_argument("--stream")
-    p.add_argument("--status", choices=["running", "failed", "cancelled"])
-    task_id(command("task", "show one task with its history"))
-    p = command("wait", "block until every task has ended; exit 0 all completed, 5 not")
-    p.add_argument("tasks", nargs="+", type=int, metavar="ID")
-    p.add_argument("--timeout", type=float, metavar="SECS")
-    command("locks", "list held locks and their tasks")
-    p = command("logs", "show a task's output (from runs by the daemon)")
-    task_id(p)
-    p.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
-    p.add_argument("--follow", "-f", action="store_true", help="keep printing until it ends")
-    command("scripts", "list the scripts found under script_dirs")
-    command("workers", "list the daemon's worker slots and external workers")
-    p = command("watch", "print events as JSON lines as they happen")
-    p.add_argument("--stream", action="append", dest="streams", metavar="S")
-    p.add_argument("--session", action="append", dest="sessions", metavar="S")
-    p.add_argument("--task", action="append", dest="tasks", type=int, metavar="ID")
-    p.add_argument("--event", action="append", dest="events", metavar="TYPE",
-                   help="task.created, task.pending, task.claimed, task.completed, ...")
-    command("top", "a live view of streams, running tasks, locks, workers and failures")
-    command("metrics", "print metrics in the Prometheus text format")
-    p = command("history", "ended tasks, newest first, with how long they waited and ran")
-    p.add_argument("--stream")
-    p.add_argument("--session")
-    p.add_argument("--status", choices=["completed", "failed", "cancelled"])
-    p.add_argument("--since", type=since, metavar="TIME",
-                   help="RFC 3339, local 'YYYY-MM-DD HH:MM', or a duration ago: 30m, 2h, 1d")
-    p.add_argument("--limit", type=int)
-    command("completion", "print a shell completion script").add_argument(
-        "shell", choices=["bash", "zsh", "fish"])
-    if only in (None, "__complete"):
-        commands.add_parser("__complete").add_argument("kind")
-    p = command("service", "install the systemd user units (socket-activated sparkqd)")
-    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    command("install", "write the units, enable them (--now: start too)", sub).add_argument(
-        "--now", action="store_true")
-    command("uninstall", "disable and remove the units", sub)
-    command("show", "print the unit files", sub).add_argument(
-        "--exec", metavar="PATH", help="ExecStart to show (default: the sparkqd beside this one)")
-    p = command("work", "claim tasks and run COMMAND for each: turn this shell into a worker")
-    filters(p)
-    p.add_argument("--concurrency", type=int, default=1, metavar="N")
-    p.add_argument("--worker", default=os.environ.get("SPARKQ_WORKER"), help="worker name prefix")
-    p.add_argument("run", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
-
-    p = command("tasks", "list tasks, oldest first")
-    p.add_argument("--stream")
-    p.add_argument("--session")
-    p.add_argument("--status", choices=STATUSES)
-    p.add_argument("--limit", type=int)
-    command("purge", "remove finished tasks older than N days").add_argument(
-        "--older-than", type=float, metavar="DAYS")
-    return parser
+#: Stands for argparse.SUPPRESS, which argparse tests by identity: ``Arg.add_to`` swaps it in.
+SUPPRESS = "==SUPPRESS=="
 
 
 def duration(text: str) -> float:
@@ -1023,21 +1084,114 @@ def id_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a list of task ids") from None
 
 
-def commands_of(parser) -> list[str]:
-    import argparse
-
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return list(action.choices)
-
-
-def json_arg(parser, text: str, flag: str):
+def json_value(text: str):
+    """A JSON value given on the command line."""
     try:
         return json.loads(text)
     except ValueError as exc:
-        parser.error(f"{flag}: not valid JSON: {exc}")
+        raise ValueError(f"not valid JSON: {exc}") from None
 
 
-def the_task_id(parser, args, required: bool = True) -> int | None:
+def file_text(path: str) -> str:
+    """The text of a file, or of standard input for -."""
+    try:
+        if path == "-":
+            return sys.stdin.read()
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise ValueError(f"{exc.strerror}: {path}") from None
+
+
+def default_stream() -> str:
+    return os.environ.get("SPARKQ_STREAM") or "default"
+
+
+def default_worker() -> str | None:
+    return os.environ.get("SPARKQ_WORKER")
+
+
+class Arg:
+    """One argument: what argparse is told of it, and the request field its value fills.
+
+    ``flags`` and ``options`` go to argparse's ``add_argument`` as they are. ``field`` is
+    the request field (default: argparse's dest); a value None or False is not sent.
+    ``load`` turns the text given into the value sent; its ValueError is a usage error
+    that names the flag. ``default_from`` gives, after parsing, the value of an argument
+    not given (an environment default; ``{default}`` in the help shows it). ``complete``
+    is what the shells offer for the value: a kind of `__complete` (streams, sessions,
+    tasks, tools, scripts) or "files"; ``choices`` are offered without it.
+    """
+
+    def __init__(self, *flags, field=None, load=None, default_from=None, complete=None,
+                 **options):
+        self.flags, self.options = flags, options
+        self.is_option = flags[0].startswith("-")
+        long = next((f[2:] for f in flags if f.startswith("--")), flags[0])
+        self.dest = options.get("dest") or long.replace("-", "_")
+        self.field = field or self.dest
+        self.load, self.default_from, self.complete = load, default_from, complete
+
+    @property
+    def words(self):
+        return self.complete or self.options.get("choices")
+
+    @property
+    def takes_value(self) -> bool:
+        return self.is_option and self.options.get("action") != "store_true"
+
+    @property
+    def help(self) -> str | None:
+        text = self.options.get("help")
+        if text is None or text == SUPPRESS:
+            return text
+        return text.format(default=self.default_from()) if self.default_from else text
+
+    def add_to(self, parser, **overrides) -> None:
+        import argparse
+
+        options = {**self.options, "help": self.help, **overrides}
+        parser.add_argument(*self.flags, **{key: argparse.SUPPRESS if value is SUPPRESS else value
+                                            for key, value in options.items()})
+
+    def settle(self, args) -> None:
+        if self.default_from and getattr(args, self.dest) is None:
+            setattr(args, self.dest, self.default_from())
+
+    def fill(self, parser, args, fields: dict) -> None:
+        value = getattr(args, self.dest)
+        if value is None or value is False:
+            return
+        if self.load:
+            try:
+                value = self.load(value)
+            except ValueError as exc:
+                parser.error(f"{self.flags[0]}: {exc}")
+        fields[self.field] = value
+
+
+class Group:
+    """Arguments of which one at most may be given (``required``: exactly one)."""
+
+    def __init__(self, *args: Arg, required: bool = False):
+        self.args, self.required = args, required
+
+    def add_to(self, parser) -> None:
+        group = parser.add_mutually_exclusive_group(required=self.required)
+        for arg in self.args:
+            arg.add_to(group)
+
+    def settle(self, args) -> None:
+        for arg in self.args:
+            arg.settle(args)
+
+    def fill(self, parser, args, fields: dict) -> None:
+        for arg in self.args:
+            arg.fill(parser, args, fields)
+
+
+def given_task(parser, args, required: bool = True) -> int | None:
+    """The task id given as ID or as --task-id ID (giving both is a usage error)."""
     if args.task is not None and args.task_opt is not None:
         parser.error("give the task id once, as ID or --task-id ID")
     task = args.task if args.task is not None else args.task_opt
@@ -1046,148 +1200,127 @@ def the_task_id(parser, args, required: bool = True) -> int | None:
     return task
 
 
-def to_request(parser, args) -> tuple[str, dict]:
-    """Turn parsed arguments into (op, fields)."""
-    cmd = args.command
-    if cmd in ("session", "stream"):
-        fields = {k: getattr(args, k, None) for k in ("name", "session")}
-        if cmd == "session":
-            fields.pop("session")
-        return f"{cmd}.{args.action}", fields
-    if cmd == "enqueue" and args.script is not None:
-        if args.payload is not None or args.payload_json is not None or args.payload_file:
-            parser.error("a script takes its arguments after --, not a payload")
-        return "enqueue", {"stream": args.stream, "script": args.script, "args": args.script_args,
-                           "timeout": args.timeout, "priority": args.priority or None,
-                           "delay": args.delay, "at": args.at, "after": args.after,
-                           "key": args.key, "lock": args.lock, "max_attempts": args.max_attempts}
-    if cmd == "enqueue":
+class TaskId(Group):
+    """The task a command names, as ID or --task-id ID: request field ``task``."""
+
+    def __init__(self, required: bool = True):
+        super().__init__(Arg("task", nargs="?", type=int, metavar="ID", complete="tasks"),
+                         Arg("--task-id", type=int, dest="task_opt", metavar="ID",
+                             complete="tasks"), required=required)
+
+    def add_to(self, parser) -> None:
+        for arg in self.args:
+            arg.add_to(parser)
+
+    def fill(self, parser, args, fields: dict) -> None:
+        task = given_task(parser, args, self.required)
+        if task is not None:
+            fields["task"] = task
+
+
+def flatten(args) -> list[Arg]:
+    return [part for arg in args for part in (arg.args if isinstance(arg, Group) else (arg,))]
+
+
+class Command:
+    """A sparkqctl command: its arguments, the request they make, how the reply shows.
+
+    ``args`` (Arg, Group, TaskId) come in the order of the usage line. The request is
+    ``op`` (default: the name) with the fields the args fill, once ``check(parser, args)``
+    has refused what no single argument can. The reply: ``show(result)`` is its human
+    form (None prints nothing; -q prints ids instead, --json ``json_of(result)``, default
+    the result) and ``exit_status(result)`` the exit status (default 0); ``talk`` stands
+    in for the whole exchange where the reply streams (watch, logs --follow).
+    ``actions`` are the commands under it (`session create`); ``run(args)`` is a command
+    that sends no single request (work, top); ``hidden`` keeps it out of -h and the
+    completions.
+    """
+
+    def __init__(self, name: str, help: str, *args, op=None, actions=(), check=None,
+                 show=show_plain, json_of=None, exit_status=None, talk=None, run=None,
+                 hidden=False):
+        self.name, self.help, self.args, self.actions = name, help, args, actions
+        self.op = None if run or actions else op or name
+        self.check, self.show, self.json_of, self.exit_status = check, show, json_of, exit_status
+        self.talk, self.run, self.hidden = talk, run, hidden
+
+    def add_to(self, commands, whole: bool = True) -> None:
+        """Add this command's parser to ``commands``; not ``whole``: its name and help alone."""
+        described = {} if self.hidden else {"help": self.help}
+        parser = commands.add_parser(self.name, description=self.help, add_help=whole,
+                                     **described)
+        if not whole:
+            return
+        for option in GLOBAL_OPTIONS:  # they work after the command too: `claim --json`
+            option.add_to(parser, default=SUPPRESS)
+        for arg in self.args:
+            arg.add_to(parser)
+        if self.actions:
+            actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+            for action in self.actions:
+                action.add_to(actions)
+
+
+def enqueue_rules(parser, args) -> None:
+    """A script takes its arguments after --; a tool takes a payload."""
+    if args.script is None:
         if args.script_args:
             parser.error(f"unexpected arguments: {' '.join(args.script_args)}")
-        payload = args.payload
-        if args.payload_json is not None:
-            payload = json_arg(parser, args.payload_json, "--payload-json")
-        elif args.payload_file is not None:
-            try:
-                if args.payload_file == "-":
-                    payload = sys.stdin.read()
-                else:
-                    with open(args.payload_file, encoding="utf-8") as f:
-                        payload = f.read()
-            except OSError as exc:
-                parser.error(f"--payload-file: {exc.strerror}: {args.payload_file}")
-        return "enqueue", {"stream": args.stream, "tool": args.tool, "payload": payload,
-                           "timeout": args.timeout, "priority": args.priority or None,
-                           "delay": args.delay, "at": args.at, "after": args.after,
-                           "key": args.key, "lock": args.lock, "max_attempts": args.max_attempts}
-    if cmd in ("peek", "claim"):
-        fields = {"stream": args.stream or os.environ.get("SPARKQ_STREAM") or "default",
-                  "tool": args.tool}
-        if cmd == "claim":
-            fields.update(worker=args.worker, wait=args.wait or None)
-        return cmd, fields
-    if cmd == "complete":
-        result = None if args.result_json is None else json_arg(parser, args.result_json,
-                                                                 "--result-json")
-        return "complete", {"task": the_task_id(parser, args), "summary": args.summary,
-                            "result": result, "lease": args.lease}
-    if cmd == "fail":
-        return "fail", {"task": the_task_id(parser, args), "reason": args.reason,
-                        "final": args.final or None, "lease": args.lease}
-    if cmd == "touch":
-        return "touch", {"task": the_task_id(parser, args), "lease": args.lease}
-    if cmd == "requeue":
-        task = the_task_id(parser, args, required=False)
-        if (task is None) == (args.status is None) or (task is not None and args.stream):
-            parser.error("requeue takes ID, or --status (with --stream to narrow it)")
-        return "requeue", {"task": task, "stream": args.stream, "status": args.status}
-    if cmd in ("task", "cancel"):
-        return cmd, {"task": the_task_id(parser, args)}
-    if cmd == "logs":
-        return "logs", {"task": the_task_id(parser, args), "tail": args.tail,
-                        "follow": args.follow or None}
-    if cmd == "wait":
-        return "wait", {"tasks": args.tasks, "timeout": args.timeout}
-    if cmd == "history":
-        return "history", {"stream": args.stream, "session": args.session,
-                           "status": args.status, "since": args.since, "limit": args.limit}
-    if cmd == "watch":
-        return "watch", {"streams": args.streams, "sessions": args.sessions,
-                         "tasks": args.tasks, "events": args.events}
-    if cmd == "tasks":
-        return "tasks", {"stream": args.stream, "session": args.session, "status": args.status,
-                         "limit": args.limit}
-    if cmd == "purge":
-        return "purge", {"older_than_days": args.older_than}
-    return {"stop": "shutdown"}.get(cmd, cmd), {}
+        args.script_args = None  # a tool's task sends no script arguments
+    elif args.payload is not None or args.payload_json is not None or args.payload_file:
+        parser.error("a script takes its arguments after --, not a payload")
 
 
-def render(args, op: str, result) -> str | None:
-    """The human (or -q) form of a result; None prints nothing."""
-    if args.quiet:
-        if isinstance(result, list):
-            return "\n".join(str(r.get("id", r.get("name"))) for r in result) or None
-        if isinstance(result, dict) and "id" in result:
-            return str(result["id"])
-        return None
-    if op == "enqueue":
-        return str(result["id"])
-    if op == "requeue" and "requeued" in result:
-        return f"requeued {result['requeued']} tasks"
-    if op == "wait":
-        return show_tasks(result["tasks"])
-    if op == "logs":
-        return result["log"].rstrip("\n") or None
-    if op == "metrics":
-        return result.rstrip("\n")
-    if op == "history":
-        return table([[t["id"], t["stream"], t["tool"], t["status"], t["waited"], t["duration"],
-                       t["finished_at"], short(t["summary"] or t["reason"] or "", 36)]
-                      for t in result],
-                     ["ID", "STREAM", "TOOL", "STATUS", "WAITED", "RAN", "FINISHED", "SUMMARY"])
-    if op == "scripts":
-        return table([[s["name"], s["task_class"], s["timeout"], s["args"], s["description"]]
-                      for s in result], ["NAME", "CLASS", "TIMEOUT", "ARGS", "DESCRIPTION"])
-    if op == "workers":
-        return table([[w["name"], w["kind"], w["pid"], w["state"], w["task"], w["done"],
-                       w["restarts"], w["last_seen"]] for w in result],
-                     ["NAME", "KIND", "PID", "STATE", "TASK", "DONE", "RESTARTS", "LAST SEEN"])
-    if op == "locks":
-        return table([[lk["lock"], lk["task"], lk["stream"], lk["worker"], lk["since"]]
-                      for lk in result], ["LOCK", "TASK", "STREAM", "WORKER", "SINCE"])
-    if op in ("peek", "claim", "task"):
-        return show_task(result)
-    if op in ("complete", "fail", "requeue", "cancel", "touch"):
-        extra = f" (retry at {result['ready_at']})" if result["waiting_for"] == "retry" else ""
-        return f"task {result['id']} {result['status']}{extra}"
-    if op == "tasks":
-        return show_tasks(result)
-    if op == "stream.list":
-        return show_streams(result)
-    if op == "session.list":
-        return show_sessions(result)
-    if op.startswith(("session.", "stream.")):
-        paused = " (paused)" if result.get("paused") else ""
-        return f"{op.split('.')[0]} {result['name']} {result['status']}{paused}"
-    if op == "purge":
-        return f"purged {result['purged']} tasks"
-    if op == "tools":
-        return show_tools(result)
-    if op == "shutdown":
-        return "sparkqd is stopping"
-    return show_status(result) if isinstance(result, dict) else json.dumps(result)
+def requeue_rules(parser, args) -> None:
+    task = given_task(parser, args, required=False)
+    if (task is None) == (args.status is None) or (task is not None and args.stream):
+        parser.error("requeue takes ID, or --status (with --stream to narrow it)")
 
 
-def follow_logs(client: Client, fields: dict, as_json: bool) -> int:
-    """Print a task's output as it comes, until the task ends."""
+def work_rules(parser, args) -> None:
+    if args.run[:1] == ["--"]:
+        args.run = args.run[1:]
+    if not args.run:
+        parser.error("work needs a command: sparkqctl work [options] -- COMMAND [ARGS...]")
+    if args.concurrency < 1:
+        parser.error("--concurrency must be at least 1")
+
+
+def wait_status(result: dict) -> int:
+    """`wait`: 0 every task completed, 5 one did not, 4 the timeout came first."""
+    if not result["done"]:
+        return EXIT_EMPTY
+    return EXIT_OK if all(t["status"] == "completed" for t in result["tasks"]) else EXIT_FAILED
+
+
+def empty_status(task) -> int:
+    return EXIT_EMPTY if task is None else EXIT_OK
+
+
+def reply(command: Command, client: Client, fields: dict, args) -> int:
+    """Send a command's request and print its result: -q, --json or the human form."""
+    result = client.call(command.op, **fields)
+    if args.json:
+        print(json.dumps(command.json_of(result) if command.json_of else result, indent=2))
+    else:
+        text = ids_of(result) if args.quiet else None if result is None else command.show(result)
+        if text:
+            print(text)
+    return command.exit_status(result) if command.exit_status else EXIT_OK
+
+
+def logs(command: Command, client: Client, fields: dict, args) -> int:
+    """`logs`: a task's output so far; with --follow, as it comes until the task ends."""
+    if not fields.get("follow"):
+        return reply(command, client, fields, args)
     first = client.call("logs", **fields)
-    print(json.dumps(first) if as_json else first["log"], end="" if not as_json else "\n",
+    print(json.dumps(first) if args.json else first["log"], end="\n" if args.json else "",
           flush=True)
-    if first["status"] in ("completed", "failed", "cancelled") and not first["running"]:
+    if first["status"] in ENDED and not first["running"]:
         return EXIT_OK
     while True:
         message = client.receive()
-        if as_json:
+        if args.json:
             print(json.dumps(message), flush=True)
         elif "chunk" in message:
             print(message["chunk"], end="", flush=True)
@@ -1195,45 +1328,209 @@ def follow_logs(client: Client, fields: dict, as_json: bool) -> int:
             return EXIT_OK if message.get("end") else EXIT_REFUSED
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        return run(argv)
-    except BrokenPipeError:  # `sparkqctl tasks | head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
+#: The global options; each command takes them too, after its name.
+GLOBAL_OPTIONS = (
+    Arg("--socket", complete="files",
+        help="daemon socket (default: $SPARKQ_SOCKET, then $XDG_RUNTIME_DIR/sparkq/sparkqd.sock)"),
+    Arg("--json", action="store_true", help="print the result as JSON"),
+    Arg("-q", "--quiet", action="store_true", help="print ids only"),
+)
+
+FILTERS = (Arg("--stream", action="append", metavar="S", default_from=default_stream,
+               complete="streams", help="stream to take from, repeatable (default {default})"),
+           Arg("--tool", action="append", metavar="T", complete="tools",
+               help="only these tools, repeatable"))
+STREAM, SESSION = Arg("--stream", complete="streams"), Arg("--session", complete="sessions")
+STREAM_NAME = Arg("name", complete="streams")
+LEASE = Arg("--lease", help="refuse if the task was claimed again since")
+LIMIT = Arg("--limit", type=int)
+PAYLOAD = Group(
+    Arg("--payload", help="payload text"),
+    Arg("--payload-json", metavar="JSON", field="payload", load=json_value,
+        help="payload as a JSON value"),
+    Arg("--payload-file", metavar="PATH", field="payload", load=file_text, complete="files",
+        help="payload read from a file, - for stdin"))
+WHEN = Group(Arg("--delay", type=duration, metavar="DURATION",
+                 help="wait first: 90s, 5m, 2h, 1d or plain seconds"),
+             Arg("--at", type=moment, metavar="TIME",
+                 help="wait until TIME: RFC 3339, or local 'YYYY-MM-DD HH:MM'"))
+ENQUEUE = (
+    Arg("--stream", default_from=default_stream, complete="streams"),
+    Group(Arg("--tool", complete="tools"),
+          Arg("--script", metavar="NAME", complete="scripts",
+              help="run a script from script_dirs; its arguments follow --"), required=True),
+    Arg("script_args", nargs="*", metavar="ARGS", field="args", help=SUPPRESS),
+    PAYLOAD, Arg("--timeout", type=float, metavar="SECS"),
+    Arg("--priority", type=int, help="higher first (default 0)"), WHEN,
+    Arg("--after", type=id_list, metavar="ID[,ID...]",
+        help="wait until these tasks have completed"),
+    Arg("--key", help="unique key: an existing task with it is returned instead"),
+    Arg("--lock", help="at most one running task per lock (a repository URL is normalised)"),
+    Arg("--max-attempts", type=int, metavar="N", help="attempts before it fails"))
+
+TABLE = (
+    Command("status", "show the daemon's state"),
+    Command("stop", "stop the daemon cleanly", op="shutdown", show=lambda _: "sparkqd is stopping"),
+    Command("reload", "re-read the configuration"),
+    Command("tools", "list tools and task classes in force", show=show_tools),
+    Command("schema", "print the JSON Schema of every request"),
+    Command("session", "create, list or end sessions", actions=(
+        Command("create", "create a session", Arg("name"), op="session.create",
+                show=shown_as("session")),
+        Command("list", "list sessions", op="session.list", show=show_sessions),
+        Command("end", "end a session and its streams", Arg("name", complete="sessions"),
+                op="session.end", show=shown_as("session")))),
+    Command("stream", "create, list or end streams", actions=(
+        Command("create", "create a stream in a session", Arg("name"),
+                Arg("--session", required=True, complete="sessions"), op="stream.create",
+                show=shown_as("stream")),
+        Command("list", "list streams", SESSION, op="stream.list", show=show_streams),
+        Command("end", "stop a stream taking new tasks", STREAM_NAME, op="stream.end",
+                show=shown_as("stream")),
+        Command("pause", "stop claims from a stream; enqueue still works", STREAM_NAME,
+                op="stream.pause", show=shown_as("stream")),
+        Command("resume", "let claims take from a paused stream again", STREAM_NAME,
+                op="stream.resume", show=shown_as("stream")))),
+    Command("enqueue", "add a task; prints its id", *ENQUEUE, check=enqueue_rules,
+            show=lambda task: str(task["id"])),
+    Command("peek", "show the next task without claiming it", *FILTERS, show=show_task,
+            exit_status=empty_status),
+    Command("claim", "claim the next task", *FILTERS, Arg("--worker", default_from=default_worker),
+            Arg("--wait", type=float, metavar="SECS", help="wait up to SECS for a task"),
+            show=show_task, exit_status=empty_status),
+    Command("complete", "mark a running task completed", TaskId(), Arg("--summary"),
+            Arg("--result-json", metavar="JSON", field="result", load=json_value), LEASE,
+            show=show_outcome),
+    Command("fail", "record a failed attempt (retried while attempts remain)", TaskId(),
+            Arg("--reason", required=True),
+            Arg("--final", action="store_true", help="fail for good, no retry"), LEASE,
+            show=show_outcome),
+    Command("touch", "extend a running task's lease (a heartbeat)", TaskId(), LEASE,
+            show=show_outcome),
+    Command("cancel", "cancel a task that has not ended", TaskId(), show=show_outcome),
+    Command("requeue", "put a task back to pending, or every match of --stream/--status",
+            TaskId(required=False), STREAM, Arg("--status", choices=["running", "failed",
+                                                                     "cancelled"]),
+            check=requeue_rules, show=show_requeued),
+    Command("task", "show one task with its history", TaskId(), show=show_task),
+    Command("wait", "block until every task has ended; exit 0 all completed, 5 not",
+            Arg("tasks", nargs="+", type=int, metavar="ID", complete="tasks"),
+            Arg("--timeout", type=float, metavar="SECS"), show=lambda r: show_tasks(r["tasks"]),
+            json_of=lambda result: result["tasks"], exit_status=wait_status),
+    Command("locks", "list held locks and their tasks", show=show_locks),
+    Command("logs", "show a task's output (from runs by the daemon)", TaskId(),
+            Arg("--tail", type=int, metavar="N", help="only the last N lines"),
+            Arg("--follow", "-f", action="store_true", help="keep printing until it ends"),
+            show=lambda result: result["log"].rstrip("\n") or None, talk=logs),
+    Command("scripts", "list the scripts found under script_dirs", show=show_scripts),
+    Command("workers", "list the daemon's worker slots and external workers", show=show_workers),
+    Command("watch", "print events as JSON lines as they happen",
+            Arg("--stream", action="append", dest="streams", metavar="S", complete="streams"),
+            Arg("--session", action="append", dest="sessions", metavar="S", complete="sessions"),
+            Arg("--task", action="append", dest="tasks", type=int, metavar="ID", complete="tasks"),
+            Arg("--event", action="append", dest="events", metavar="TYPE",
+                help="task.created, task.pending, task.claimed, task.completed, ..."), talk=watch),
+    Command("top", "a live view of streams, running tasks, locks, workers and failures", run=top),
+    Command("metrics", "print metrics in the Prometheus text format",
+            show=lambda text: text.rstrip("\n")),
+    Command("history", "ended tasks, newest first, with how long they waited and ran", STREAM,
+            SESSION, Arg("--status", choices=["completed", "failed", "cancelled"]),
+            Arg("--since", type=since, metavar="TIME",
+                help="RFC 3339, local 'YYYY-MM-DD HH:MM', or a duration ago: 30m, 2h, 1d"),
+            LIMIT, show=show_history),
+    Command("completion", "print a shell completion script",
+            Arg("shell", choices=["bash", "zsh", "fish"]), run=print_completion),
+    Command("__complete", "print names to complete, from the daemon", Arg("kind"),
+            run=print_names, hidden=True),
+    Command("service", "install the systemd user units (socket-activated sparkqd)", actions=(
+        Command("install", "write the units, enable them (--now: start too)",
+                Arg("--now", action="store_true"), run=service),
+        Command("uninstall", "disable and remove the units", run=service),
+        Command("show", "print the unit files", Arg("--exec", metavar="PATH", complete="files",
+                help="ExecStart to show (default: the sparkqd beside this one)"), run=service))),
+    Command("work", "claim tasks and run COMMAND for each: turn this shell into a worker",
+            *FILTERS, Arg("--concurrency", type=int, default=1, metavar="N"),
+            Arg("--worker", default_from=default_worker, help="worker name prefix"),
+            Arg("run", nargs="...", metavar="-- COMMAND [ARGS...]"), check=work_rules,
+            run=lambda args: Worker(args).run()),
+    Command("tasks", "list tasks, oldest first", STREAM, SESSION, Arg("--status", choices=STATUSES),
+            LIMIT, show=show_tasks),
+    Command("purge", "remove finished tasks older than N days",
+            Arg("--older-than", type=float, metavar="DAYS", field="older_than_days"),
+            show=lambda result: f"purged {result['purged']} tasks"),
+)
+
+BY_NAME = {command.name: command for command in TABLE}
 
 
-def run(argv: list[str] | None) -> int:
-    parser = build_parser(only=command_given(sys.argv[1:] if argv is None else argv))
+def starts(word: str, option: str) -> bool:
+    """Whether ``word`` is ``option`` or an abbreviation argparse takes for it."""
+    return len(word) > 2 and option.startswith(word)
+
+
+def command_given(argv: list[str]) -> str | None:
+    """The command a command line names, so that only its parser is built: "" if the line
+    asks for --version first (no command's parser is needed), None if it names no command
+    or asks for help first (every command's name is needed, and nothing more)."""
+    words = iter(argv)
+    for word in words:
+        if word == "--":
+            word = next(words, None)
+            return word if word in BY_NAME else None
+        if starts(word, "--version"):
+            return ""
+        if starts(word, "--help") or (word[:1] == "-" and word[1:2] != "-" and "h" in word):
+            return None
+        if starts(word, "--socket"):
+            next(words, None)
+        elif not word.startswith("-"):
+            return word if word in BY_NAME else None
+    return None
+
+
+def build_parser(only: str | None = None):
+    """The parser of command ``only`` alone; with None, of every command by name and help
+    alone (for -h, and for a line that names no command)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="sparkqctl", description="Talk to the SparkQ daemon.")
+    for option in GLOBAL_OPTIONS:
+        option.add_to(parser, default=None)
+    parser.add_argument("--version", action="version", version=f"sparkqctl {VERSION}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in TABLE:
+        if only is None or command.name == only:
+            command.add_to(commands, whole=only is not None)
+    return parser
+
+
+def parse(argv: list[str]):
+    """Parse a command line: (its parser, the command it runs, the arguments)."""
+    parser = build_parser(command_given(argv))
     args = parser.parse_args(argv)
-    if args.command == "work":
-        return Worker(parser, args).run()
-    if args.command == "service":
-        return service(args)
-    path = args.socket or default_socket_path()
-    if args.command == "completion":
-        names = " ".join(sorted(n for n in COMMANDS if not n.startswith("_")))
-        print({"bash": COMPLETION_BASH, "zsh": COMPLETION_ZSH, "fish": COMPLETION_FISH}[
-            args.shell].replace("@COMMANDS@", names), end="")
-        return EXIT_OK
-    if args.command == "__complete":
-        print("\n".join(completion_names(path, args.kind)))
-        return EXIT_OK
-    if args.command == "top":
-        try:
-            return top(path)
-        except Unreachable as exc:
-            print(f"sparkqctl: {exc}", file=sys.stderr)
-            return EXIT_UNREACHABLE
-    op, fields = to_request(parser, args)
-    path = args.socket or default_socket_path()
+    command = BY_NAME[args.command]
+    if command.actions:
+        command = next(action for action in command.actions if action.name == args.action)
+    for arg in command.args:
+        arg.settle(args)
+    if command.check:
+        command.check(parser, args)
+    return parser, command, args
+
+
+def to_request(command: Command, parser, args) -> dict:
+    """The fields of the request a command sends, from its parsed arguments."""
+    fields = {}
+    for arg in command.args:
+        arg.fill(parser, args, fields)
+    return fields
+
+
+def ask(command: Command, fields: dict, args) -> int:
+    """Send a command's request to the daemon and show the reply; the exit status."""
     try:
-        if op == "watch":
-            return watch(path, fields)
-        with Client(path) as client:
-            if op == "logs" and fields.get("follow"):
-                return follow_logs(client, fields, args.json)
-            result = client.call(op, **fields)
+        with Client(args.socket) as client:
+            return (command.talk or reply)(command, client, fields, args)
     except Unreachable as exc:
         print(f"sparkqctl: {exc}\nIs the daemon running? Start it with `sparkqd` or "
               f"`systemctl --user start sparkqd`.", file=sys.stderr)
@@ -1241,22 +1538,17 @@ def run(argv: list[str] | None) -> int:
     except SparkQError as exc:
         print(f"sparkqctl: {exc.code}: {exc}", file=sys.stderr)
         return EXIT_REFUSED
-    if result is None and op in ("peek", "claim"):
-        if args.json:
-            print("null")
-        return EXIT_EMPTY
-    status = EXIT_OK
-    if op == "wait":
-        ended = [t["status"] for t in result["tasks"]]
-        status = (EXIT_EMPTY if not result["done"] else
-                  EXIT_OK if all(s == "completed" for s in ended) else EXIT_FAILED)
-    if args.json:
-        print(json.dumps(result["tasks"] if op == "wait" else result, indent=2))
-    else:
-        text = render(args, op, result)
-        if text:
-            print(text)
-    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        parser, command, args = parse(sys.argv[1:] if argv is None else argv)
+        if command.run:
+            return command.run(args)
+        return ask(command, to_request(command, parser, args), args)
+    except BrokenPipeError:  # `sparkqctl tasks | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -786,6 +786,7 @@ class ClaimNext(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     stream: Names = DEFAULT
     tool: Names | None = None
     worker: str | None = None
+    pid: Pid | None = None
     wait: Duration = 0.0
 
 
@@ -2041,15 +2042,34 @@ def record_spans(data: bytes) -> list[tuple[int, int]]:
     return spans
 
 
-def intact_record_after(data: bytes, pos: int, salt_crc: int | None) -> bool:
-    """Whether an intact record starts anywhere after ``pos``.
+def intact_record_after(data: bytes, pos: int, salt_crc: int | None, seq: int) -> bool:
+    """Whether an intact record starts anywhere after ``pos`` (where record ``seq`` was due).
 
     A write cut short by a crash leaves nothing intact behind it; an intact
     record after a bad one means the damage is in the middle: not a torn tail.
+    A later record of a salted segment carries one of the next sequence numbers,
+    so those 8 bytes are searched for (in C) instead of trying every offset.
     """
     trimmed = data[: len(data.rstrip(b"\0"))]
-    return any(record_at(trimmed, offset, salt_crc) is not None
-               for offset in range(pos + 1, len(trimmed) - LEGACY_RECORD_HEADER.size))
+    if salt_crc is None:
+        return any(record_at(trimmed, offset, salt_crc) is not None
+                   for offset in range(pos + 1, len(trimmed) - LEGACY_RECORD_HEADER.size))
+    for later in range(seq, seq + 16):
+        needle, at = SEQ_BYTES.pack(later), pos
+        while (at := trimmed.find(needle, at + 1)) >= 0:
+            if at - 8 > pos and record_at(trimmed, at - 8, salt_crc) is not None:
+                return True
+    return False
+
+
+def cut_tail(path: str, size: int) -> None:
+    """Cut a segment's torn tail off durably, before any later segment exists."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_directory(path: str) -> None:
@@ -2154,7 +2174,7 @@ class Journal:
                     raise
             else:
                 if record_at(data, start, salt_crc) is not None or intact_record_after(
-                        data, start, salt_crc):
+                        data, start, salt_crc, files[-1][0]):
                     break
             log.warning("journal %s: newest segment holds no record (a crash while it was "
                         "created); removed", path)
@@ -2180,13 +2200,13 @@ class Journal:
                 continue
             if not data[pos:].strip(b"\0"):
                 return  # the unused, preallocated rest of the segment
-            if not newest or intact_record_after(data, pos, salt_crc):
+            if not newest or intact_record_after(data, pos, salt_crc, seq):
                 raise JournalDamaged(f"{path}: damaged record at offset {pos}; refusing to start "
                                      f"rather than skip data (move the file aside to start "
                                      f"without it)")
             log.warning("journal %s: torn record at offset %d (%d bytes cut off): the last "
                         "write before a crash, never acknowledged", path, pos, len(data) - pos)
-            os.truncate(path, pos)
+            cut_tail(path, pos)
             return
 
     # -- appending ----------------------------------------------------------
@@ -2241,7 +2261,19 @@ class Journal:
         if self.current is None:
             self.current = self._new_segment(nbytes)
         elif self.current.reserved + nbytes > self.current.allocated:
-            self.rotate(nbytes)
+            if self.current.reserved > SEGMENT_HEADER.size:
+                self.rotate(nbytes)
+            else:  # no record yet: a new segment would take this one's name
+                self._grow(self.current, SEGMENT_HEADER.size + nbytes)
+
+    def _grow(self, segment: Segment, size: int) -> None:
+        """Preallocate more of a segment that holds no record yet."""
+        try:
+            os.posix_fallocate(segment.fd, 0, size)
+        except OSError as exc:
+            raise Unavailable(f"journal: cannot preallocate segment {segment.path}: "
+                              f"{exc.strerror}") from None
+        segment.allocated = max(segment.allocated, size)
 
     def rotate(self, min_bytes: int = 0) -> None:
         """Seal the current segment and continue in a new one.
@@ -2251,7 +2283,7 @@ class Journal:
         not on disk before it.
         """
         if self.current is not None:
-            self.sync_now()
+            self.sync_now(release=False)
         segment = self._new_segment(min_bytes)
         if self.current is not None:
             self.current.sealed = True
@@ -2276,13 +2308,6 @@ class Journal:
         self._chunks.append((segment, segment.record(self.last_seq, body)))
         return self.last_seq
 
-    def append(self, events: list[Event]) -> int:
-        """Record events and schedule their write; returns the seq of the last."""
-        for event in events:
-            self.record(event)
-        self.schedule_flush()
-        return self.last_seq
-
     def schedule_flush(self) -> None:
         """Flush once the loop has read what every client sent this round: group commit."""
         if self._chunks:
@@ -2293,7 +2318,7 @@ class Journal:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
 
-    def flush(self) -> None:
+    def flush(self, release: bool = True) -> None:
         """Write what is buffered; under ``always``, fsync too if a reply waits for it.
 
         (Scheduled with call_soon by ``schedule_flush``; a no-op once ``close`` has run.)
@@ -2318,15 +2343,20 @@ class Journal:
         if self.policy == "always" and self._waiters and self.synced_seq < self.written_seq:
             self._sync_unsynced()
         self._close_synced()
-        self._release()
+        if release:
+            self._release()
 
     def _sync_unsynced(self) -> None:
         segments, self._unsynced = [s for s in self._unsynced if s.fd is not None], set()
         self._sync(segments, self.written_seq)
 
-    def sync_now(self) -> None:
-        """Write and fsync everything appended so far, whatever the policy."""
-        self.flush()
+    def sync_now(self, release: bool = True) -> None:
+        """Write and fsync everything appended so far, whatever the policy.
+
+        ``release=False`` (a rotation, in the middle of a change) leaves the replies
+        waiting for this to the next flush: none may run inside a change.
+        """
+        self.flush(release)
         if self.failure:
             raise Unavailable(f"storage failing: {self.failure}")
         if self.stalled:
@@ -2334,7 +2364,10 @@ class Journal:
         if self.synced_seq < self.written_seq:
             self._sync_unsynced()
         self._close_synced()
-        self._release()
+        if release:
+            self._release()
+        elif self._waiters:
+            self._flush_soon()
 
     def _write(self, chunks: list[tuple[Segment, bytes]]) -> list[Segment]:
         """Write chunks in order; on a full disk keep the unwritten rest for a retry."""
@@ -3006,8 +3039,15 @@ class Pool:
             self._record(run, None, f"cannot start: {message}")
             return False
         # Journal the process group, so a crash cannot orphan it unseen.
-        self.change(lambda: self.queue.run_started(run.task_id, run.proc.pid, run.start_ticks,
-                                                   time.time()), 4096)
+        try:
+            self.change(lambda: self.queue.run_started(run.task_id, run.proc.pid,
+                                                       run.start_ticks, time.time()), 4096)
+        except Unavailable as exc:  # never a run the journal does not know of: end it now
+            signal_group(run.proc.pid, signal.SIGKILL)
+            await run.proc.wait()
+            log.error("task %d: run killed, its process group cannot be journaled: %s; the "
+                      "attempt ends when its lease expires", run.task_id, exc)
+            return False
         return True
 
     async def _watch(self, run: Run, timeout: float) -> None:
@@ -3515,11 +3555,22 @@ class Waiter:
     to wait on; ``expire()`` is its result when the deadline passes.
     """
 
-    __slots__ = ("conn", "request", "retry", "expire", "active")
+    __slots__ = ("conn", "request", "retry", "expire", "active", "keys")
 
     def __init__(self, conn: Connection, request: Request, retry, expire):
         self.conn, self.request, self.retry, self.expire = conn, request, retry, expire
         self.active = True
+        self.keys: set[tuple] = set()  #: the keys it is registered under now
+
+    @property
+    def changed_already(self) -> bool:
+        """A complete or fail whose claim_next waits: the finish is done and durable."""
+        return type(self.request) in (Complete, Fail)
+
+    def end(self) -> None:
+        """Answered, timed out or gone: keep nothing alive (its entries go stale)."""
+        self.active = False
+        self.conn = self.retry = self.expire = None
 
 
 class Waiters:
@@ -3539,6 +3590,7 @@ class Waiters:
         self.parked: dict[tuple, list[Waiter]] = {}
         self.deadlines: list[tuple[float, int, Waiter]] = []
         self._order = itertools.count()
+        self._parks = 0  #: counts parks, to sweep answered waiters out of the heap now and then
 
     def park(self, conn: Connection, request: Request, keys: list[tuple], wait: float | None,
              retry, expire) -> object:
@@ -3549,6 +3601,10 @@ class Waiters:
         waiter = Waiter(conn, request, retry, expire)
         conn.block(waiter)
         self._register(waiter, keys)
+        self._parks += 1
+        if self._parks % 1024 == 0:  # answered waiters must not pile up under a later deadline
+            self.deadlines = [entry for entry in self.deadlines if entry[2].active]
+            heapq.heapify(self.deadlines)
         if wait is not None:
             deadline = time.time() + wait
             heapq.heappush(self.deadlines, (deadline, next(self._order), waiter))
@@ -3591,7 +3647,7 @@ class Waiters:
         if then is None:
             return finished
         claim = Claim(stream=then.stream, tool=then.tool, worker=then.worker or finished.worker,
-                      wait=then.wait)
+                      pid=then.pid, wait=then.wait)
         return self.claim(claim, conn, now, finished, request)
 
     def wait(self, request: Wait, conn: Connection | None, now: float) -> Any:
@@ -3611,6 +3667,9 @@ class Waiters:
 
     def _register(self, waiter: Waiter, keys: list[tuple]) -> None:
         for key in keys:
+            if key in waiter.keys:
+                continue  # still registered there since the last wake
+            waiter.keys.add(key)
             waiting = self.parked.setdefault(key, [])
             if len(waiting) >= 64:  # forget waiters answered or gone since
                 waiting[:] = [w for w in waiting if w.active]
@@ -3630,6 +3689,7 @@ class Waiters:
             loop = asyncio.get_running_loop()
             for waiter in waiting:
                 if waiter.active:
+                    waiter.keys.discard(key)
                     loop.call_soon(self._retry, waiter)
 
     def _retry(self, waiter: Waiter) -> None:
@@ -3641,6 +3701,8 @@ class Waiters:
         try:
             result, keys = waiter.retry()
         except SparkQError as exc:
+            if waiter.changed_already:  # the finish stands: say so, with no next task
+                return waiter.conn.finish(waiter.request.id, waiter.expire())
             return waiter.conn.finish_error(waiter.request.id, exc)
         if keys:  # someone else was quicker, or not everything waited for has ended
             self._register(waiter, keys)
@@ -3707,6 +3769,7 @@ class Connection(asyncio.Protocol):
         self.codec: Codec | None = None
         self.buf = bytearray()
         self.frames: collections.deque = collections.deque()
+        self.frame_bytes = 0  #: bytes of the frames waiting in ``frames``
         #: (journal seq the reply may have seen, encoded reply, request id or EVENT), oldest first
         self.replies: collections.deque = collections.deque()
         self.reply_bytes = 0  #: bytes held in ``replies``
@@ -3768,6 +3831,7 @@ class Connection(asyncio.Protocol):
         try:
             while frames := self.codec.split(self.buf):
                 self.frames.extend(frames)
+                self.frame_bytes += sum(map(len, frames))
         except TooLarge as exc:
             self.frames.append(exc)  # answered in turn, then the connection closes
         self._process()
@@ -3781,8 +3845,10 @@ class Connection(asyncio.Protocol):
                 if isinstance(frame, TooLarge):
                     self._add_reply(error_reply(None, frame))
                     self.frames.clear()
+                    self.frame_bytes = 0
                     self.closing = True
                     break
+                self.frame_bytes -= len(frame)
                 reply = self._answer(frame)
                 if reply is not None:
                     self._add_reply(reply)
@@ -3876,7 +3942,8 @@ class Connection(asyncio.Protocol):
             self.transport.close()
 
     def _update_reading(self) -> None:
-        full = len(self.buf) > 4 * self.codec.max_frame or len(self.frames) > 100_000
+        held = len(self.buf) + self.frame_bytes
+        full = held > self.codec.max_frame + REPLY_BUDGET or len(self.frames) > 100_000
         if self.lost or self.transport.is_closing():
             return
         held = self.blocked is not None or self._over_budget()
@@ -3918,7 +3985,7 @@ class Connection(asyncio.Protocol):
 
     def _unblock(self) -> None:
         if isinstance(self.blocked, Waiter):
-            self.blocked.active = False
+            self.blocked.end()
         self.blocked = None
 
     def publish(self, message: dict) -> None:
@@ -3957,13 +4024,20 @@ class Connection(asyncio.Protocol):
             self._send_durable()
 
     def end_stream(self, message: dict) -> None:
+        """The end of a stream (a log follow): later frames are answered on the next loop
+        turn, not inside the commit that ended it."""
         if self.blocked is not None and not self.lost:
-            self._finish_blocked(message)
+            self._unblock()
+            self._add_reply(message)
+            asyncio.get_running_loop().call_soon(self._process)
 
     def stop(self) -> None:
         """Answer what has arrived, refuse a waiting request, then close."""
-        if isinstance(self.blocked, Waiter):
-            self.finish_error(self.blocked.request.id, Unavailable("shutting down"))
+        waiter = self.blocked
+        if isinstance(waiter, Waiter) and waiter.changed_already:
+            self.finish(waiter.request.id, waiter.expire())  # finished; no next while stopping
+        elif isinstance(waiter, Waiter):
+            self.finish_error(waiter.request.id, Unavailable("shutting down"))
         elif self.blocked is not None:
             self._finish_blocked(error_reply(self.blocked.id, Unavailable("shutting down")))
         self.closing = True

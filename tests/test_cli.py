@@ -328,8 +328,30 @@ def test_claim_wait_runs_out_exits_4(shared):
     assert time.monotonic() - started >= 0.2
 
 
-def test_command_list_names_every_command_of_the_full_parser():
-    """sparkqctl builds only the given command's parser; its list of commands is complete."""
+def subcommands(parser) -> list[str]:
+    """The commands a parser has a parser for."""
+    import argparse
+
+    return next((list(a.choices) for a in parser._actions
+                 if isinstance(a, argparse._SubParsersAction)), [])
+
+
+def test_only_the_given_commands_parser_is_built():
+    """sparkqctl builds the parser of the command given alone; for -h, every command by name."""
     import sparkqctl
 
-    assert sorted(sparkqctl.commands_of(sparkqctl.build_parser())) == sorted(sparkqctl.COMMANDS)
+    assert subcommands(sparkqctl.build_parser("claim")) == ["claim"]
+    assert subcommands(sparkqctl.build_parser()) == [c.name for c in sparkqctl.TABLE]
+    assert subcommands(sparkqctl.build_parser(sparkqctl.command_given(["--version"]))) == []
+
+
+@pytest.mark.parametrize("argv, given", [
+    (["claim", "--json"], "claim"), (["--socket", "/s", "claim"], "claim"),
+    (["--sock", "/s", "claim"], "claim"), (["--socket=/s", "-q", "claim"], "claim"),
+    (["--", "claim"], "claim"), (["--version", "claim"], ""), (["-h", "claim"], None),
+    (["-qh"], None), (["frobnicate"], None), ([], None)])
+def test_command_given_finds_the_command_as_argparse_will(argv, given):
+    """The command sparkqctl builds the parser of is the one argparse then parses, if any."""
+    import sparkqctl
+
+    assert sparkqctl.command_given(argv) == given
