@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import struct
@@ -702,3 +703,28 @@ def test_status_after_a_restart_shows_the_loaded_snapshot(make_daemon):
     d.restart()
     snapshot = d.ok(op="status")["snapshot"]
     assert snapshot["seq"] is not None and snapshot["at"] is not None and snapshot["at"].endswith("Z")
+
+
+def test_claim_next_waiting_at_shutdown_is_answered_with_the_finished_task(make_daemon):
+    """SIGTERM while a claim_next waits: the reply is the durable finish with next null."""
+    d = make_daemon()
+    task = d.ok(op="enqueue", tool="llm-haiku")["id"]
+    d.ok(op="claim")
+    worker = d.connect()
+    worker.send(op="complete", task=task, claim_next={"wait": 30})
+    wait_until(lambda: d.ok(op="task", task=task)["status"] == "completed")
+    d.proc.send_signal(signal.SIGTERM)
+    reply = worker.recv()
+    assert reply["ok"] and (reply["result"]["status"], reply["result"]["next"]) == ("completed", None)
+
+
+def test_event_larger_than_a_fresh_segment_grows_it_and_survives_a_restart(make_daemon):
+    """A 33 MiB payload (more than a 32 MiB segment) is kept, and the daemon restarts with it."""
+    d = make_daemon(config="server: {max_frame_bytes: 67108864}\n")
+    d.ok(op="enqueue", tool="llm-haiku", payload="small")
+    big = "x" * (33 << 20)
+    first = d.ok(op="enqueue", tool="llm-haiku", payload=big)["id"]
+    second = d.ok(op="enqueue", tool="llm-haiku", payload=big)["id"]
+    d.kill()
+    d.start()
+    assert [len(d.ok(op="task", task=i)["payload"]) for i in (first, second)] == [len(big)] * 2
