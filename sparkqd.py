@@ -38,7 +38,7 @@ Sections, in the order the data flows:
 2. Configuration
 3. Model: records, results and events
 4. Protocol: requests and framing
-5. Queue core (pure: no I/O, the time is an argument) and its TaskIndex
+5. Queue core (pure: no I/O, the time is an argument): TaskIndex, Queue, QueueReads
 6. Replies: the core's results in wire form
 7. Journal
 8. Snapshot
@@ -1331,19 +1331,19 @@ class Queue:
 
     # -- lookups ------------------------------------------------------------
 
-    def _session(self, name: str) -> Session:
+    def session(self, name: str) -> Session:
         try:
             return self.sessions[name]
         except KeyError:
             raise NotFound(f"no session {name!r}") from None
 
-    def _stream(self, name: str) -> Stream:
+    def stream(self, name: str) -> Stream:
         try:
             return self.streams[name]
         except KeyError:
             raise NotFound(f"no stream {name!r}") from None
 
-    def _task(self, task_id: int) -> Task:
+    def task(self, task_id: int) -> Task:
         try:
             return self.index.tasks[task_id]
         except KeyError:
@@ -1351,7 +1351,7 @@ class Queue:
 
     def _running(self, task_id: int, verb: str, lease: str | None) -> Task:
         """The task, if it is running and ``lease`` (when given) still holds it."""
-        task = self._task(task_id)
+        task = self.task(task_id)
         if task.status != "running":
             raise Conflict(f"cannot {verb} task {task_id}: it is {task.status}, not running")
         if lease is not None and lease != task.lease:
@@ -1411,16 +1411,13 @@ class Queue:
         return self.sessions[req.name]
 
     def session_end(self, req: SessionEnd, now: float) -> dict:
-        if self._session(req.name).status == "ended":
+        if self.session(req.name).status == "ended":
             raise Conflict(f"session {req.name!r} has ended already")
         self._emit(SessionEnded(at=now, name=req.name))
         return self.sessions[req.name]
 
-    def session_list(self, req: SessionList, now: float) -> list:
-        return list(self.sessions.values())
-
     def stream_create(self, req: StreamCreate, now: float) -> dict:
-        if self._session(req.session).status == "ended":
+        if self.session(req.session).status == "ended":
             raise Conflict(f"session {req.session!r} has ended")
         if req.name in self.streams:
             raise Conflict(f"stream {req.name!r} exists already")
@@ -1428,25 +1425,19 @@ class Queue:
         return self.streams[req.name]
 
     def stream_end(self, req: StreamEnd, now: float) -> dict:
-        if self._stream(req.name).status == "ended":
+        if self.stream(req.name).status == "ended":
             raise Conflict(f"stream {req.name!r} has ended already")
         self._emit(StreamEnded(at=now, name=req.name))
         return self.streams[req.name]
 
-    def stream_list(self, req: StreamList, now: float) -> list:
-        if req.session is not None:
-            self._session(req.session)
-        return [s for s in self.streams.values()
-                if req.session is None or s.session == req.session]
-
     def stream_pause(self, req: StreamPause, now: float) -> dict:
-        if self._stream(req.name).paused:
+        if self.stream(req.name).paused:
             raise Conflict(f"stream {req.name!r} is paused already")
         self._emit(StreamPaused(at=now, name=req.name))
         return self.streams[req.name]
 
     def stream_resume(self, req: StreamResume, now: float) -> dict:
-        if not self._stream(req.name).paused:
+        if not self.stream(req.name).paused:
             raise Conflict(f"stream {req.name!r} is not paused")
         self._emit(StreamResumed(at=now, name=req.name))
         return self.streams[req.name]
@@ -1454,7 +1445,7 @@ class Queue:
     # -- enqueue ------------------------------------------------------------
 
     def enqueue(self, req: Enqueue, now: float) -> TaskResult:
-        stream = self._stream(req.stream)
+        stream = self.stream(req.stream)
         if stream.status == "ended":
             raise Conflict(f"stream {stream.name!r} has ended and takes no new tasks")
         tool_name, payload = self._what_to_run(req)
@@ -1491,7 +1482,7 @@ class Queue:
 
     def streams_named(self, stream_names: list[str]) -> list[Stream]:
         """The streams of these names; NotFound for one that does not exist."""
-        return [self._stream(name) for name in stream_names]
+        return [self.stream(name) for name in stream_names]
 
     def _best_ready(self, stream_names: list[str], tools: list[str] | None) -> Task | None:
         """The task a claim would take: highest priority, then oldest, across the filters."""
@@ -1586,7 +1577,7 @@ class Queue:
         return self.index.tasks[req.task]
 
     def cancel(self, req: Cancel, now: float) -> dict:
-        task = self._task(req.task)
+        task = self.task(req.task)
         if task.status in TERMINAL:
             raise Conflict(f"cannot cancel task {req.task}: it is {task.status} already")
         self._emit(TaskCancelled(at=now, id=req.task))
@@ -1598,7 +1589,7 @@ class Queue:
             return self._requeue_matching(req, now)
         if req.stream is not None or req.status is not None:
             raise BadRequest("give task, or stream and status, not both")
-        task = self._task(req.task)
+        task = self.task(req.task)
         if task.status in ("pending", "waiting", "completed"):
             raise Conflict(f"cannot requeue task {req.task}: it is {task.status}"
                            + (" (enqueue it again instead)" if task.status == "completed" else ""))
@@ -1626,7 +1617,7 @@ class Queue:
         if req.status is None:
             raise BadRequest("requeue needs task, or status (and optionally stream)")
         if req.stream is not None:
-            self._stream(req.stream)
+            self.stream(req.stream)
         ids = [t.id for t in self.index.tasks.values()
                if t.status == req.status and (req.stream is None or t.stream == req.stream)]
         requeued = []
@@ -1634,70 +1625,6 @@ class Queue:
             if self.index.tasks[task_id].status == req.status:  # not requeued by a cascade already
                 requeued += self._requeue(task_id, now)
         return {"requeued": len(requeued), "tasks": requeued}
-
-    # -- reading ----------------------------------------------------------------
-
-    def get_task(self, req: GetTask, now: float) -> dict:
-        return TaskDetail(self._task(req.task))
-
-    def list_tasks(self, req: ListTasks, now: float) -> list:
-        if req.stream is not None:
-            self._stream(req.stream)
-        if req.session is not None:
-            self._session(req.session)
-        limit = req.limit if req.limit is not None else len(self.index.tasks)
-        out = []
-        for task in self.index.tasks.values():
-            if len(out) >= limit:
-                break
-            if ((req.status is None or task.status == req.status)
-                    and (req.stream is None or task.stream == req.stream)
-                    and (req.session is None or self.streams[task.stream].session == req.session)):
-                out.append(task)
-        return out
-
-    def first_unfinished(self, task_ids: list[int]) -> int | None:
-        """The first of these tasks that has not ended (purged ones have), or None."""
-        tasks = self.index.tasks
-        return next((i for i in task_ids if i in tasks and tasks[i].status not in TERMINAL), None)
-
-    def wait(self, req: Wait, now: float) -> dict:
-        """Whether every task named has ended, with their records."""
-        tasks = [self._task(task_id) for task_id in req.tasks]
-        return {"done": all(t.status in TERMINAL for t in tasks),
-                "tasks": tasks}
-
-    def history(self, req: History, now: float) -> list:
-        """Ended tasks, newest first, with how long they waited and ran."""
-        if req.stream is not None:
-            self._stream(req.stream)
-        if req.session is not None:
-            self._session(req.session)
-        since = parse_time(req.since) if req.since is not None else None
-        limit = req.limit if req.limit is not None else len(self.index.finish_log)
-        out, stale, seen = [], 0, set()
-        for finished_at, task_id in reversed(self.index.finish_log):
-            if len(out) >= limit or (since is not None and finished_at < since):
-                break
-            task = self.index.tasks.get(task_id)
-            if (task is None or task.finished_at != finished_at or task.status not in TERMINAL
-                    or task_id in seen):
-                stale += 1  # purged or requeued since it ended, or ended twice in one instant
-                continue
-            seen.add(task_id)
-            if ((req.status is None or task.status == req.status)
-                    and (req.stream is None or task.stream == req.stream)
-                    and (req.session is None or self.streams[task.stream].session == req.session)):
-                out.append(Ended(task))
-        if stale > len(self.index.finish_log) // 2 + 1000:
-            self.index.finish_log = self.index.live_finish_log()
-        return out
-
-    def locks(self, req: Locks, now: float) -> list:
-        return [{"lock": lock, "task": task_id, "stream": self.index.tasks[task_id].stream,
-                 "worker": self.index.tasks[task_id].worker,
-                 "since": rfc3339(self.index.tasks[task_id].started_at)}
-                for lock, task_id in sorted(self.index.lock_holder.items())]
 
     def purge(self, req: Purge, now: float) -> dict:
         days = self.config.purge.older_than_days if req.older_than_days is None else req.older_than_days
@@ -1881,6 +1808,87 @@ class Queue:
             for status, n in counts.items():
                 totals[status] += n
         return totals
+
+
+class QueueReads:
+    """The requests that only read the queue: listings, a task's view, waits, history, locks.
+
+    Pure like the core; they change nothing, so they emit no event.
+    """
+
+    def __init__(self, queue: Queue):
+        self.queue = queue
+
+    def session_list(self, req: SessionList, now: float) -> list:
+        return list(self.queue.sessions.values())
+
+    def stream_list(self, req: StreamList, now: float) -> list:
+        if req.session is not None:
+            self.queue.session(req.session)
+        return [s for s in self.queue.streams.values()
+                if req.session is None or s.session == req.session]
+
+    def get_task(self, req: GetTask, now: float) -> dict:
+        return TaskDetail(self.queue.task(req.task))
+
+    def list_tasks(self, req: ListTasks, now: float) -> list:
+        if req.stream is not None:
+            self.queue.stream(req.stream)
+        if req.session is not None:
+            self.queue.session(req.session)
+        limit = req.limit if req.limit is not None else len(self.queue.index.tasks)
+        out = []
+        for task in self.queue.index.tasks.values():
+            if len(out) >= limit:
+                break
+            if ((req.status is None or task.status == req.status)
+                    and (req.stream is None or task.stream == req.stream)
+                    and (req.session is None or self.queue.streams[task.stream].session == req.session)):
+                out.append(task)
+        return out
+
+    def first_unfinished(self, task_ids: list[int]) -> int | None:
+        """The first of these tasks that has not ended (purged ones have), or None."""
+        tasks = self.queue.index.tasks
+        return next((i for i in task_ids if i in tasks and tasks[i].status not in TERMINAL), None)
+
+    def wait(self, req: Wait, now: float) -> dict:
+        """Whether every task named has ended, with their records."""
+        tasks = [self.queue.task(task_id) for task_id in req.tasks]
+        return {"done": all(t.status in TERMINAL for t in tasks),
+                "tasks": tasks}
+
+    def history(self, req: History, now: float) -> list:
+        """Ended tasks, newest first, with how long they waited and ran."""
+        if req.stream is not None:
+            self.queue.stream(req.stream)
+        if req.session is not None:
+            self.queue.session(req.session)
+        since = parse_time(req.since) if req.since is not None else None
+        limit = req.limit if req.limit is not None else len(self.queue.index.finish_log)
+        out, stale, seen = [], 0, set()
+        for finished_at, task_id in reversed(self.queue.index.finish_log):
+            if len(out) >= limit or (since is not None and finished_at < since):
+                break
+            task = self.queue.index.tasks.get(task_id)
+            if (task is None or task.finished_at != finished_at or task.status not in TERMINAL
+                    or task_id in seen):
+                stale += 1  # purged or requeued since it ended, or ended twice in one instant
+                continue
+            seen.add(task_id)
+            if ((req.status is None or task.status == req.status)
+                    and (req.stream is None or task.stream == req.stream)
+                    and (req.session is None or self.queue.streams[task.stream].session == req.session)):
+                out.append(Ended(task))
+        if stale > len(self.queue.index.finish_log) // 2 + 1000:
+            self.queue.index.finish_log = self.queue.index.live_finish_log()
+        return out
+
+    def locks(self, req: Locks, now: float) -> list:
+        return [{"lock": lock, "task": task_id, "stream": self.queue.index.tasks[task_id].stream,
+                 "worker": self.queue.index.tasks[task_id].worker,
+                 "since": rfc3339(self.queue.index.tasks[task_id].started_at)}
+                for lock, task_id in sorted(self.queue.index.lock_holder.items())]
 
 
 CASCADE_REASON = re.compile(r"dependency (\d+) (failed|cancelled)")
@@ -3583,7 +3591,7 @@ class Waiters:
     """
 
     def __init__(self, queue: Queue, change, workers: WorkerRegistry, rearm):
-        self.queue = queue
+        self.queue, self.reads = queue, QueueReads(queue)
         self.change = change  #: the daemon's change pipeline: a retried claim changes state
         self.workers = workers
         self.rearm = rearm  #: tells the one timer of an earlier deadline
@@ -3652,18 +3660,18 @@ class Waiters:
 
     def wait(self, request: Wait, conn: Connection | None, now: float) -> Any:
         """Whether the tasks ended; parked until they all have, or the timeout."""
-        result = self.queue.wait(request, now)
+        result = self.reads.wait(request, now)
         if result["done"] or request.timeout == 0 or conn is None:
             return result
 
         def again():
-            task_id = self.queue.first_unfinished(request.tasks)
+            task_id = self.reads.first_unfinished(request.tasks)
             if task_id is not None:
                 return None, [("task", task_id)]
-            return self.queue.wait(request, time.time()), None
-        first = self.queue.first_unfinished(request.tasks)
+            return self.reads.wait(request, time.time()), None
+        first = self.reads.first_unfinished(request.tasks)
         return self.park(conn, request, [("task", first)], request.timeout, again,
-                                 lambda: self.queue.wait(request, time.time()))
+                                 lambda: self.reads.wait(request, time.time()))
 
     def _register(self, waiter: Waiter, keys: list[tuple]) -> None:
         for key in keys:
@@ -4500,17 +4508,17 @@ class Daemon:
 
     def _dispatch(self, request: Request, conn: Connection | None, now: float) -> Any:
         """One arm per request type."""
-        queue, waiters = self.queue, self.waiters
+        queue, reads, waiters = self.queue, self.waiters.reads, self.waiters
         match request:
             case Hello(): return {"version": VERSION, "protocol": PROTOCOL}
             case Status(): return status_view(self.paths, queue, self.journal, self.snapshots,
                                               self.pool, len(self.connections.open), self.started)
             case SessionCreate(): return queue.session_create(request, now)
             case SessionEnd(): return queue.session_end(request, now)
-            case SessionList(): return queue.session_list(request, now)
+            case SessionList(): return reads.session_list(request, now)
             case StreamCreate(): return queue.stream_create(request, now)
             case StreamEnd(): return queue.stream_end(request, now)
-            case StreamList(): return queue.stream_list(request, now)
+            case StreamList(): return reads.stream_list(request, now)
             case StreamPause(): return queue.stream_pause(request, now)
             case StreamResume(): return queue.stream_resume(request, now)
             case Enqueue(): return queue.enqueue(request, now)
@@ -4520,15 +4528,15 @@ class Daemon:
             case Touch(): return waiters.noted(request, queue.touch(request, now), now)
             case Cancel(): return queue.cancel(request, now)
             case Requeue(): return queue.requeue(request, now)
-            case GetTask(): return queue.get_task(request, now)
-            case ListTasks(): return queue.list_tasks(request, now)
+            case GetTask(): return reads.get_task(request, now)
+            case ListTasks(): return reads.list_tasks(request, now)
             case Wait(): return waiters.wait(request, conn, now)
-            case Locks(): return queue.locks(request, now)
+            case Locks(): return reads.locks(request, now)
             case Logs(): return self.logs.answer(conn, request)
             case Scripts(): return scripts_view(queue.scripts)
             case Workers(): return self.pool.slot_records() + self.workers.records(now)
             case Watch(): return self.watchers.subscribe(conn, request)
-            case History(): return queue.history(request, now)
+            case History(): return reads.history(request, now)
             case Metrics(): return render_metrics(queue, self.stats, self.journal, self.pool,
                                                   self.snapshots, self.watchers, self.started)
             case Purge(): return queue.purge(request, now)

@@ -46,7 +46,8 @@ def core_call(queue, request, now):
     import sparkqd
     tag = type(request).__struct_config__.tag
     method = {"task": "get_task", "tasks": "list_tasks"}.get(tag, tag.replace(".", "_"))
-    return sparkqd.Replies(queue).wire(getattr(queue, method)(request, now))
+    handler = getattr(queue, method, None) or getattr(sparkqd.QueueReads(queue), method)
+    return sparkqd.Replies(queue).wire(handler(request, now))
 
 
 class Conn:

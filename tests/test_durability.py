@@ -123,7 +123,7 @@ def state_of_queue(queue):
         "task": [replies.task(t, with_history=True) for t in tasks],
         "sessions": [replies.session(s) for s in queue.sessions.values()],
         "streams": [replies.stream(s) for s in queue.streams.values()],
-        "locks": queue.locks(sparkqd.Locks(), 0.0)}))
+        "locks": sparkqd.QueueReads(queue).locks(sparkqd.Locks(), 0.0)}))
 
 
 def payloads(d, ids):
