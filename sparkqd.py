@@ -79,9 +79,11 @@ import subprocess
 import sys
 import time
 import zlib
+import zoneinfo
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, ClassVar, Literal, Union
 
+import cronsim
 import msgspec
 import yaml
 from msgspec import Meta, Struct, field
@@ -309,6 +311,43 @@ class Tool(ConfigStruct):
     concurrency: Annotated[int, Meta(ge=1)] | None = None
 
 
+# -- schedules --
+
+Priority = Annotated[int, Meta(ge=-(1 << 31), le=(1 << 31) - 1)]
+NonEmpty = Annotated[str, Meta(min_length=1)]
+
+
+class ScheduleSpec(ConfigStruct):
+    """What a schedule enqueues and when: the same fields in sparkq.yml and in requests.
+
+    Exactly one of ``cron`` (with ``timezone``), ``every`` or ``at`` says when.
+    """
+
+    stream: str = DEFAULT
+    tool: str | None = None
+    script: str | None = None
+    args: list[str] | None = None
+    payload: Any = None
+    priority: Priority = 0
+    timeout: Seconds | None = None
+    max_attempts: Attempts | None = None
+    lock: NonEmpty | None = None
+    key_prefix: NonEmpty | None = None
+    cron: NonEmpty | None = None
+    timezone: NonEmpty | None = None
+    every: NonEmpty | Seconds | None = None
+    at: str | None = None
+    start_at: str | None = None
+    end_at: str | None = None
+    jitter: Duration = 0.0
+    overlap: Literal["allow", "skip", "replace"] = "skip"
+    catch_up: Literal["none", "latest", "all"] = "latest"
+    grace: Duration = 60.0
+
+    def __post_init__(self):
+        check_json_value(self.payload, "payload")
+
+
 class Settings(Struct, frozen=True):
     """A tool's or script's settings with its task class's filled in."""
 
@@ -364,6 +403,7 @@ class Config(ConfigStruct):
     script_dirs: list[str] = field(default_factory=list)
     task_classes: dict[str, TaskClass] = field(default_factory=builtin_task_classes)
     tools: dict[str, Tool] = field(default_factory=builtin_tools)
+    schedules: dict[str, ScheduleSpec] = field(default_factory=dict)
 
 
 #: Keys of the original SparkQ file format that no longer apply, and what replaced them.
@@ -387,7 +427,8 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         if isinstance(raw.get(section), dict) and key in raw[section]:
             raise ConfigError(f"{source}: $.{section}.{key}: {message}")
     named = {}  # validated one entry at a time, so an error names the entry, not `[...]`
-    for section, kind in (("task_classes", TaskClass), ("tools", Tool)):
+    for section, kind in (("task_classes", TaskClass), ("tools", Tool),
+                          ("schedules", ScheduleSpec)):
         if isinstance(raw.get(section), dict):
             named[section] = {str(name): _convert(entry, kind, f"$.{section}.{name}", source)
                               for name, entry in raw[section].items()}
@@ -400,6 +441,10 @@ def parse_config(text: str, source: str = "<config>") -> Config:
                               f"{tool.task_class!r} (known: {known})")
         if tool.command is not None and not tool.command:
             raise ConfigError(f"{source}: $.tools.{name}.command: must name a program")
+    for name, spec in config.schedules.items():
+        problem = schedule_config_problem(name, spec, config)
+        if problem:
+            raise ConfigError(f"{source}: $.schedules.{name}{problem}")
     return config
 
 
@@ -539,6 +584,24 @@ class Task(Struct, frozen=True, gc=False):
     lease_expires_at: float | None = None
     run_pid: int | None = None  #: process group of the daemon's own run of it
     run_start: int | None = None  #: that process's start time, in clock ticks after boot
+    schedule: str | None = None  #: the schedule whose firing enqueued it
+    slot: float | None = None  #: the slot time of that firing
+
+
+class Schedule(Struct, frozen=True, gc=False):
+    """A recurring (or one-shot) schedule: its spec and where its firings stand."""
+
+    name: str
+    spec: ScheduleSpec  #: as given, with the time zone a cron means resolved to its name
+    source: str  #: "config" (sparkq.yml) or "socket"
+    created_at: float
+    next_slot: float | None  #: the earliest slot not yet fired or skipped; None once ended
+    paused: bool = False
+    last_task: int | None = None  #: the task of the latest firing
+    #: The latest firings and skips, newest last: (slot, at, task id or None, what).
+    firings: tuple = ()
+    fired: int = 0
+    skipped: int = 0
 
 
 class Script(Struct, frozen=True):
@@ -564,6 +627,13 @@ class TaskDetail(Struct, frozen=True):
     """A task with its history: the `task` view."""
 
     task: Task
+
+
+class ScheduleDetail(Struct, frozen=True):
+    """A schedule with its next fire times and latest firings: the `schedule.show` view."""
+
+    schedule: Schedule
+    count: int = 10
 
 
 class Ended(Struct, frozen=True):
@@ -617,6 +687,8 @@ class TaskEnqueued(Event, tag="task.enqueued"):
     after: tuple = ()
     key: str | None = None
     lock: str | None = None
+    schedule: str | None = None
+    slot: float | None = None
 
 
 class TaskReleased(Event, tag="task.released"):
@@ -684,11 +756,63 @@ class TasksPurged(Event, tag="tasks.purged"):
     ids: list[int]
 
 
+# -- schedules --
+
+class ScheduleCreated(Event, tag="schedule.created"):
+    name: str
+    spec: ScheduleSpec
+    source: str = "socket"
+    next_slot: float | None = None
+
+
+class ScheduleChanged(Event, tag="schedule.changed"):
+    name: str
+    spec: ScheduleSpec
+    source: str = "socket"
+    next_slot: float | None = None
+
+
+class ScheduleRemoved(Event, tag="schedule.removed"):
+    name: str
+
+
+class SchedulePaused(Event, tag="schedule.paused"):
+    name: str
+
+
+class ScheduleResumed(Event, tag="schedule.resumed"):
+    name: str
+    next_slot: float | None = None
+
+
+class ScheduleFired(Event, tag="schedule.fired"):
+    """A slot enqueued its task (``manual``: fired on request, outside the clock)."""
+
+    name: str
+    slot: float
+    task: int
+    next_slot: float | None = None
+    existing: bool = False
+    manual: bool = False
+
+
+class ScheduleSkipped(Event, tag="schedule.skipped"):
+    """Slots that enqueued nothing: ``why`` is overlap, missed, paused or an error."""
+
+    name: str
+    slot: float
+    why: str
+    next_slot: float | None = None
+    last_slot: float | None = None  #: the last of a run of ``count`` skipped slots
+    count: int = 1
+
+
 AnyEvent = Union[SessionCreated, SessionEnded, StreamCreated, StreamEnded, StreamPaused,
                  StreamResumed, TaskEnqueued, TaskReleased, TaskClaimed, TaskRunStarted,
                  TaskTouched,
                  TaskCompleted, TaskFailed, TaskRetrying, TaskCancelled, TaskRequeued,
-                 TasksPurged]
+                 TasksPurged, ScheduleCreated, ScheduleChanged, ScheduleRemoved,
+                 SchedulePaused, ScheduleResumed, ScheduleFired, ScheduleSkipped]
 
 
 # ============================================================================
@@ -755,7 +879,7 @@ class Enqueue(Request, tag="enqueue"):
     stream: str = DEFAULT
     payload: Any = None
     timeout: Seconds | None = None
-    priority: Annotated[int, Meta(ge=-(1 << 31), le=(1 << 31) - 1)] = 0
+    priority: Priority = 0
     delay: Duration | None = None
     at: str | None = None
     after: list[TaskId] | None = None
@@ -858,6 +982,7 @@ class History(ReadRequest, tag="history"):
     status: Literal["completed", "failed", "cancelled"] | None = None
     since: str | None = None
     limit: Count | None = None
+    schedule: str | None = None
 
 
 class Metrics(ReadRequest, tag="metrics"):
@@ -908,11 +1033,69 @@ class Schema(ReadRequest, tag="schema"):
     pass
 
 
+# -- schedules --
+
+def _check_schedule_payload(self) -> None:
+    if self.payload is not msgspec.UNSET:
+        check_json_value(self.payload, "payload")
+
+
+def schedule_request(name: str, tag: str, changes: bool) -> type:
+    """A request with ScheduleSpec's own fields, so they are defined once: a create takes
+    the spec's defaults, a change (``changes``) only the fields it names."""
+    spec_fields = [(f.name, f.type | msgspec.UnsetType, msgspec.UNSET) if changes else
+                   (f.name, f.type, f.default) for f in msgspec.structs.fields(ScheduleSpec)]
+    return msgspec.defstruct(name, [("name", Name if not changes else str), *spec_fields],
+                             bases=(Request,), tag=tag, module=__name__,
+                             namespace={"__post_init__": _check_schedule_payload,
+                                        "__doc__": f"The `{tag}` request."})
+
+
+ScheduleCreate = schedule_request("ScheduleCreate", "schedule.create", changes=False)
+ScheduleUpdate = schedule_request("ScheduleUpdate", "schedule.update", changes=True)
+
+
+class ScheduleDelete(Request, tag="schedule.delete"):
+    name: str
+
+
+class SchedulePause(Request, tag="schedule.pause"):
+    name: str
+
+
+class ScheduleResume(Request, tag="schedule.resume"):
+    name: str
+
+
+class ScheduleFire(Request, tag="schedule.fire"):
+    name: str
+
+
+class ScheduleList(ReadRequest, tag="schedule.list"):
+    stream: str | None = None
+
+
+class ScheduleShow(ReadRequest, tag="schedule.show"):
+    name: str
+    count: Annotated[int, Meta(ge=1, le=1000)] = 10
+
+
+class ScheduleNext(ReadRequest, tag="schedule.next"):
+    """The next fire times of a cron expression, without creating a schedule."""
+
+    cron: NonEmpty
+    timezone: NonEmpty | None = None
+    count: Annotated[int, Meta(ge=1, le=1000)] = 10
+    after: str | None = None
+
+
 AnyRequest = Union[Hello, Status, SessionCreate, SessionEnd, SessionList, StreamCreate,
                    StreamEnd, StreamList, StreamPause, StreamResume, Enqueue, Peek, Claim,
                    Complete, Fail, Touch, Cancel, Requeue, GetTask, ListTasks, Wait, Locks,
                    Logs, Scripts, Workers, Watch, History, Metrics, Purge, Tools, Reload,
-                   Shutdown, Schema]
+                   Shutdown, Schema, ScheduleCreate, ScheduleUpdate, ScheduleDelete,
+                   SchedulePause, ScheduleResume, ScheduleFire, ScheduleList, ScheduleShow,
+                   ScheduleNext]
 OPS = frozenset(cls.__struct_config__.tag for cls in AnyRequest.__args__)
 
 
@@ -1048,14 +1231,14 @@ def normalise_lock(key: str) -> str:
     return f"{host}/{path}".rstrip("/")
 
 
-def parse_time(text: str) -> float:
+def parse_time(text: str, field: str = "at") -> float:
     """Epoch seconds of an RFC 3339 time; it must say its offset."""
     try:
         moment = datetime.datetime.fromisoformat(text)
     except ValueError:
-        raise BadRequest(f"at: {text!r} is not an RFC 3339 time") from None
+        raise BadRequest(f"{field}: {text!r} is not an RFC 3339 time") from None
     if moment.tzinfo is None:
-        raise BadRequest(f"at: {text!r} has no UTC offset (add Z or +01:00)")
+        raise BadRequest(f"{field}: {text!r} has no UTC offset (add Z or +01:00)")
     return moment.timestamp()
 
 
@@ -1085,9 +1268,10 @@ class Changes:
         self.streams: dict[str, Stream] = {}
         self.tasks: dict[int, Task] = {}
         self.purged: set[int] = set()
+        self.schedules: dict[str, Schedule | None] = {}  #: None: removed
 
     def __bool__(self):
-        return bool(self.sessions or self.streams or self.tasks or self.purged)
+        return bool(self.sessions or self.streams or self.tasks or self.purged or self.schedules)
 
 
 class TaskIndex:
@@ -1278,6 +1462,8 @@ class Queue:
             TaskRetrying: self._apply_retrying, TaskCancelled: self._apply_cancelled,
             TaskRequeued: self._apply_requeued, TasksPurged: self._apply_purged,
         }
+        self.schedules = Schedules(self)
+        self._apply.update(self.schedules.appliers())
 
     # -- entry points -------------------------------------------------------
 
@@ -1444,7 +1630,8 @@ class Queue:
 
     # -- enqueue ------------------------------------------------------------
 
-    def enqueue(self, req: Enqueue, now: float) -> TaskResult:
+    def enqueue(self, req: Enqueue, now: float, origin: tuple | None = None) -> TaskResult:
+        """A new task (``origin``: the schedule and slot whose firing enqueues it)."""
         stream = self.stream(req.stream)
         if stream.status == "ended":
             raise Conflict(f"stream {stream.name!r} has ended and takes no new tasks")
@@ -1472,7 +1659,8 @@ class Queue:
             payload=payload, timeout=float(req.timeout or settings.timeout),
             priority=req.priority, max_attempts=req.max_attempts or settings.max_attempts,
             waiting_for=waiting_for, ready_at=ready_at, after=after, key=req.key,
-            lock=normalise_lock(req.lock) if req.lock else None))
+            lock=normalise_lock(req.lock) if req.lock else None,
+            schedule=origin and origin[0], slot=origin and origin[1]))
         for dep in unfinished:
             if self.index.tasks[dep].status in TERMINAL:
                 self._settle_dependents(dep, now)  # a dependency that failed already
@@ -1671,6 +1859,7 @@ class Queue:
                 with restored_on_error(heap, [entry]):
                     self._emit(TaskReleased(at=now, id=task_id))
         self._purge_before(now - self.config.purge.older_than_days * DAY, now)
+        self.schedules.tick(now)
         return self.next_deadline()
 
     def next_deadline(self) -> float | None:
@@ -1678,7 +1867,8 @@ class Queue:
         deadlines = [heap[0][0] for heap in (self.index.stale_heap, self.index.delay_heap) if heap]
         if self.index.purge_heap:
             deadlines.append(self.index.purge_heap[0][0] + self.config.purge.older_than_days * DAY)
-        return min(deadlines, default=None)
+        deadlines.append(self.schedules.next_deadline())
+        return min((d for d in deadlines if d is not None), default=None)
 
     # -- apply: one method per event; these must never fail --------------------
 
@@ -1725,7 +1915,8 @@ class Queue:
                     task_class=sys.intern(e.task_class), payload=e.payload, status=status,
                     priority=e.priority, timeout=e.timeout, created_at=e.at, history=history,
                     max_attempts=e.max_attempts, waiting_for=e.waiting_for,
-                    ready_at=e.ready_at, after=tuple(e.after), key=e.key, lock=e.lock)
+                    ready_at=e.ready_at, after=tuple(e.after), key=e.key, lock=e.lock,
+                    schedule=e.schedule, slot=e.slot)
         self.index.put(task, None)
         self.index.index_new(task)
         self.next_id = max(self.next_id, e.id + 1)
@@ -1791,7 +1982,7 @@ class Queue:
     # -- loading from a snapshot -------------------------------------------
 
     def load(self, sessions: list[Session], streams: list[Stream], tasks: list[Task],
-             next_id: int) -> None:
+             next_id: int, schedules: list[Schedule] = ()) -> None:
         """Take the state of a snapshot and rebuild every index from it, in one pass."""
         self.sessions = {s.name: s for s in sessions}
         for s in streams:
@@ -1801,6 +1992,7 @@ class Queue:
             self.index.put(task, None, loading=True)
         self.index.loaded()
         self.next_id = next_id
+        self.schedules.load(schedules)
 
     def totals(self) -> dict[str, int]:
         totals = dict.fromkeys(STATUSES, 0)
@@ -1878,11 +2070,29 @@ class QueueReads:
             seen.add(task_id)
             if ((req.status is None or task.status == req.status)
                     and (req.stream is None or task.stream == req.stream)
-                    and (req.session is None or self.queue.streams[task.stream].session == req.session)):
+                    and (req.session is None or self.queue.streams[task.stream].session == req.session)
+                    and (req.schedule is None or task.schedule == req.schedule)):
                 out.append(Ended(task))
         if stale > len(self.queue.index.finish_log) // 2 + 1000:
             self.queue.index.finish_log = self.queue.index.live_finish_log()
         return out
+
+    def schedule_list(self, req: ScheduleList, now: float) -> list:
+        return [s for s in self.queue.schedules.by_name.values()
+                if req.stream is None or s.spec.stream == req.stream]
+
+    def schedule_show(self, req: ScheduleShow, now: float) -> ScheduleDetail:
+        return ScheduleDetail(self.queue.schedules.get(req.name), req.count)
+
+    def schedule_next(self, req: ScheduleNext, now: float) -> list:
+        """A cron expression's next fire times, as `systemd-analyze calendar` previews them."""
+        zone = req.timezone or self.queue.schedules.local_zone
+        timing = Timing(ScheduleSpec(cron=req.cron, timezone=zone), now)
+        after = parse_time(req.after, "after") if req.after is not None else now
+        slots = itertools.islice(timing.slots_from(timing.after(after)), req.count)
+        return [{"at": rfc3339(slot),
+                 "local": datetime.datetime.fromtimestamp(slot, timing.zone).isoformat()}
+                for slot in slots]
 
     def locks(self, req: Locks, now: float) -> list:
         return [{"lock": lock, "task": task_id, "stream": self.queue.index.tasks[task_id].stream,
@@ -1907,6 +2117,427 @@ def full_history(task: Task) -> tuple:
     if task.history and (task.history[0][3] or "").startswith("enqueued"):
         return task.history  # created waiting: the creation entry is stored
     return ((task.created_at, "pending", None, "enqueued"),) + task.history
+
+
+# -- schedules ------------------------------------------------------------------
+
+#: The cron macros cronsim does not read, as the five fields each stands for.
+CRON_MACROS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
+               "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+               "@hourly": "0 * * * *"}
+EVERY_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": DAY}
+#: At most this many missed slots are fired after a downtime (``catch_up: all``).
+MAX_CATCH_UP = 100
+#: The firings and skips each schedule keeps for `schedule.show`.
+KEPT_FIRINGS = 20
+
+
+def parse_every(value: str | float) -> float:
+    """Seconds of an interval: a number, or units as in ``90s``, ``5m``, ``1h30m``, ``1d``."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = value.replace(" ", "")
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        seconds = float(text)
+    elif re.fullmatch(r"(\d+(\.\d+)?[smhd])+", text):
+        seconds = sum(float(n) * EVERY_UNITS[unit]
+                      for n, _, unit in re.findall(r"(\d+(\.\d+)?)([smhd])", text))
+    else:
+        raise BadRequest(f"every: {value!r} is not an interval (like 90s, 5m, 2h, 1d or seconds)")
+    if not 1 <= seconds <= MAX_SECONDS:
+        raise BadRequest(f"every: {value!r} must be between 1 second and 10 years")
+    return seconds
+
+
+def time_zone(name: str):
+    """The zone of an IANA name."""
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise BadRequest(f"timezone: unknown time zone {name!r} (an IANA name such as "
+                         f"Europe/Berlin or America/New_York)") from None
+
+
+def cron_fields(expression: str) -> str:
+    """A cron expression as its five fields, checked by cronsim."""
+    fields = CRON_MACROS.get(expression.strip().lower(), expression)
+    if len(fields.split()) != 5:
+        raise BadRequest(f"cron: {expression!r} needs 5 fields (minute hour day month weekday) "
+                         f"or one of {', '.join(CRON_MACROS)}")
+    try:
+        cronsim.CronSim(fields, datetime.datetime(2000, 1, 1))
+    except cronsim.CronSimError as exc:
+        raise BadRequest(f"cron: {expression!r}: {exc}") from None
+    return fields
+
+
+class Timing:
+    """When a schedule's slots fall: cron in its zone, every from its anchor, or one at."""
+
+    def __init__(self, spec: ScheduleSpec, created_at: float):
+        given = [key for key in ("cron", "every", "at") if getattr(spec, key) is not None]
+        if len(given) != 1:
+            raise BadRequest("give exactly one of cron, every or at" + (
+                f" (got {', '.join(given)})" if given else ""))
+        if spec.timezone is not None and spec.cron is None:
+            raise BadRequest("timezone: only a cron schedule takes a time zone")
+        self.cron = cron_fields(spec.cron) if spec.cron is not None else None
+        self.zone = time_zone(spec.timezone or "UTC") if self.cron else None
+        self.every = parse_every(spec.every) if spec.every is not None else None
+        self.at = self._time(spec.at, "at")
+        self.start = self._time(spec.start_at, "start_at")
+        self.end = self._time(spec.end_at, "end_at")
+        if self.start is not None and self.end is not None and self.end <= self.start:
+            raise BadRequest("end_at: must be later than start_at")
+        self.anchor = created_at if self.start is None else self.start
+
+    @staticmethod
+    def _time(text: str | None, field: str) -> float | None:
+        if text is None:
+            return None
+        moment = parse_time(text, field)
+        if not 0 <= moment < LAST_TIME:
+            raise BadRequest(f"{field}: {text!r} is before 1970 or after 9999")
+        return moment
+
+    def after(self, t: float) -> float | None:
+        """The first slot later than ``t``, or None when no slot is left."""
+        if self.start is not None and t < self.start:
+            t = self.start - 0.5  # the start is a slot of every, and cron may match it
+        if self.at is not None:
+            slot = self.at if self.at > t else None
+        elif self.every is not None:
+            k = max(math.floor((t - self.anchor) / self.every + 1e-9) + 1,
+                    0 if self.start is not None else 1)
+            slot = self.anchor + k * self.every
+        else:
+            moment = datetime.datetime.fromtimestamp(max(t, 0.0), self.zone)
+            slot = next(cronsim.CronSim(self.cron, moment)).timestamp()
+        return None if slot is None or (self.end is not None and slot > self.end) else slot
+
+    def slots_from(self, first: float | None):
+        """Slots from ``first`` (a slot) on, in order."""
+        if self.cron is None:
+            slot = first
+            while slot is not None:
+                yield slot
+                slot = self.after(slot)
+            return
+        if first is None:
+            return
+        yield first
+        for moment in cronsim.CronSim(self.cron, datetime.datetime.fromtimestamp(first, self.zone)):
+            slot = moment.timestamp()
+            if self.end is not None and slot > self.end:
+                return
+            yield slot
+
+
+def schedule_config_problem(name: str, spec: ScheduleSpec, config: Config) -> str | None:
+    """What is wrong with a schedule of sparkq.yml, as a path suffix and reason, or None."""
+    try:
+        if not re.match(NAME_PATTERN, name):
+            raise BadRequest(f"a schedule name must match {NAME_PATTERN}")
+        Timing(spec, 0.0)
+        if (spec.tool is None) == (spec.script is None):
+            raise BadRequest("give tool or script, and not both")
+        if spec.tool is not None and spec.tool not in config.tools:
+            known = ", ".join(sorted(config.tools)) or "none"
+            raise BadRequest(f"tool: unknown tool {spec.tool!r} (known: {known})")
+    except BadRequest as exc:
+        message = str(exc)
+        return f".{message}" if re.match(r"^\w+: ", message) else f": {message}"
+    return None
+
+
+def jitter_of(name: str, slot: float, jitter: float) -> float:
+    """A schedule's delay for one slot, up to ``jitter``: derived, so replay and restarts agree."""
+    return jitter * zlib.crc32(f"{name}@{slot!r}".encode()) / 2**32 if jitter else 0.0
+
+
+def spec_of(req) -> ScheduleSpec:
+    """The ScheduleSpec a create or change request names."""
+    return ScheduleSpec(**{key: getattr(req, key) for key in ScheduleSpec.__struct_fields__})
+
+
+class Schedules:
+    """The schedules and the rules that fire them; part of the pure core, driven by tick.
+
+    Each schedule's ``next_slot`` is moved on only by a journaled firing or skip, so
+    replay, a crash between firing and reply, or a restart never fire a slot twice,
+    and a slot missed in a downtime is fired or skipped by ``catch_up`` at start.
+    """
+
+    def __init__(self, queue: Queue):
+        self.queue = queue
+        self.by_name: dict[str, Schedule] = {}
+        self.heap: list[tuple[float, str, float]] = []  #: (due, name, slot)
+        self.timings: dict[str, Timing] = {}
+        self.local_zone = "UTC"  #: the zone a cron means without one: the daemon sets the machine's
+
+    def appliers(self) -> dict:
+        return {ScheduleCreated: self._apply_created, ScheduleChanged: self._apply_created,
+                ScheduleRemoved: self._apply_removed, SchedulePaused: self._apply_paused,
+                ScheduleResumed: self._apply_resumed, ScheduleFired: self._apply_fired,
+                ScheduleSkipped: self._apply_skipped}
+
+    # -- lookups ----------------------------------------------------------------
+
+    def get(self, name: str) -> Schedule:
+        try:
+            return self.by_name[name]
+        except KeyError:
+            raise NotFound(f"no schedule {name!r}") from None
+
+    def timing(self, schedule: Schedule) -> Timing:
+        timing = self.timings.get(schedule.name)
+        if timing is None:
+            timing = self.timings[schedule.name] = Timing(schedule.spec, schedule.created_at)
+        return timing
+
+    def due_at(self, schedule: Schedule, slot: float) -> float:
+        return slot + jitter_of(schedule.name, slot, schedule.spec.jitter)
+
+    def _mine(self, schedule: Schedule, verb: str) -> Schedule:
+        if schedule.source == "config":
+            raise Conflict(f"cannot {verb} schedule {schedule.name!r}: it is defined in "
+                           f"sparkq.yml; change it there and reload")
+        return schedule
+
+    def _checked(self, name: str, spec: ScheduleSpec, created_at: float) -> ScheduleSpec:
+        """The spec with its time zone named, once it is known to be valid here."""
+        if spec.cron is not None and spec.timezone is None:
+            spec = msgspec.structs.replace(spec, timezone=self.local_zone)
+        Timing(spec, created_at)
+        self.queue.stream(spec.stream)
+        request = self._enqueue_request(name, spec, created_at)
+        self.queue._what_to_run(request)
+        self.queue._check_something_to_run(request)
+        return spec
+
+    def _enqueue_request(self, name: str, spec: ScheduleSpec, slot: float) -> Enqueue:
+        prefix = spec.key_prefix or f"schedule:{name}:"
+        return Enqueue(tool=spec.tool, script=spec.script, args=spec.args, stream=spec.stream,
+                       payload=spec.payload, timeout=spec.timeout, priority=spec.priority,
+                       lock=spec.lock, max_attempts=spec.max_attempts, key=prefix + rfc3339(slot))
+
+    # -- handlers -------------------------------------------------------------
+
+    def create(self, req, now: float) -> Schedule:
+        if req.name in self.by_name:
+            raise Conflict(f"schedule {req.name!r} exists already")
+        spec = self._checked(req.name, spec_of(req), now)
+        self.queue._emit(ScheduleCreated(at=now, name=req.name, spec=spec,
+                                         next_slot=Timing(spec, now).after(now)))
+        return self.by_name[req.name]
+
+    def update(self, req, now: float) -> Schedule:
+        schedule = self._mine(self.get(req.name), "change")
+        given = {key: value for key in ScheduleSpec.__struct_fields__
+                 if (value := getattr(req, key)) is not msgspec.UNSET}
+        if given.keys() & {"cron", "every", "at"}:  # naming one way of timing drops the others
+            given = {"cron": None, "every": None, "at": None, "timezone": None, **given}
+        spec = self._checked(req.name, msgspec.structs.replace(schedule.spec, **given),
+                             schedule.created_at)
+        self.queue._emit(ScheduleChanged(at=now, name=req.name, spec=spec,
+                                         next_slot=self._next_after_change(schedule, spec, now)))
+        return self.by_name[req.name]
+
+    def _next_after_change(self, schedule: Schedule, spec: ScheduleSpec, now: float):
+        """A change of timing starts from now; any other change keeps the slot due next."""
+        timing_keys = ("cron", "timezone", "every", "at", "start_at", "end_at")
+        if schedule.next_slot is not None and all(
+                getattr(spec, k) == getattr(schedule.spec, k) for k in timing_keys):
+            return schedule.next_slot
+        return Timing(spec, schedule.created_at).after(now)
+
+    def delete(self, req: ScheduleDelete, now: float) -> dict:
+        self._mine(self.get(req.name), "delete")
+        self.queue._emit(ScheduleRemoved(at=now, name=req.name))
+        return {"deleted": req.name}
+
+    def pause(self, req: SchedulePause, now: float) -> Schedule:
+        if self.get(req.name).paused:
+            raise Conflict(f"schedule {req.name!r} is paused already")
+        self.queue._emit(SchedulePaused(at=now, name=req.name))
+        return self.by_name[req.name]
+
+    def resume(self, req: ScheduleResume, now: float) -> Schedule:
+        schedule = self.get(req.name)
+        if not schedule.paused:
+            raise Conflict(f"schedule {req.name!r} is not paused")
+        timing = self.timing(schedule)
+        passed, count, last = schedule.next_slot, 0, None
+        for slot in timing.slots_from(schedule.next_slot):
+            if slot > now:
+                break
+            count, last = count + 1, slot
+        if count:
+            self.queue._emit(ScheduleSkipped(at=now, name=req.name, slot=passed, why="paused",
+                                             next_slot=schedule.next_slot, last_slot=last,
+                                             count=count))
+        self.queue._emit(ScheduleResumed(at=now, name=req.name, next_slot=timing.after(now)))
+        return self.by_name[req.name]
+
+    def fire(self, req: ScheduleFire, now: float) -> TaskResult:
+        """Fire once now, outside the clock; the slots to come stay as they were."""
+        schedule = self.get(req.name)
+        busy = self._busy_task(schedule)
+        if busy is not None and schedule.spec.overlap == "skip":
+            raise Conflict(f"schedule {req.name!r}: task {busy.id} of its last firing is "
+                           f"{busy.status} (overlap: skip)")
+        self._fire(schedule, now, schedule.next_slot, now, manual=True)
+        fired = self.by_name[req.name]
+        if fired.firings[-1][3] != "fired":
+            raise Conflict(f"schedule {req.name!r} could not fire: {fired.firings[-1][3]}")
+        return TaskResult(self.queue.index.tasks[fired.last_task], {"schedule": req.name})
+
+    def sync(self, specs: dict[str, ScheduleSpec], now: float) -> list[str]:
+        """Make the schedules of sparkq.yml those in force; returns the problems, per name."""
+        problems = []
+        for name, spec in specs.items():
+            old = self.by_name.get(name)
+            try:
+                spec = self._checked(name, spec, old.created_at if old else now)
+            except SparkQError as exc:
+                problems.append(f"schedule {name!r} of sparkq.yml not applied: {exc}")
+                continue
+            if old is None:
+                self.queue._emit(ScheduleCreated(at=now, name=name, spec=spec, source="config",
+                                                 next_slot=Timing(spec, now).after(now)))
+            elif old.spec != spec or old.source != "config":
+                self.queue._emit(ScheduleChanged(
+                    at=now, name=name, spec=spec, source="config",
+                    next_slot=self._next_after_change(old, spec, now)))
+        for name in [n for n, s in self.by_name.items() if s.source == "config" and n not in specs]:
+            self.queue._emit(ScheduleRemoved(at=now, name=name))
+        return problems
+
+    # -- firing ---------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Fire or skip every slot whose time has come."""
+        heap = self.heap
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            schedule = self.by_name.get(entry[1])
+            if schedule is not None and not schedule.paused and schedule.next_slot == entry[2]:
+                with restored_on_error(heap, [entry]):
+                    self._run_due(schedule, now)
+
+    def next_deadline(self) -> float | None:
+        heap = self.heap
+        while heap and not self._current(heap[0]):
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def _current(self, entry: tuple) -> bool:
+        schedule = self.by_name.get(entry[1])
+        return schedule is not None and not schedule.paused and schedule.next_slot == entry[2]
+
+    def _run_due(self, schedule: Schedule, now: float) -> None:
+        """The slots due by ``now``: missed ones by ``catch_up``, each firing by ``overlap``."""
+        recent = collections.deque(maxlen=MAX_CATCH_UP + 1)  # the last due slots, and one before
+        first, count, next_slot = None, 0, None
+        for slot in self.timing(schedule).slots_from(schedule.next_slot):
+            if self.due_at(schedule, slot) > now:
+                next_slot = slot
+                break
+            first = slot if first is None else first
+            count += 1
+            recent.append(slot)
+        if not count:
+            return
+        fire = self._to_fire(schedule, list(recent), now)
+        skipped = count - len(fire)
+        if skipped:
+            why = "missed" if count <= MAX_CATCH_UP or schedule.spec.catch_up != "all" else (
+                f"missed: catch-up fires at most the latest {MAX_CATCH_UP} slots")
+            before = recent[-len(fire) - 1] if len(recent) > len(fire) else first
+            self.queue._emit(ScheduleSkipped(
+                at=now, name=schedule.name, slot=first, why=why, last_slot=before, count=skipped,
+                next_slot=fire[0] if fire else next_slot))
+        for slot, following in zip(fire, [*fire[1:], next_slot]):
+            self._fire(self.by_name[schedule.name], slot, following, now)
+
+    def _to_fire(self, schedule: Schedule, due: list[float], now: float) -> list[float]:
+        policy = schedule.spec.catch_up
+        if policy == "all":
+            return due[-MAX_CATCH_UP:]
+        latest = due[-1]
+        on_time = now - self.due_at(schedule, latest) <= schedule.spec.grace
+        return [latest] if policy == "latest" or on_time else []
+
+    def _busy_task(self, schedule: Schedule) -> Task | None:
+        task = self.queue.index.tasks.get(schedule.last_task) if schedule.last_task else None
+        return task if task is not None and task.status not in TERMINAL else None
+
+    def _fire(self, schedule: Schedule, slot: float, next_slot: float | None, now: float,
+              manual: bool = False) -> None:
+        name, emit = schedule.name, self.queue._emit
+        busy = self._busy_task(schedule)
+        if busy is not None and schedule.spec.overlap == "skip" and not manual:
+            emit(ScheduleSkipped(at=now, name=name, slot=slot, next_slot=next_slot,
+                                 why=f"overlap: task {busy.id} of the last firing is {busy.status}"))
+            return
+        if busy is not None and schedule.spec.overlap == "replace":
+            emit(TaskCancelled(at=now, id=busy.id, by=f"schedule:{name}"))
+            self.queue._settle_dependents(busy.id, now)
+        try:
+            result = self.queue.enqueue(self._enqueue_request(name, schedule.spec, slot), now,
+                                        origin=(name, slot))
+        except (BadRequest, NotFound, Conflict) as exc:
+            emit(ScheduleSkipped(at=now, name=name, slot=slot, next_slot=next_slot,
+                                 why=f"error: {exc}"))
+            return
+        emit(ScheduleFired(at=now, name=name, slot=slot, task=result.task.id,
+                           next_slot=next_slot, existing=result.extra["existing"], manual=manual))
+
+    # -- apply ------------------------------------------------------------------
+
+    def _put(self, schedule: Schedule) -> None:
+        self.by_name[schedule.name] = self.queue.index.changes.schedules[schedule.name] = schedule
+        if schedule.next_slot is not None and not schedule.paused:
+            due = self.due_at(schedule, schedule.next_slot)
+            heapq.heappush(self.heap, (due, schedule.name, schedule.next_slot))
+
+    def _apply_created(self, e: ScheduleCreated | ScheduleChanged) -> None:
+        old = self.by_name.get(e.name)
+        self.timings.pop(e.name, None)
+        schedule = Schedule(e.name, e.spec, e.source, e.at, e.next_slot) if old is None else (
+            msgspec.structs.replace(old, spec=e.spec, source=e.source, next_slot=e.next_slot))
+        self._put(schedule)
+
+    def _apply_removed(self, e: ScheduleRemoved) -> None:
+        del self.by_name[e.name]
+        self.timings.pop(e.name, None)
+        self.queue.index.changes.schedules[e.name] = None
+
+    def _apply_paused(self, e: SchedulePaused) -> None:
+        self._put(msgspec.structs.replace(self.by_name[e.name], paused=True))
+
+    def _apply_resumed(self, e: ScheduleResumed) -> None:
+        self._put(msgspec.structs.replace(self.by_name[e.name], paused=False,
+                                          next_slot=e.next_slot))
+
+    def _apply_fired(self, e: ScheduleFired) -> None:
+        old = self.by_name[e.name]
+        self._put(msgspec.structs.replace(
+            old, next_slot=e.next_slot, last_task=e.task, fired=old.fired + 1,
+            firings=(*old.firings, (e.slot, e.at, e.task, "fired"))[-KEPT_FIRINGS:]))
+
+    def _apply_skipped(self, e: ScheduleSkipped) -> None:
+        old = self.by_name[e.name]
+        what = f"skipped: {e.why}" + (f" ({e.count} slots to {rfc3339(e.last_slot)})"
+                                      if e.count > 1 else "")
+        self._put(msgspec.structs.replace(
+            old, next_slot=e.next_slot, skipped=old.skipped + e.count,
+            firings=(*old.firings, (e.slot, e.at, None, what))[-KEPT_FIRINGS:]))
+
+    def load(self, schedules: list[Schedule]) -> None:
+        for schedule in schedules:
+            self._put(schedule)
+        self.queue.index.changes.schedules.clear()  # as the snapshot has them
 
 
 # ============================================================================
@@ -1939,6 +2570,10 @@ class Replies:
             return self.session(value)
         if kind is Stream:
             return self.stream(value)
+        if kind is Schedule:
+            return self.schedule(value)
+        if kind is ScheduleDetail:
+            return self.schedule_detail(value)
         return value
 
     def session(self, s: Session) -> dict:
@@ -1963,10 +2598,40 @@ class Replies:
             "ready_at": rfc3339(t.ready_at), "after": list(t.after), "key": t.key,
             "lock": t.lock, "lease": t.lease, "lease_expires_at": rfc3339(t.lease_expires_at),
         }
+        if t.schedule is not None:
+            record["schedule"], record["slot"] = t.schedule, rfc3339(t.slot)
         if with_history:
             record["history"] = [{"at": rfc3339(at), "status": status, "by": by, "note": note}
                                  for at, status, by, note in full_history(t)]
         return record
+
+    def schedule(self, s: Schedule) -> dict:
+        book, last = self.queue.schedules, s.firings[-1] if s.firings else None
+        status = "ended" if s.next_slot is None else "paused" if s.paused else "active"
+        due = None if s.next_slot is None or s.paused else book.due_at(s, s.next_slot)
+        return {"name": s.name, **msgspec.structs.asdict(s.spec), "source": s.source,
+                "status": status, "paused": s.paused, "created_at": rfc3339(s.created_at),
+                "next_at": rfc3339(due), "next_slot": rfc3339(s.next_slot),
+                "last_slot": rfc3339(last and last[0]), "last_task": s.last_task,
+                "last_outcome": last and self.firing_outcome(last), "fired": s.fired,
+                "skipped": s.skipped}
+
+    def schedule_detail(self, detail: ScheduleDetail) -> dict:
+        s, book = detail.schedule, self.queue.schedules
+        slots = [] if s.paused else itertools.islice(book.timing(s).slots_from(s.next_slot),
+                                                     detail.count)
+        return {**self.schedule(s), "next": [rfc3339(book.due_at(s, slot)) for slot in slots],
+                "firings": [{"slot": rfc3339(slot), "at": rfc3339(at), "task": task,
+                             "outcome": self.firing_outcome((slot, at, task, what))}
+                            for slot, at, task, what in reversed(s.firings)]}
+
+    def firing_outcome(self, firing: tuple) -> str:
+        """A firing's outcome now: its task's status (``purged`` once gone), or why it skipped."""
+        task_id, what = firing[2], firing[3]
+        if task_id is None:
+            return what
+        task = self.queue.index.tasks.get(task_id)
+        return task.status if task is not None else "purged"
 
     def ended(self, task: Task) -> dict:
         started = task.started_at
@@ -2515,17 +3180,22 @@ CREATE TABLE IF NOT EXISTS tasks (
 CREATE TABLE IF NOT EXISTS task_history (
     task_id INTEGER NOT NULL, n INTEGER NOT NULL, at REAL NOT NULL, status TEXT NOT NULL,
     by TEXT, note TEXT, PRIMARY KEY (task_id, n)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS schedules (
+    name TEXT PRIMARY KEY, source TEXT NOT NULL, stream TEXT NOT NULL, tool TEXT,
+    cron TEXT, timezone TEXT, every TEXT, at TEXT, paused INTEGER NOT NULL,
+    next_slot REAL, last_task INTEGER, fired INTEGER NOT NULL, skipped INTEGER NOT NULL,
+    created_at REAL NOT NULL, spec TEXT NOT NULL, firings TEXT NOT NULL);
 """
 TASK_COLUMNS = ("id, stream, tool, task_class, payload, status, priority, timeout, created_at, "
                 "attempts, started_at, finished_at, worker, summary, result, reason, "
                 "max_attempts, waiting_for, ready_at, after_ids, key, lock, lease, "
-                "lease_expires_at, run_pid, run_start")
+                "lease_expires_at, run_pid, run_start, schedule, slot")
 #: Columns added since the first snapshot format, added in place to older files.
 ADDED_COLUMNS = {
     "streams": ["paused INTEGER NOT NULL DEFAULT 0"],
     "tasks": ["max_attempts INTEGER NOT NULL DEFAULT 1", "waiting_for TEXT", "ready_at REAL",
               "after_ids TEXT", "key TEXT", "lock TEXT", "lease TEXT", "lease_expires_at REAL",
-              "run_pid INTEGER", "run_start INTEGER"],
+              "run_pid INTEGER", "run_start INTEGER", "schedule TEXT", "slot REAL"],
 }
 
 
@@ -2542,6 +3212,7 @@ class SnapshotState(Struct):
     next_id: int
     seq: int
     written_at: str | None = None  #: when it was written (RFC 3339), None for an empty one
+    schedules: list[Schedule] = []
 
 
 class Snapshot:
@@ -2596,13 +3267,21 @@ class Snapshot:
                       None if result is None else decode(result), reason,
                       tuple(history.get(i, ())), max_attempts, waiting_for, ready_at,
                       tuple(decode(after)) if after else (), key, lock, lease, expires,
-                      run_pid, run_start)
+                      run_pid, run_start, schedule, slot)
                  for (i, stream, tool, cls, payload, status, prio, timeout, created, attempts,
                       started, finished, worker, summary, result, reason, max_attempts,
-                      waiting_for, ready_at, after, key, lock, lease, expires, run_pid, run_start)
+                      waiting_for, ready_at, after, key, lock, lease, expires, run_pid, run_start,
+                      schedule, slot)
                  in db.execute(f"SELECT {TASK_COLUMNS} FROM tasks ORDER BY id")]
+        schedules = [Schedule(name, decode(spec, type=ScheduleSpec), source, created, next_slot,
+                              bool(paused), last_task, tuple(map(tuple, decode(firings))),
+                              fired, skipped)
+                     for name, source, created, next_slot, paused, last_task, firings, fired,
+                     skipped, spec in db.execute(
+                         "SELECT name, source, created_at, next_slot, paused, last_task, "
+                         "firings, fired, skipped, spec FROM schedules")]
         return SnapshotState(sessions, streams, tasks, int(meta.get("next_id", 1)),
-                             int(meta.get("journal_seq", 0)), meta.get("written_at"))
+                             int(meta.get("journal_seq", 0)), meta.get("written_at"), schedules)
 
     def write(self, changes: Changes, seq: int, next_id: int, session_of: dict[str, str]) -> None:
         """Write what changed, and the journal sequence it covers, in one transaction."""
@@ -2618,13 +3297,15 @@ class Snapshot:
                             for s in changes.streams.values()])
             db.executemany(
                 f"INSERT OR REPLACE INTO tasks (session, {TASK_COLUMNS}) VALUES "
-                f"({', '.join('?' * 27)})",
+                f"({', '.join('?' * 29)})",
                 [(session_of[t.stream], t.id, t.stream, t.tool, t.task_class, to_json(t.payload),
                   t.status, t.priority, t.timeout, t.created_at, t.attempts, t.started_at,
                   t.finished_at, t.worker, t.summary, to_json(t.result), t.reason,
                   t.max_attempts, t.waiting_for, t.ready_at, to_json(list(t.after)) if t.after
-                  else None, t.key, t.lock, t.lease, t.lease_expires_at, t.run_pid, t.run_start)
+                  else None, t.key, t.lock, t.lease, t.lease_expires_at, t.run_pid, t.run_start,
+                  t.schedule, t.slot)
                  for t in changes.tasks.values()])
+            self._write_schedules(db, changes.schedules)
             db.executemany("INSERT OR REPLACE INTO task_history VALUES (?, ?, ?, ?, ?, ?)",
                            [(t.id, n, *entry) for t in changes.tasks.values()
                             for n, entry in enumerate(full_history(t))])
@@ -2640,6 +3321,18 @@ class Snapshot:
                 db.execute("ROLLBACK")
             raise
 
+    @staticmethod
+    def _write_schedules(db: sqlite3.Connection, schedules: dict[str, Schedule | None]) -> None:
+        db.executemany("DELETE FROM schedules WHERE name = ?",
+                       [(name,) for name, s in schedules.items() if s is None])
+        db.executemany(
+            "INSERT OR REPLACE INTO schedules VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+            "?, ?)",
+            [(s.name, s.source, s.spec.stream, s.spec.tool or SCRIPT_TOOL_PREFIX + s.spec.script,
+              s.spec.cron, s.spec.timezone, None if s.spec.every is None else str(s.spec.every),
+              s.spec.at, s.paused, s.next_slot, s.last_task, s.fired, s.skipped, s.created_at,
+              to_json(s.spec), to_json(s.firings)) for s in schedules.values() if s is not None])
+
     def close(self) -> None:
         if self._db is not None:
             self._db.close()
@@ -2651,6 +3344,7 @@ def merge_changes(older: Changes, newer: Changes) -> Changes:
     older.sessions.update(newer.sessions)
     older.streams.update(newer.streams)
     older.tasks.update(newer.tasks)
+    older.schedules.update(newer.schedules)
     for task_id in newer.purged:
         older.tasks.pop(task_id, None)
     older.purged |= newer.purged
@@ -3157,6 +3851,10 @@ WATCH_EVENTS = {
     TaskClaimed: "task.claimed", TaskTouched: "task.touched", TaskCompleted: "task.completed",
     TaskFailed: "task.failed", TaskRetrying: "task.retrying", TaskCancelled: "task.cancelled",
     StreamPaused: "stream.paused", StreamResumed: "stream.resumed",
+    ScheduleCreated: "schedule.created", ScheduleChanged: "schedule.changed",
+    ScheduleRemoved: "schedule.removed", SchedulePaused: "schedule.paused",
+    ScheduleResumed: "schedule.resumed", ScheduleFired: "schedule.fired",
+    ScheduleSkipped: "schedule.skipped",
 }
 EVENT_TYPES = {*WATCH_EVENTS.values(), "worker.started", "worker.restarted", "config.reloaded"}
 OUTCOMES = {TaskCompleted: "completed", TaskFailed: "failed", TaskCancelled: "cancelled"}
@@ -3189,6 +3887,7 @@ class Stats:
         self.enqueued = 0
         self.claimed = 0
         self.finished: collections.Counter = collections.Counter()  #: (stream, outcome)
+        self.firings: collections.Counter = collections.Counter()  #: (schedule, outcome)
         self.wait = Histogram(DURATION_BUCKETS)
         self.run = Histogram(DURATION_BUCKETS)
 
@@ -3209,6 +3908,14 @@ class Stats:
                     self.finished[task.stream, OUTCOMES[kind]] += 1
                     if task.started_at is not None and kind is not TaskCancelled:
                         self.run.observe(max(0.0, event.at - task.started_at))
+            elif kind is ScheduleFired:
+                self.firings[event.name, "fired"] += 1
+            elif kind is ScheduleSkipped:
+                why = event.why.partition(":")[0]
+                self.firings[event.name, f"skipped_{why}"] += event.count
+                if event.count > 1 or why == "error":
+                    log.warning("schedule %s: %d slot(s) from %s skipped: %s", event.name,
+                                event.count, rfc3339(event.slot), event.why)
 
 
 def metric(name: str, kind: str, help_text: str, samples: list[str]) -> list[str]:
@@ -3251,6 +3958,17 @@ def render_metrics(queue: Queue, stats: Stats, journal: Journal, pool: Pool,
                  f'sparkq_workers{{state="failed"}} {failed}']),
         *metric("sparkq_worker_restarts_total", "counter", "Worker loops restarted.",
                 [f"sparkq_worker_restarts_total {workers['restarts']}"]),
+        *metric("sparkq_schedule_firings_total", "counter",
+                "Schedule slots since start, by outcome (fired, skipped_overlap, skipped_missed, "
+                "skipped_paused, skipped_error).",
+                [f'sparkq_schedule_firings_total{{schedule="{label(name)}",outcome="{outcome}"}} {n}'
+                 for (name, outcome), n in sorted(stats.firings.items())]),
+        *metric("sparkq_schedule_next_fire_timestamp_seconds", "gauge",
+                "When each active schedule fires next (Unix time).",
+                [f'sparkq_schedule_next_fire_timestamp_seconds{{schedule="{label(s.name)}"}} '
+                 f'{queue.schedules.due_at(s, s.next_slot):.3f}'
+                 for s in queue.schedules.by_name.values()
+                 if s.next_slot is not None and not s.paused]),
         *metric("sparkq_locks_held", "gauge", "Locks held by running tasks.",
                 [f"sparkq_locks_held {len(queue.lock_holder)}"]),
         *metric("sparkq_subscribers", "gauge", "Connections watching events.",
@@ -3323,10 +4041,24 @@ class Watchers:
                 self.send(kind, {"stream": self.replies.stream(stream)}, event.at, stream.name,
                           stream.session)
                 continue
+            if kind.startswith("schedule."):
+                self.schedule_event(kind, event, queue)
+                continue
             task = queue.tasks.get(event.id)
             if task is not None:
                 self.send(kind, lambda: {"task": self.replies.task(task)}, event.at, task.stream,
                           queue.streams[task.stream].session, task.id)
+
+    def schedule_event(self, kind: str, event: Event, queue: Queue) -> None:
+        """A schedule's change or firing; one that was removed is named only."""
+        schedule = queue.schedules.by_name.get(event.name)
+        body = {"schedule": self.replies.schedule(schedule) if schedule else {"name": event.name}}
+        if kind in ("schedule.fired", "schedule.skipped"):
+            body.update(slot=rfc3339(event.slot), task=getattr(event, "task", None),
+                        why=getattr(event, "why", None), count=getattr(event, "count", 1))
+        stream = schedule.spec.stream if schedule else None
+        session = queue.streams[stream].session if stream in queue.streams else None
+        self.send(kind, body, event.at, stream, session)
 
     def worker_event(self, kind: str, record: dict) -> None:
         self.send(kind, {"worker": record})
@@ -4245,7 +4977,7 @@ async def recover(queue: Queue, journal: Journal, snapshots: Snapshots, pool: Po
     started = time.perf_counter()
     gc.disable()  # millions of new objects, none of them garbage: no collections meanwhile
     state = snapshots.snapshot.load()
-    queue.load(state.sessions, state.streams, state.tasks, state.next_id)
+    queue.load(state.sessions, state.streams, state.tasks, state.next_id, state.schedules)
     snapshot_seq = snapshots.last["seq"] = state.seq
     snapshots.loaded(state.written_at)
     del state
@@ -4264,6 +4996,22 @@ async def recover(queue: Queue, journal: Journal, snapshots: Snapshots, pool: Po
     log.info("recovered %d tasks from snapshot seq %s and %d journal records in %.2f s",
              len(queue.tasks), snapshot_seq, replayed, time.perf_counter() - started)
     return replayed
+
+
+def local_zone_name(env=os.environ) -> str:
+    """The machine's time zone by its IANA name: $TZ, /etc/timezone, /etc/localtime's link."""
+    candidates = [env.get("TZ", "").lstrip(":")]
+    with contextlib.suppress(OSError):
+        with open("/etc/timezone", encoding="utf-8") as f:
+            candidates.append(f.read().strip())
+    with contextlib.suppress(OSError):
+        candidates.append(os.readlink("/etc/localtime").partition("zoneinfo/")[2])
+    for name in candidates:
+        with contextlib.suppress(BadRequest):
+            if name:
+                time_zone(name)
+                return name
+    return "UTC"
 
 
 def status_line(queue: Queue, pool: Pool) -> str:
@@ -4384,6 +5132,7 @@ class Daemon:
         self.notifier = Notifier(self.service_env)
         self.duties = ServiceDuties(self.notifier)
         self.queue = Queue(config, scan_scripts(config.script_dirs))
+        self.queue.schedules.local_zone = local_zone_name()
         self.replies = Replies(self.queue)
         self.journal = Journal(paths.journal, config.database.fsync,
                                config.database.fsync_interval_ms)
@@ -4419,6 +5168,7 @@ class Daemon:
         try:
             replayed = await recover(self.queue, self.journal, self.snapshots, self.pool,
                                      self.change, self.logs.directory)
+            self._sync_schedules()
             await self._listen()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -4544,6 +5294,15 @@ class Daemon:
             case Reload(): return self.reload()
             case Shutdown(): return self.stop_soon()
             case Schema(): return request_schema()
+            case ScheduleCreate(): return queue.schedules.create(request, now)
+            case ScheduleUpdate(): return queue.schedules.update(request, now)
+            case ScheduleDelete(): return queue.schedules.delete(request, now)
+            case SchedulePause(): return queue.schedules.pause(request, now)
+            case ScheduleResume(): return queue.schedules.resume(request, now)
+            case ScheduleFire(): return queue.schedules.fire(request, now)
+            case ScheduleList(): return reads.schedule_list(request, now)
+            case ScheduleShow(): return reads.schedule_show(request, now)
+            case ScheduleNext(): return reads.schedule_next(request, now)
         raise BadRequest(f"no handler for {type(request).__name__}")  # a request without an arm
 
     def change(self, carry_out, room: int = 65536) -> Any:
@@ -4603,6 +5362,7 @@ class Daemon:
             log.warning("reload: %s take effect at the next restart", ", ".join(restart))
         self.config = self.hooks.config = config
         self.queue.reconfigure(config, scan_scripts(config.script_dirs))
+        self._sync_schedules()
         self.pool.reconfigure(config)
         self.connections.max_frame = config.server.max_frame_bytes
         self.journal.policy = config.database.fsync
@@ -4612,6 +5372,13 @@ class Daemon:
         summary = reload_summary(config, path, restart)
         self.watchers.send("config.reloaded", {"config": summary})
         return summary
+
+    def _sync_schedules(self) -> None:
+        """Make the schedules of sparkq.yml those in force (start and reload)."""
+        specs = self.config.schedules
+        for problem in self.change(lambda: self.queue.schedules.sync(specs, time.time()),
+                                   4096 + 1024 * len(specs)):
+            log.error("%s", problem)
 
     def _reload_on_signal(self) -> None:
         try:
