@@ -701,10 +701,12 @@ class Top:
     def refresh(self) -> None:
         """Fetch what the screen shows, in one pipelined round trip."""
         requests = [{"op": "stream.list"}, {"op": "tasks", "status": "running"}, {"op": "locks"},
-                    {"op": "workers"}, {"op": "history", "status": "failed", "limit": 5}]
+                    {"op": "workers"}, {"op": "history", "status": "failed", "limit": 5},
+                    {"op": "schedule.list"}]
         self.client.send_many(requests)
         results = [Client.result(self.client.receive()) for _ in requests]
-        streams, self.running, self.locks, self.workers, self.failures = results
+        streams, self.running, self.locks, self.workers, self.failures, schedules = results
+        self.schedules = sorted((s for s in schedules if s["next_at"]), key=lambda s: s["next_at"])
         self.streams = [s for s in streams if s["status"] != "ended"]
         self.selected = min(self.selected, max(0, len(self.streams) - 1))
         if not self.finished:
@@ -749,8 +751,11 @@ class Top:
                     f"task {w['task'] or '-':<7} done {w['done']}", False) for w in self.workers]
         failures = [(f"  {t['id']:>6} {t['stream'][:12]:12} {(t['reason'] or '').splitlines()[0][:55] if t['reason'] else ''}",
                      False) for t in self.failures]
+        firings = [(f"  {s['next_at'][:19].replace('T', ' ')} UTC  {s['name'][:24]:24} "
+                    f"{s['stream'][:12]:12} last {s['last_outcome'] or '-'}", False)
+                   for s in self.schedules]
         sections = [("RUNNING", running), ("LOCKS", locks), ("WORKERS", workers),
-                    ("RECENT FAILURES", failures)]
+                    ("RECENT FAILURES", failures), ("NEXT FIRINGS", firings)]
         out = head + streams
         room = height - len(out) - 1 - len(sections)
         for title, rows in sections:
@@ -860,6 +865,7 @@ NAME_SOURCES = {
                                               if t["status"] not in ENDED]),
     "scripts": ({"op": "scripts"}, lambda scripts: [s["name"] for s in scripts]),
     "tools": ({"op": "tools"}, lambda result: list(result["tools"])),
+    "schedules": ({"op": "schedule.list"}, lambda schedules: [s["name"] for s in schedules]),
 }
 
 
@@ -1368,6 +1374,89 @@ ENQUEUE = (
     Arg("--lock", help="at most one running task per lock (a repository URL is normalised)"),
     Arg("--max-attempts", type=int, metavar="N", help="attempts before it fails"))
 
+# -- schedules --
+
+def schedule_when(schedule: dict) -> str:
+    if schedule["cron"]:
+        return f"cron {schedule['cron']} ({schedule['timezone']})"
+    return f"every {schedule['every']}" if schedule["every"] is not None else f"at {schedule['at']}"
+
+
+def show_schedules(schedules: list) -> str:
+    return table([[s["name"], schedule_when(s), s["stream"], s["status"], s["next_at"],
+                   s["last_slot"], s["last_outcome"]] for s in schedules],
+                 ["NAME", "WHEN", "STREAM", "STATUS", "NEXT", "LAST", "OUTCOME"])
+
+
+def show_schedule(schedule: dict) -> str:
+    fields = {k: v for k, v in schedule.items()
+              if k not in ("next", "firings") and v not in (None, [], {})}
+    width = max(map(len, fields)) + 2
+    lines = [f"{key + ':':{width}}{value if isinstance(value, str) else json.dumps(value)}"
+             for key, value in fields.items()]
+    if schedule.get("next"):
+        lines += ["", "next fire times:", *(f"  {at}" for at in schedule["next"])]
+    if schedule.get("firings"):
+        lines += ["", "latest firings:", table(
+            [[f["slot"], f["at"], f["task"], f["outcome"]] for f in schedule["firings"]],
+            ["SLOT", "AT", "TASK", "OUTCOME"])]
+    return "\n".join(lines)
+
+
+SCHEDULE_OPTIONS = (
+    Arg("--stream", complete="streams", help="stream to enqueue into (default: default)"),
+    Group(Arg("--tool", complete="tools"),
+          Arg("--script", metavar="NAME", complete="scripts",
+              help="run a script from script_dirs; its arguments follow --")),
+    Arg("script_args", nargs="*", metavar="ARGS", field="args", help=SUPPRESS),
+    PAYLOAD, Arg("--timeout", type=float, metavar="SECS"),
+    Arg("--priority", type=int, help="higher first (default 0)"),
+    Arg("--max-attempts", type=int, metavar="N", help="attempts before a task fails"),
+    Arg("--lock", help="at most one running task per lock"),
+    Arg("--key-prefix", metavar="PREFIX", help="task key before the slot (default schedule:NAME:)"),
+    Arg("--timezone", metavar="TZ", help="IANA zone of --cron (default: this machine's)"),
+    Arg("--start-at", type=moment, metavar="TIME", help="no slot before TIME (anchors --every)"),
+    Arg("--end-at", type=moment, metavar="TIME", help="no slot after TIME"),
+    Arg("--jitter", type=duration, metavar="SECS", help="delay each firing by up to SECS"),
+    Arg("--overlap", choices=["skip", "allow", "replace"],
+        help="while the last firing's task runs: skip (default), allow, or replace it"),
+    Arg("--catch-up", choices=["none", "latest", "all"],
+        help="slots missed in a downtime: latest (default) fires one, all, or none"),
+    Arg("--grace", type=duration, metavar="SECS",
+        help="a slot this late counts as missed (default 60)"))
+
+
+def schedule_timing(required: bool) -> Group:
+    return Group(Arg("--cron", metavar="EXPR", help="5-field cron expression, or @hourly, @daily..."),
+                 Arg("--every", metavar="INTERVAL", help="90s, 5m, 2h, 1d"),
+                 Arg("--at", type=moment, metavar="TIME", help="once, at TIME"),
+                 required=required)
+
+
+SCHEDULE_NAME = Arg("name", complete="schedules")
+SCHEDULE = Command("schedule", "recurring tasks: cron, every or at", actions=(
+    Command("add", "create a schedule", Arg("name"), schedule_timing(True), *SCHEDULE_OPTIONS,
+            op="schedule.create", check=enqueue_rules, show=show_schedule),
+    Command("change", "change a schedule's fields", SCHEDULE_NAME, schedule_timing(False),
+            *SCHEDULE_OPTIONS, op="schedule.update", check=enqueue_rules, show=show_schedule),
+    Command("list", "list schedules with their next and last firings", STREAM,
+            op="schedule.list", show=show_schedules),
+    Command("show", "a schedule, its next fire times and latest firings", SCHEDULE_NAME,
+            op="schedule.show", show=show_schedule),
+    Command("pause", "stop a schedule firing (its missed slots are skipped)", SCHEDULE_NAME,
+            op="schedule.pause", show=show_schedule),
+    Command("resume", "let a paused schedule fire again", SCHEDULE_NAME, op="schedule.resume",
+            show=show_schedule),
+    Command("rm", "delete a schedule (its tasks stay)", SCHEDULE_NAME, op="schedule.delete",
+            show=lambda result: f"deleted schedule {result['deleted']}"),
+    Command("fire", "fire a schedule once now; prints the task id", SCHEDULE_NAME,
+            op="schedule.fire", show=lambda task: str(task["id"])),
+    Command("next", "preview a cron expression's next fire times", Arg("cron", metavar="EXPR"),
+            Arg("--timezone", metavar="TZ"), Arg("-n", type=int, dest="count", metavar="N",
+                                                 help="how many (default 10)"),
+            op="schedule.next",
+            show=lambda times: "\n".join(f"{t['local']}  ({t['at']})" for t in times))))
+
 TABLE = (
     Command("status", "show the daemon's state"),
     Command("stop", "stop the daemon cleanly", op="shutdown", show=lambda _: "sparkqd is stopping"),
@@ -1435,6 +1524,7 @@ TABLE = (
             show=lambda text: text.rstrip("\n")),
     Command("history", "ended tasks, newest first, with how long they waited and ran", STREAM,
             SESSION, Arg("--status", choices=["completed", "failed", "cancelled"]),
+            Arg("--schedule", complete="schedules", help="only tasks of this schedule"),
             Arg("--since", type=since, metavar="TIME",
                 help="RFC 3339, local 'YYYY-MM-DD HH:MM', or a duration ago: 30m, 2h, 1d"),
             LIMIT, show=show_history),
@@ -1458,6 +1548,7 @@ TABLE = (
     Command("purge", "remove finished tasks older than N days",
             Arg("--older-than", type=float, metavar="DAYS", field="older_than_days"),
             show=lambda result: f"purged {result['purged']} tasks"),
+    SCHEDULE,
 )
 
 BY_NAME = {command.name: command for command in TABLE}
@@ -1506,8 +1597,14 @@ def build_parser(only: str | None = None):
 
 def parse(argv: list[str]):
     """Parse a command line: (its parser, the command it runs, the arguments)."""
-    parser = build_parser(command_given(argv))
+    name, script_args = command_given(argv), None
+    if name == "schedule" and "--" in argv:  # argparse would give them to NAME's chunk
+        cut = argv.index("--")
+        argv, script_args = argv[:cut], argv[cut + 1:]
+    parser = build_parser(name)
     args = parser.parse_args(argv)
+    if script_args is not None:
+        args.script_args = script_args
     command = BY_NAME[args.command]
     if command.actions:
         command = next(action for action in command.actions if action.name == args.action)

@@ -38,6 +38,17 @@ EXAMPLES = [
     "workers", "watch --stream a --session b --task 3 --event task.created", "metrics",
     "history --stream a --session b --status failed --since 30m --limit 5",
     "tasks --stream a --session b --status waiting --limit 5", "purge --older-than 7",
+    "history --schedule nightly",
+    "schedule add nightly --cron '0 3 * * *' --timezone Europe/Berlin --tool run-bash "
+    "--payload 'make backup' --stream w1 --timeout 60 --priority 2 --max-attempts 3 --lock L "
+    "--key-prefix nb- --start-at 2030-01-01T00:00:00+00:00 --end-at 2031-01-01T00:00:00+00:00 "
+    "--jitter 30 --overlap replace --catch-up all --grace 5m",
+    "schedule add hourly --every 1h --script deploy -- --fast",
+    "schedule add once --at 2030-01-01T00:00:00+00:00 --tool llm-haiku --payload-json '[1]'",
+    "schedule change nightly --every 2h --overlap allow", "schedule list --stream w1",
+    "schedule show nightly", "schedule pause nightly", "schedule resume nightly",
+    "schedule rm nightly", "schedule fire nightly",
+    "schedule next '*/15 9-17 * * 1-5' --timezone America/New_York -n 5",
 ]
 
 
