@@ -1231,6 +1231,14 @@ def normalise_lock(key: str) -> str:
     return f"{host}/{path}".rstrip("/")
 
 
+def check_payload_given(name: str, tool: Tool, payload: Any) -> None:
+    """A tool whose command ends in an option taking the payload (``bash -c``) needs one."""
+    command = tool.command
+    if command and command[-1].startswith("-") and payload is None:
+        raise BadRequest(f"tool {name!r} runs `{' '.join(command)} PAYLOAD`: it needs a "
+                         f"payload, the text to run")
+
+
 def parse_time(text: str, field: str = "at") -> float:
     """Epoch seconds of an RFC 3339 time; it must say its offset."""
     try:
@@ -1582,11 +1590,8 @@ class Queue:
         return req.tool, req.payload
 
     def _check_something_to_run(self, req: Enqueue) -> None:
-        """A tool whose command ends in an option taking the payload (``bash -c``) needs one."""
-        command = req.tool is not None and self.config.tools[req.tool].command
-        if command and command[-1].startswith("-") and req.payload is None:
-            raise BadRequest(f"tool {req.tool!r} runs `{' '.join(command)} PAYLOAD`: it needs a "
-                             f"payload, the text to run")
+        if req.tool is not None:
+            check_payload_given(req.tool, self.config.tools[req.tool], req.payload)
 
     # -- sessions and streams -----------------------------------------------
 
@@ -2244,6 +2249,8 @@ def schedule_config_problem(name: str, spec: ScheduleSpec, config: Config) -> st
         if spec.tool is not None and spec.tool not in config.tools:
             known = ", ".join(sorted(config.tools)) or "none"
             raise BadRequest(f"tool: unknown tool {spec.tool!r} (known: {known})")
+        if spec.tool is not None:
+            check_payload_given(spec.tool, config.tools[spec.tool], spec.payload)
     except BadRequest as exc:
         message = str(exc)
         return f".{message}" if re.match(r"^\w+: ", message) else f": {message}"
