@@ -2212,13 +2212,32 @@ class Timing:
         if self.at is not None:
             slot = self.at if self.at > t else None
         elif self.every is not None:
-            k = max(math.floor((t - self.anchor) / self.every + 1e-9) + 1,
+            k = max(math.floor((t - self.anchor) / self.every) + 1,
                     0 if self.start is not None else 1)
             slot = self.anchor + k * self.every
+            if slot <= t:  # the product fell a hair short of the slot after t
+                slot = self.anchor + (k + 1) * self.every
         else:
-            moment = datetime.datetime.fromtimestamp(max(t, 0.0), self.zone)
-            slot = next(cronsim.CronSim(self.cron, moment)).timestamp()
+            slot = self._cron_after(t)
         return None if slot is None or (self.end is not None and slot > self.end) else slot
+
+    def _cron_after(self, t: float) -> float:
+        # From the second pass of an hour the clocks repeat, cronsim starts at the first
+        # pass's match: earlier than t, so such matches are passed over.
+        moments = cronsim.CronSim(self.cron, datetime.datetime.fromtimestamp(max(t, 0.0), self.zone))
+        return next(slot for moment in moments if (slot := moment.timestamp()) > t)
+
+    def passed_surely(self, first: float, before: float, keep: int) -> tuple[int, float]:
+        """How many slots from ``first`` on are earlier than ``before`` by more than ``keep``
+        intervals, and the slot after them: an `every` that missed a long downtime is
+        counted, not walked. (Cron is walked: at most one slot a minute.)"""
+        if self.every is None or before - first <= (keep + 1) * self.every:
+            return 0, first
+        if self.end is not None:
+            before = min(before, self.end)
+        k = round((first - self.anchor) / self.every)
+        passed = max(0, math.floor((before - first) / self.every) - keep)
+        return passed, self.anchor + (k + passed) * self.every
 
     def slots_from(self, first: float | None):
         """Slots from ``first`` (a slot) on, in order."""
@@ -2231,11 +2250,14 @@ class Timing:
         if first is None:
             return
         yield first
+        last = first
         for moment in cronsim.CronSim(self.cron, datetime.datetime.fromtimestamp(first, self.zone)):
             slot = moment.timestamp()
             if self.end is not None and slot > self.end:
                 return
-            yield slot
+            if slot > last:  # see _cron_after: a repeated hour may give an earlier match
+                yield slot
+                last = slot
 
 
 def schedule_config_problem(name: str, spec: ScheduleSpec, config: Config) -> str | None:
@@ -2335,8 +2357,17 @@ class Schedules:
             raise Conflict(f"schedule {req.name!r} exists already")
         spec = self._checked(req.name, spec_of(req), now)
         self.queue._emit(ScheduleCreated(at=now, name=req.name, spec=spec,
-                                         next_slot=Timing(spec, now).after(now)))
+                                         next_slot=self._first_slot(spec, now, now)))
         return self.by_name[req.name]
+
+    @staticmethod
+    def _first_slot(spec: ScheduleSpec, created_at: float, now: float) -> float:
+        """The next slot of a schedule made or changed over the socket: there must be one."""
+        slot = Timing(spec, created_at).after(now)
+        if slot is None:
+            raise BadRequest(f"at: {spec.at!r} has passed" if spec.at is not None else
+                             f"end_at: {spec.end_at!r} has passed: no slot is left")
+        return slot
 
     def update(self, req, now: float) -> Schedule:
         schedule = self._mine(self.get(req.name), "change")
@@ -2346,8 +2377,10 @@ class Schedules:
             given = {"cron": None, "every": None, "at": None, "timezone": None, **given}
         spec = self._checked(req.name, msgspec.structs.replace(schedule.spec, **given),
                              schedule.created_at)
-        self.queue._emit(ScheduleChanged(at=now, name=req.name, spec=spec,
-                                         next_slot=self._next_after_change(schedule, spec, now)))
+        next_slot = self._next_after_change(schedule, spec, now)
+        if next_slot is None:
+            next_slot = self._first_slot(spec, schedule.created_at, now)
+        self.queue._emit(ScheduleChanged(at=now, name=req.name, spec=spec, next_slot=next_slot))
         return self.by_name[req.name]
 
     def _next_after_change(self, schedule: Schedule, spec: ScheduleSpec, now: float):
@@ -2445,8 +2478,11 @@ class Schedules:
     def _run_due(self, schedule: Schedule, now: float) -> None:
         """The slots due by ``now``: missed ones by ``catch_up``, each firing by ``overlap``."""
         recent = collections.deque(maxlen=MAX_CATCH_UP + 1)  # the last due slots, and one before
-        first, count, next_slot = None, 0, None
-        for slot in self.timing(schedule).slots_from(schedule.next_slot):
+        timing = self.timing(schedule)
+        count, start = timing.passed_surely(schedule.next_slot, now - schedule.spec.jitter,
+                                            keep=MAX_CATCH_UP + 1)
+        first, next_slot = schedule.next_slot if count else None, None
+        for slot in timing.slots_from(start):
             if self.due_at(schedule, slot) > now:
                 next_slot = slot
                 break
