@@ -24,8 +24,11 @@ with ``wait``, ``wait``, a ``claim_next`` that waits) are parked in
 Every ``snapshot_interval`` seconds the rows that changed since the last
 snapshot are written to a SQLite file in a worker thread, in one transaction
 that also records the journal sequence it covers; journal segments wholly
-covered by it are then deleted. Startup loads the snapshot, replays the
-journal after its sequence, then listens.
+covered by it are then deleted. Startup refuses what needs no data first
+(a socket path too long, a live daemon on the socket, the data directory's
+lock), then loads the snapshot and replays the journal after its sequence in
+a thread, while clients of its own socket are told "starting"; a socket the
+service manager passed is accepted from only once recovery is done.
 
 Clients speak one of two framings on a Unix stream socket, chosen by the
 first byte: ``{`` starts JSON lines, anything else 4-byte big-endian
@@ -4052,6 +4055,45 @@ class Connection(asyncio.Protocol):
         self._process()
 
 
+# -- while recovery runs ----------------------------------------------------------
+
+
+class StartingConnection(asyncio.Protocol):
+    """A client that connects while startup recovers the queue: each request it sent is
+    answered `unavailable` ("starting (recovering N records)"), then the connection
+    closes. Such a reply observed nothing, so it waits for no journal write."""
+
+    def __init__(self, message, max_frame: int):
+        self.message = message  #: the refusal's text now: it counts the records recovered
+        self.max_frame = max_frame
+        self.transport: asyncio.Transport | None = None
+        self.codec: Codec | None = None
+        self.buf = bytearray()
+        self.refusal: SparkQError | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        uid = struct.unpack("3i", creds)[1]
+        if uid != os.getuid():
+            self.refusal = Forbidden(f"uid {uid} may not use the queue of uid {os.getuid()}")
+
+    def data_received(self, data: bytes) -> None:
+        if self.codec is None:
+            self.codec = (JsonLines if data[:1] == b"{" else MsgpackFrames)(self.max_frame)
+        self.buf += data
+        try:
+            frames = self.codec.split(self.buf)
+        except TooLarge as exc:
+            frames, self.refusal = [b""], exc
+        if frames:
+            refusal = self.refusal or Unavailable(self.message())
+            self.transport.write(b"".join(self.codec.encode(error_reply(
+                self.codec.request_id(frame), refusal)) for frame in frames))
+            self.transport.close()
+
+
 # ============================================================================
 # 12. Daemon: lifecycle, dispatch, change pipeline, timer, reload
 # ============================================================================
@@ -4200,26 +4242,30 @@ class MetricsFile:
 
 
 
-async def listen(paths: Paths, service_env: dict[str, str], make_connection,
-                 connections: Connections):
-    """Listen on the socket the service manager passed, else bind our own.
+def listening_socket(paths: Paths, service_env: dict[str, str]):
+    """The socket the service manager passed, else one we bind (refusing a path that is
+    too long, or a live daemon's socket).
 
-    Returns the server, the paths (with the socket actually used) and the inode of
-    the socket file we created (ours to remove at the end), or None.
+    Returns the socket, the paths (with the socket actually used) and the inode of the
+    socket file we created (ours to remove at the end), or None.
     """
-    sock, inode = inherited_socket(service_env), None
+    sock = inherited_socket(service_env)
     if sock is not None:
         paths = msgspec.structs.replace(paths, socket=sock.getsockname())
         log.info("listening on the socket the service manager passed: %s", paths.socket)
-    else:
-        sock = bind_socket(paths.socket, paths.socket_explicit)
-        inode = os.stat(paths.socket).st_ino
+        return sock, paths, None
+    sock = bind_socket(paths.socket, paths.socket_explicit)
+    return sock, paths, os.stat(paths.socket).st_ino
+
+
+async def serve(sock: socket.socket, make_connection, connections: Connections):
+    """Accept connections on a listening socket; returns the server."""
     loop = asyncio.get_running_loop()
     # We remove the socket file ourselves, and only one we created.
     keep = {"cleanup_socket": False} if sys.version_info >= (3, 13) else {}
     server = await loop.create_unix_server(make_connection, sock=sock, backlog=1024, **keep)
     loop.set_exception_handler(connections.shortage.handle)
-    return server, paths, inode
+    return server
 
 
 def status_view(paths: Paths, queue: Queue, journal: Journal, snapshots: Snapshots, pool: Pool,
@@ -4239,21 +4285,43 @@ def status_view(paths: Paths, queue: Queue, journal: Journal, snapshots: Snapsho
     }
 
 
+class Recovery:
+    """Loading the snapshot and replaying the journal after it, counted as it goes for the
+    clients that ask meanwhile (see StartingConnection)."""
+
+    def __init__(self):
+        self.records = 0  #: records recovered so far: snapshot tasks, then journal records
+        self.done = False
+
+    def message(self) -> str:
+        return f"starting (recovering {self.records} records)"
+
+    def load(self, queue: Queue, journal: Journal, snapshots: Snapshots) -> int:
+        """The snapshot, then the journal after it, into ``queue`` (in a thread: the event
+        loop meanwhile answers "starting"); returns the journal records replayed."""
+        gc.disable()  # millions of new objects, none of them garbage: no collections meanwhile
+        state = snapshots.snapshot.load()
+        queue.load(state.sessions, state.streams, state.tasks, state.next_id)
+        snapshot_seq = snapshots.last["seq"] = state.seq
+        snapshots.loaded(state.written_at)
+        del state
+        base = self.records = len(queue.tasks)
+        replayed = 0
+        for replayed, event in enumerate(journal.replay(snapshot_seq), 1):
+            queue.apply(event)
+            if not replayed & 1023:
+                self.records = base + replayed
+        self.records = base + replayed
+        queue.take_wakeups()
+        return replayed
+
+
 async def recover(queue: Queue, journal: Journal, snapshots: Snapshots, pool: Pool,
-                  change, logs_dir: str) -> int:
+                  change, logs_dir: str, recovery: Recovery) -> int:
     """Load the snapshot, replay the journal after it; returns events replayed."""
     started = time.perf_counter()
-    gc.disable()  # millions of new objects, none of them garbage: no collections meanwhile
-    state = snapshots.snapshot.load()
-    queue.load(state.sessions, state.streams, state.tasks, state.next_id)
-    snapshot_seq = snapshots.last["seq"] = state.seq
-    snapshots.loaded(state.written_at)
-    del state
-    replayed = 0
-    for event in journal.replay(snapshot_seq):
-        queue.apply(event)
-        replayed += 1
-    queue.take_wakeups()
+    replayed = await asyncio.get_running_loop().run_in_executor(
+        snapshots.executor, recovery.load, queue, journal, snapshots)
     journal.open()
     if not queue.sessions:
         change(lambda: queue.bootstrap(time.time()), 4096)
@@ -4262,7 +4330,7 @@ async def recover(queue: Queue, journal: Journal, snapshots: Snapshots, pool: Po
     journal.sync_now()  # what recovery decided is durable before anyone is answered
     gc_freeze()
     log.info("recovered %d tasks from snapshot seq %s and %d journal records in %.2f s",
-             len(queue.tasks), snapshot_seq, replayed, time.perf_counter() - started)
+             len(queue.tasks), snapshots.last["seq"], replayed, time.perf_counter() - started)
     return replayed
 
 
@@ -4409,17 +4477,27 @@ class Daemon:
         self.metrics_file = MetricsFile(self.executor)
         self._lock_fd: int | None = None
         self._socket_inode: int | None = None
+        self.recovery = Recovery()
 
     # -- startup and shutdown ----------------------------------------------
 
     async def run(self) -> None:
-        """Recover, listen, serve until told to stop, then stop cleanly."""
+        """Take the socket and the data directory, recover, serve until told to stop, then
+        stop cleanly."""
         self._stopped, self._timer_wake = asyncio.Event(), asyncio.Event()
-        self._lock_fd = lock_data_dir(self.paths.data_dir)
         try:
+            # Refusals that need no data come first: the socket (too long a path, a live
+            # daemon on it), then the data directory's lock; only then is anything read.
+            sock = self._take_socket()
+            activated = self._socket_inode is None
+            if not activated:  # clients hear "starting" rather than "connection refused"
+                await self._serve(sock)
+            self._lock_fd = lock_data_dir(self.paths.data_dir)
             replayed = await recover(self.queue, self.journal, self.snapshots, self.pool,
-                                     self.change, self.logs.directory)
-            await self._listen()
+                                     self.change, self.logs.directory, self.recovery)
+            self.recovery.done = True
+            if activated:  # clients wait in the backlog, as a service manager's socket promises
+                await self._serve(sock)
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
@@ -4439,12 +4517,19 @@ class Daemon:
         finally:
             self.release()
 
-    async def _listen(self) -> None:
-        self.server, self.paths, self._socket_inode = await listen(
-            self.paths, self.service_env,
-            lambda: Connection(self.handle, self.replies.wire, self.journal, self.connections),
-            self.connections)
+    def _take_socket(self) -> socket.socket:
+        sock, self.paths, self._socket_inode = listening_socket(self.paths, self.service_env)
         self.pool.socket_path = self.hooks.socket_path = self.paths.socket
+        return sock
+
+    async def _serve(self, sock: socket.socket) -> None:
+        self.server = await serve(sock, self._connection, self.connections)
+
+    def _connection(self) -> asyncio.Protocol:
+        """A new client's connection: refused as "starting" until recovery is done."""
+        if not self.recovery.done:
+            return StartingConnection(self.recovery.message, self.connections.max_frame)
+        return Connection(self.handle, self.replies.wire, self.journal, self.connections)
 
     def stop_soon(self) -> dict:
         """The `shutdown` op: stop once its reply is out."""
