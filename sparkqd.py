@@ -61,6 +61,7 @@ import codecs
 import collections
 import contextlib
 import datetime
+import difflib
 import errno
 import fcntl
 import functools
@@ -83,7 +84,7 @@ import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import msgspec
 import yaml
@@ -410,7 +411,46 @@ def _convert(value: Any, kind: type, path: str, source: str) -> Any:
     try:
         return msgspec.convert(value, kind, str_keys=True)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {_path_first(str(exc), path)}") from None
+        raise ConfigError(f"{source}: {_config_problem(str(exc), kind, path)}") from None
+
+
+def _config_problem(message: str, kind: type, root: str) -> str:
+    """msgspec's reason, '$.path: reason', with what a person needs to fix it: the values
+    an enum allows, or the key an unknown one probably meant."""
+    reason, sep, where = message.rpartition(" - at `")
+    if not sep:
+        reason, where = message, "$`"
+    where = where.rstrip("`")
+    path, target = root + where[1:], _type_at(kind, where)
+    enum = re.fullmatch(r"Invalid enum value (.+)", reason)
+    if enum and get_origin(target) is Literal:
+        allowed = ", ".join(map(str, get_args(target)))
+        return f"{path}: invalid value {enum[1]}; expected one of {allowed}"
+    unknown = re.fullmatch(r"Object contains unknown field `(.+)`", reason)
+    if unknown and isinstance(target, type) and issubclass(target, Struct):
+        known = [f.name for f in msgspec.structs.fields(target)]
+        close = difflib.get_close_matches(unknown[1], known, n=1, cutoff=0.75)
+        hint = f"did you mean {close[0]}?" if close else f"known keys: {', '.join(known)}"
+        return f"{path}.{unknown[1]}: unknown key; {hint}"
+    return f"{path}: {reason}"
+
+
+def _type_at(kind: Any, path: str) -> Any:
+    """The type that a key path like `$.database.fsync` or `$.streams[0]` names in ``kind``."""
+    for key in re.findall(r"\.([^.\[]+)|\[[^\]]*\]", path):
+        kind = _bare(kind)
+        if isinstance(kind, type) and issubclass(kind, Struct):
+            kind = {f.name: f.type for f in msgspec.structs.fields(kind)}.get(key)
+        else:  # a list's item or a mapping's value
+            kind = get_args(kind)[-1] if get_args(kind) else None
+    return _bare(kind)
+
+
+def _bare(kind: Any) -> Any:
+    """A type without its Annotated constraints and without `| None`."""
+    while get_origin(kind) in (Annotated, Union) or type(kind).__name__ == "UnionType":
+        kind = next(arg for arg in get_args(kind) if arg is not type(None))
+    return kind
 
 
 def _path_first(message: str, root: str = "$") -> str:
@@ -4271,10 +4311,13 @@ async def serve(sock: socket.socket, make_connection, connections: Connections):
 def status_view(paths: Paths, queue: Queue, journal: Journal, snapshots: Snapshots, pool: Pool,
                 connections: int, started: float) -> dict:
     """The `status` reply."""
+    repo = queue.config.project.repo_path
     return {
         "version": VERSION, "protocol": PROTOCOL, "pid": os.getpid(),
         "uptime": round(time.time() - started, 3), "socket": paths.socket,
         "data_dir": paths.data_dir, "database": paths.database, "config": paths.config,
+        # where a run starts when its tool names no cwd
+        "cwd": os.path.abspath(os.path.expanduser(repo)) if repo else os.getcwd(),
         "counts": queue.totals(), "tasks": len(queue.tasks), "sessions": len(queue.sessions),
         "streams": len(queue.streams), "locks": len(queue.lock_holder),
         "connections": connections, "workers": pool.summary(),
