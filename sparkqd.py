@@ -4197,22 +4197,46 @@ def take_service_environment() -> dict[str, str]:
     return {name: os.environ.pop(name) for name in SERVICE_VARIABLES if name in os.environ}
 
 
-def lock_data_dir(data_dir: str) -> int:
-    """Take the data directory for this process, or say who holds it."""
+#: How long a new daemon waits for one that holds its data directory and is stopping
+#: (`sparkqctl stop; sparkqctl start`) to finish its last snapshot and let go.
+STOPPING_PATIENCE = 60.0
+
+
+async def lock_data_dir(data_dir: str) -> int:
+    """Take the data directory for this process, waiting for a daemon that holds it while
+    it stops; or say who holds it."""
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
     path = os.path.join(data_dir, "sparkqd.lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise StartupError(f"data directory {data_dir} is in use by sparkqd "
-                           f"pid {holder} (lock {path}); stop it first") from None
+    deadline, told = time.monotonic() + STOPPING_PATIENCE, False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").split() or ["unknown"]
+            stopping = holder[1:] == ["stopping"]
+            if not stopping or time.monotonic() > deadline:
+                os.close(fd)
+                raise StartupError(f"data directory {data_dir} is in use by sparkqd "
+                                   f"pid {holder[0]} (lock {path}); stop it first"
+                                   + ("; it has been stopping for too long" if stopping
+                                      else "")) from None
+            if not told:
+                log.info("data directory %s: sparkqd pid %s is stopping; waiting for it",
+                         data_dir, holder[0])
+                told = True
+            await asyncio.sleep(0.02)  # startup only: nothing else runs yet but "starting"
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
 
+
+def mark_stopping(lock_fd: int | None) -> None:
+    """Say in the lock file that this daemon is stopping: a new one then waits for it."""
+    if lock_fd is not None:
+        with contextlib.suppress(OSError):
+            os.pwrite(lock_fd, f"{os.getpid()} stopping\n".encode(), 0)
 
 
 class DescriptorShortage:
@@ -4535,7 +4559,7 @@ class Daemon:
             activated = self._socket_inode is None
             if not activated:  # clients hear "starting" rather than "connection refused"
                 await self._serve(sock)
-            self._lock_fd = lock_data_dir(self.paths.data_dir)
+            self._lock_fd = await lock_data_dir(self.paths.data_dir)
             replayed = await recover(self.queue, self.journal, self.snapshots, self.pool,
                                      self.change, self.logs.directory, self.recovery)
             self.recovery.done = True
@@ -4582,6 +4606,7 @@ class Daemon:
     def request_stop(self) -> None:
         if not self.stopping:
             self.notifier.send("STOPPING=1")
+            mark_stopping(self._lock_fd)
             log.info("stopping: finishing requests in flight, then a last snapshot")
             self.stopping = self.connections.stopping = True
             self._stopped.set()
