@@ -422,33 +422,32 @@ def log_since(log_path: str, offset: int) -> str:
         return f.read()
 
 
-def answers(path: str, told: list) -> bool:
-    """Whether sparkqd answers on ``path``; while it is starting, it says so once and waits."""
+def probe(path: str) -> str | None:
+    """"ready" if sparkqd answers on ``path``, its "starting (...)" refusal while it
+    recovers, None if nothing answers there."""
     try:
         with Client(path, timeout=5) as client:
             client.call("hello")
-        return True
+        return "ready"
     except SocketPathTooLong:
         raise
     except (Unreachable, OSError):
-        return False
+        return None
     except SparkQError as exc:
-        if not starting(exc):
-            raise
-        if not told:
-            print(f"sparkqctl: sparkqd is {exc}; waiting for it", file=sys.stderr, flush=True)
-            told.append(exc)
-        wait_while_starting(path, quiet=True)
-        return True
+        if starting(exc):
+            return str(exc)
+        raise
 
 
 def await_daemon(proc, path: str, log_path: str, offset: int) -> str | None:
-    """Wait until the started sparkqd answers on ``path``: None then, else why not."""
+    """Wait until the started sparkqd answers on ``path``, for as long as it says it is
+    starting: None then, else why not."""
     import re
     import time
 
-    deadline, told = time.monotonic() + START_TIMEOUT, []
-    while not answers(path, told):
+    launched = time.monotonic()
+    deadline, told = launched + START_TIMEOUT, False
+    while (state := probe(path)) != "ready":
         if proc.poll() is not None:
             tail = "".join(log_since(log_path, offset).splitlines(True)[-20:])
             return (f"sparkqd exited with status {proc.returncode} before it answered; "
@@ -457,7 +456,14 @@ def await_daemon(proc, path: str, log_path: str, offset: int) -> str | None:
         if elsewhere:
             return (f"sparkqd is ready on {elsewhere[1]} (its configuration's server.socket), "
                     f"not on {path} where sparkqctl looks: export SPARKQ_SOCKET={elsewhere[1]}")
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if state is not None:  # recovering: a long journal takes its time
+            deadline = now + START_TIMEOUT
+            if now - launched > 1 and not told:
+                print(f"sparkqctl: sparkqd is {state}; waiting for it", file=sys.stderr,
+                      flush=True)
+                told = True
+        elif now > deadline:
             return (f"sparkqd (pid {proc.pid}) has not answered on {path} within "
                     f"{START_TIMEOUT:g} s; see {log_path}")
         time.sleep(0.02)
@@ -482,25 +488,32 @@ def start(args) -> int:
     1 with the daemon's own words if it exits first."""
     path = args.socket or default_socket_path()
     try:
-        if answers(path, []):
-            if not args.json and not args.quiet:
-                print("sparkqd is already running")
+        state = probe(path)
+        if state is not None:
+            if state != "ready":
+                wait_while_starting(path)
+            say(args, "sparkqd is already running")
             describe(path, None, args)
             return EXIT_OK
         log_path = os.path.join(state_dir(args), "sparkqd.log")
         proc, offset = launch(args, log_path)
         problem = await_daemon(proc, path, log_path, offset)
-    except SocketPathTooLong as exc:
+        if problem is None:
+            say(args, f"started sparkqd {VERSION}")
+            describe(path, log_path, args)
+            return EXIT_OK
+    except Unreachable as exc:  # the socket path is too long, or the daemon died at once
         problem = str(exc)
     except SparkQError as exc:
         problem = f"{exc.code}: {exc}"
-    if problem:
-        print(f"sparkqctl: {problem}", file=sys.stderr)
-        return EXIT_REFUSED
+    print(f"sparkqctl: {problem}", file=sys.stderr)
+    return EXIT_REFUSED
+
+
+def say(args, line: str) -> None:
+    """A line for people: not with --json or -q."""
     if not args.json and not args.quiet:
-        print(f"started sparkqd {VERSION}")
-    describe(path, log_path, args)
-    return EXIT_OK
+        print(line)
 
 
 # ---------------------------------------------------------------------------
