@@ -17,6 +17,7 @@ use another fence language (```text) and are not run.
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -102,6 +103,11 @@ def run_block(env: dict, cwd: Path, line: int, block: str) -> None:
                     pytrace=False)
 
 
+#: The outside tools the README's blocks call (.ci/run installs them).
+TOOLS = ("socat", "sqlite3")
+
+
+@pytest.mark.skipif(not all(map(shutil.which, TOOLS)), reason=f"needs {', '.join(TOOLS)}")
 def test_readme_shell_blocks_run_as_pasted_in_order(new_user):
     """`sparkqctl start`, then every README shell block not marked as skipped, exits 0."""
     env, cwd = new_user
