@@ -44,6 +44,19 @@ class Unreachable(Exception):
     """No daemon answers on the socket."""
 
 
+class SocketPathTooLong(Unreachable):
+    """The socket path cannot be a Unix socket's: no daemon can listen there."""
+
+
+#: The longest Unix socket path: sun_path is 108 bytes, the terminating NUL included.
+MAX_SOCKET_PATH = 107
+
+
+def starting(exc: SparkQError) -> bool:
+    """Whether a refusal says the daemon is starting: recovering, answering nothing yet."""
+    return exc.code == "unavailable" and str(exc).startswith("starting")
+
+
 def default_socket_path(env=os.environ) -> str:
     """The socket of DESIGN.md's precedence: $SPARKQ_SOCKET, then the defaults."""
     if env.get("SPARKQ_SOCKET"):
@@ -72,6 +85,11 @@ class Client:
 
     def __init__(self, path: str | None = None, timeout: float | None = None):
         self.path = path or default_socket_path()
+        size = len(os.fsencode(self.path))
+        if size > MAX_SOCKET_PATH:
+            raise SocketPathTooLong(
+                f"socket path is {size} bytes, more than the {MAX_SOCKET_PATH} a Unix socket "
+                f"allows: {self.path}; choose a shorter one with --socket or SPARKQ_SOCKET")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
@@ -201,8 +219,36 @@ def short(value, width: int = 40) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def plain(value) -> str:
+    """A value as people read it: lists as comma-separated text, maps as `key=value`
+    pairs, nothing as `-`; never a Python repr."""
+    if value is None or value == [] or value == {}:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(plain(item) for item in value)
+    if isinstance(value, dict):
+        return "  ".join(f"{key}={plain_inner(item)}" for key, item in value.items())
+    return str(value)
+
+
+def plain_inner(value) -> str:
+    """A value inside a `key=value` pair: a map there is JSON, which cannot be misread."""
+    return json.dumps(value) if isinstance(value, dict) and value else plain(value)
+
+
+def pairs(rows) -> str:
+    """(key, text) rows as two aligned columns, `key:` padded to the longest key; the
+    later lines of a text of many lines are indented to its column."""
+    rows = list(rows)
+    width = max((len(key) for key, _ in rows), default=0) + 2
+    return "\n".join(f"{key + ':':{width}}{text}".rstrip().replace("\n", "\n" + " " * width)
+                     for key, text in rows)
+
+
 def table(rows: list[list], header: list[str]) -> str:
-    cells = [header] + [["" if c is None else str(c) for c in row] for row in rows]
+    cells = [header] + [["-" if c is None else plain(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
 
@@ -214,12 +260,13 @@ TASK_FIELDS = ("id", "status", "waiting_for", "stream", "session", "tool", "task
 
 
 def show_task(task: dict) -> str:
-    lines = [f"{k + ':':17}{task[k] if isinstance(task[k], (str, int, float)) else json.dumps(task[k])}"
-             for k in TASK_FIELDS if task.get(k) not in (None, [])]
+    rows = [(k, json.dumps(task[k]) if k == "result" else plain(task[k]))
+            for k in TASK_FIELDS if task.get(k) not in (None, [])]
     payload = task.get("payload")
     if payload is not None:
-        text = payload if isinstance(payload, str) else json.dumps(payload, indent=2)
-        lines.append("payload:         " + text.replace("\n", "\n" + " " * 17))
+        rows.append(("payload", payload if isinstance(payload, str)
+                     else json.dumps(payload, indent=2)))
+    lines = [pairs(rows)]
     for h in task.get("history") or ():
         by = f" by {h['by']}" if h.get("by") else ""
         note = f": {h['note']}" if h.get("note") else ""
@@ -239,6 +286,14 @@ def show_outcome(task: dict) -> str:
     return f"task {task['id']} {task['status']}{extra}"
 
 
+def show_enqueued(task: dict) -> str:
+    """`enqueue`: the id alone on stdout; a task that was there already says so on stderr."""
+    if task.get("existing"):
+        print(f"sparkqctl: existing task {task['id']} has key {task['key']}: "
+              f"returned instead of a new one", file=sys.stderr)
+    return str(task["id"])
+
+
 def show_requeued(result: dict) -> str:
     if "requeued" in result:
         return f"requeued {result['requeued']} tasks"
@@ -252,13 +307,14 @@ def show_history(tasks: list) -> str:
 
 
 def show_streams(streams: list) -> str:
-    return table([[s["name"], s["session"], s["status"], *s["counts"].values()] for s in streams],
-                 ["NAME", "SESSION", "STATUS", *(k.upper() for k in (streams[0]["counts"]
-                                                                     if streams else []))])
+    return table([[s["name"], s["session"], s["status"], bool(s.get("paused")),
+                   *s["counts"].values()] for s in streams],
+                 ["NAME", "SESSION", "STATUS", "PAUSED",
+                  *(k.upper() for k in (streams[0]["counts"] if streams else []))])
 
 
 def show_sessions(sessions: list) -> str:
-    return table([[s["name"], s["status"], s["created_at"], ",".join(s["streams"])]
+    return table([[s["name"], s["status"], s["created_at"], s["streams"]]
                   for s in sessions], ["NAME", "STATUS", "CREATED", "STREAMS"])
 
 
@@ -284,18 +340,11 @@ def show_locks(locks: list) -> str:
                   for lk in locks], ["LOCK", "TASK", "STREAM", "WORKER", "SINCE"])
 
 
-def show_status(status: dict) -> str:
-    lines = []
-    for key, value in status.items():
-        if isinstance(value, dict):
-            value = "  ".join(f"{k}={v}" for k, v in value.items())
-        lines.append(f"{key + ':':12}{value}")
-    return "\n".join(lines)
-
-
 def show_plain(result) -> str:
-    """A result no command shows its own way: `key: value` lines, else JSON."""
-    return show_status(result) if isinstance(result, dict) else json.dumps(result)
+    """A result no command shows its own way: aligned `key: value` lines, else plain text."""
+    if isinstance(result, dict):
+        return pairs((key, plain(value)) for key, value in result.items())
+    return plain(result)
 
 
 def show_tools(result: dict) -> str:
@@ -316,6 +365,155 @@ def ids_of(result) -> str | None:
     if isinstance(result, dict) and "id" in result:
         return str(result["id"])
     return None
+
+
+# ---------------------------------------------------------------------------
+# sparkqctl start: sparkqd in the background
+# ---------------------------------------------------------------------------
+
+#: What a service manager hands its own child only: a daemon started by hand takes none.
+SERVICE_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID",
+                     "LISTEN_FDS", "LISTEN_FDNAMES")
+#: How long `start` waits for a first answer, "starting" included.
+START_TIMEOUT = 30.0
+
+
+def state_dir(args) -> str:
+    """Where `start` keeps sparkqd's log: the data directory the daemon will use, unless its
+    configuration moves that (the client reads no configuration)."""
+    if args.data_dir or os.environ.get("SPARKQ_DATA_DIR"):
+        return os.path.abspath(args.data_dir or os.environ["SPARKQ_DATA_DIR"])
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(state, "sparkq")
+
+
+def sparkqd_command(args) -> list[str]:
+    """The sparkqd to start: the sparkqd.py beside this file (a checkout, or where pip put
+    both modules), else the installed module; with the paths given to `start`."""
+    beside = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sparkqd.py")
+    argv = [sys.executable, beside] if os.path.exists(beside) else [sys.executable, "-m",
+                                                                     "sparkqd"]
+    for flag, value in (("--socket", args.socket), ("--config", args.config),
+                        ("--data-dir", args.data_dir)):
+        argv += [flag, value] if value else []
+    return argv
+
+
+def launch(args, log_path: str):
+    """Start sparkqd detached: a session of its own, stdin /dev/null, its output appended to
+    ``log_path``; the process and where in the log its output begins."""
+    import subprocess
+
+    os.makedirs(os.path.dirname(log_path), mode=0o700, exist_ok=True)
+    log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        offset = os.lseek(log, 0, os.SEEK_END)
+        env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARIABLES}
+        proc = subprocess.Popen(sparkqd_command(args), stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    finally:
+        os.close(log)
+    return proc, offset
+
+
+def log_since(log_path: str, offset: int) -> str:
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        f.seek(offset)
+        return f.read()
+
+
+def probe(path: str) -> str | None:
+    """"ready" if sparkqd answers on ``path``, its "starting (...)" refusal while it
+    recovers, None if nothing answers there."""
+    try:
+        with Client(path, timeout=5) as client:
+            client.call("hello")
+        return "ready"
+    except SocketPathTooLong:
+        raise
+    except (Unreachable, OSError):
+        return None
+    except SparkQError as exc:
+        if starting(exc):
+            return str(exc)
+        raise
+
+
+def await_daemon(proc, path: str, log_path: str, offset: int) -> str | None:
+    """Wait until the started sparkqd answers on ``path``, for as long as it says it is
+    starting: None then, else why not."""
+    import re
+    import time
+
+    launched = time.monotonic()
+    deadline, told = launched + START_TIMEOUT, False
+    while (state := probe(path)) != "ready":
+        if proc.poll() is not None:
+            tail = "".join(log_since(log_path, offset).splitlines(True)[-20:])
+            return (f"sparkqd exited with status {proc.returncode} before it answered; "
+                    f"its output ({log_path}):\n{tail.rstrip()}")
+        elsewhere = re.search(r" ready: socket (.+), data ", log_since(log_path, offset))
+        if elsewhere:
+            return (f"sparkqd is ready on {elsewhere[1]} (its configuration's server.socket), "
+                    f"not on {path} where sparkqctl looks: export SPARKQ_SOCKET={elsewhere[1]}")
+        now = time.monotonic()
+        if state is not None:  # recovering: a long journal takes its time
+            deadline = now + START_TIMEOUT
+            if now - launched > 1 and not told:
+                print(f"sparkqctl: sparkqd is {state}; waiting for it", file=sys.stderr,
+                      flush=True)
+                told = True
+        elif now > deadline:
+            return (f"sparkqd (pid {proc.pid}) has not answered on {path} within "
+                    f"{START_TIMEOUT:g} s; see {log_path}")
+        time.sleep(0.02)
+    return None
+
+
+def describe(path: str, log_path: str | None, args) -> None:
+    """Print where the daemon on ``path`` listens and keeps its files."""
+    with Client(path, timeout=5) as client:
+        status = client.call("status")
+    if args.json:
+        print(json.dumps({**status, "log": log_path}, indent=2))
+    elif not args.quiet:
+        rows = [("pid", status["pid"]), ("socket", status["socket"]),
+                ("config", status["config"] or "built-in defaults"),
+                ("data_dir", status["data_dir"]), ("cwd", status.get("cwd")), ("log", log_path)]
+        print(pairs((key, plain(value)) for key, value in rows if value is not None))
+
+
+def start(args) -> int:
+    """`sparkqctl start`: 0 once the daemon it started answers (or one answered already),
+    1 with the daemon's own words if it exits first."""
+    path = args.socket or default_socket_path()
+    try:
+        state = probe(path)
+        if state is not None:
+            if state != "ready":
+                wait_while_starting(path)
+            say(args, "sparkqd is already running")
+            describe(path, None, args)
+            return EXIT_OK
+        log_path = os.path.join(state_dir(args), "sparkqd.log")
+        proc, offset = launch(args, log_path)
+        problem = await_daemon(proc, path, log_path, offset)
+        if problem is None:
+            say(args, f"started sparkqd {VERSION}")
+            describe(path, log_path, args)
+            return EXIT_OK
+    except Unreachable as exc:  # the socket path is too long, or the daemon died at once
+        problem = str(exc)
+    except SparkQError as exc:
+        problem = f"{exc.code}: {exc}"
+    print(f"sparkqctl: {problem}", file=sys.stderr)
+    return EXIT_REFUSED
+
+
+def say(args, line: str) -> None:
+    """A line for people: not with --json or -q."""
+    if not args.json and not args.quiet:
+        print(line)
 
 
 # ---------------------------------------------------------------------------
@@ -525,10 +723,9 @@ class Worker:
         import threading
 
         try:
-            Client(self.path).close()
+            wait_while_starting(self.path)
         except Unreachable as exc:
-            print(f"sparkqctl: {exc}", file=sys.stderr)
-            return EXIT_UNREACHABLE
+            return unreachable(exc)
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
         slots = [threading.Thread(target=self._slot, args=(claim,), daemon=True)
@@ -726,8 +923,9 @@ class Top:
         since = time.time() - 60
         return sum(1 for at, name in self.finished if at >= since and name == stream)
 
-    def lines(self, width: int, height: int) -> list[tuple[str, bool]]:
-        """The screen as (text, highlighted) lines, cut to fit width x height."""
+    def lines(self, width: int, height: int, interactive: bool = True) -> list[tuple[str, bool]]:
+        """The screen as (text, highlighted) lines, cut to fit width x height; with the
+        cursor and the key help only where keys work (``interactive``)."""
         import time
 
         now = time.time()
@@ -737,11 +935,12 @@ class Top:
                  f"busy  locks {len(self.locks)}  {self.message}", False),
                 (f"  {'STREAM':16} {'SESSION':12} {'PEND':>5} {'WAIT':>5} {'RUN':>4} "
                  f"{'DONE':>6} {'FAIL':>5} {'/MIN':>5}", True)]
-        streams = [(f"{'>' if i == self.selected else ' '} {s['name'][:16]:16} "
+        cursor = self.selected if interactive else -1
+        streams = [(f"{'>' if i == cursor else ' '} {s['name'][:16]:16} "
                     f"{s['session'][:12]:12} " + " ".join(
                         f"{s['counts'].get(k, 0):>{w}}" for k, w in zip(counts, (5, 5, 4, 6, 5)))
                     + f" {self.per_minute(s['name']):>5}" + ("  paused" if s.get("paused") else ""),
-                    i == self.selected) for i, s in enumerate(self.streams)]
+                    i == cursor) for i, s in enumerate(self.streams)]
         running = [(f"  {t['id']:>6} {t['stream'][:12]:12} {t['tool'][:12]:12} "
                     f"{(t['worker'] or '-')[:14]:14} {age(now - parse_iso(t['started_at'])):>6} "
                     f"lease {age(parse_iso(t['lease_expires_at']) - now) if t['lease_expires_at'] else '-':>6}",
@@ -762,7 +961,8 @@ class Top:
             share = max(1, room // len(sections))
             out.append((f"{title} ({len(rows)})", True))
             out.extend(rows[:share])
-        out = out[: height - 1] + [("q quit  p pause/resume  up/down select", True)]
+        if interactive:
+            out = out[: height - 1] + [("q quit  p pause/resume  up/down select", True)]
         return [(text[:width - 1], hl) for text, hl in out]
 
     def toggle_pause(self) -> None:
@@ -806,33 +1006,28 @@ class Top:
                 self.refresh()
                 dirty, last_fetch = False, time.monotonic()
 
-    def run_plain(self, interval: float = 2.0) -> int:
-        import select
-
-        try:
-            while True:
-                for text, _ in self.lines(200, 1000):
-                    print(text)
-                print(flush=True)
-                select.select([self.events], [], [], interval)
-                self.take_events()
-                self.refresh()
-        except (KeyboardInterrupt, BrokenPipeError):
-            return EXIT_OK
+    def print_plain(self) -> int:
+        """The screen once, as plain lines: no cursor, no key help (for a pipe or a file)."""
+        for text, _ in self.lines(200, 1000, interactive=False):
+            print(text)
+        return EXIT_OK
 
 
 def top(args) -> int:
-    """`sparkqctl top`: curses in a terminal, a plain table every 2 s when piped."""
+    """`sparkqctl top`: curses in a terminal; piped, one plain snapshot."""
     try:
+        wait_while_starting(args.socket)
         view = Top(args.socket)
         if not sys.stdout.isatty():
-            return view.run_plain()
+            return view.print_plain()
         import curses
 
         return curses.wrapper(view.run_terminal)
     except Unreachable as exc:
-        print(f"sparkqctl: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+        return unreachable(exc)
+    except SparkQError as exc:
+        print(f"sparkqctl: {exc.code}: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
 
 
 def parse_iso(text: str) -> float:
@@ -861,8 +1056,7 @@ def age(seconds: float) -> str:
 NAME_SOURCES = {
     "streams": ({"op": "stream.list"}, lambda streams: [s["name"] for s in streams]),
     "sessions": ({"op": "session.list"}, lambda sessions: [s["name"] for s in sessions]),
-    "tasks": ({"op": "tasks"}, lambda tasks: [str(t["id"]) for t in tasks
-                                              if t["status"] not in ENDED]),
+    "tasks": ({"op": "tasks"}, lambda tasks: [str(i) for i in sorted(t["id"] for t in tasks)]),
     "scripts": ({"op": "scripts"}, lambda scripts: [s["name"] for s in scripts]),
     "tools": ({"op": "tools"}, lambda result: list(result["tools"])),
     "schedules": ({"op": "schedule.list"}, lambda schedules: [s["name"] for s in schedules]),
@@ -888,11 +1082,12 @@ SHELLS = {
              "words": "COMP_WORDS", "current": "COMP_CWORD", "first": "1",
              "files": 'COMPREPLY=($(compgen -f -- "$cur")); return',
              "offer": 'COMPREPLY=($(compgen -W "$offer" -- "$cur"))',
-             "register": "complete -F _sparkqctl sparkqctl"},
+             "register": "complete -o nosort -F _sparkqctl sparkqctl"},  # ids in order
     "zsh": {"head": "#compdef sparkqctl\n"
                     "# sparkqctl completion for zsh: source <(sparkqctl completion zsh)",
             "words": "words", "current": "CURRENT", "first": "2", "files": "_files; return",
-            "offer": "compadd -- ${=offer}", "register": "compdef _sparkqctl sparkqctl"},
+            "offer": "compadd -V sparkqctl -- ${=offer}",  # -V: unsorted, ids in order
+            "register": "compdef _sparkqctl sparkqctl"},
 }
 
 #: The bash and zsh completion function; @case@ is what the table says to offer.
@@ -1001,7 +1196,7 @@ def fish_option(arg, command: str | None) -> str:
     if arg.takes_value:
         line += " -rF" if arg.words == "files" else " -x"
     if arg.words and arg.words != "files":
-        line += f" -a {fish_words(arg.words)}"
+        line += f" -ka {fish_words(arg.words)}"  # -k: in the daemon's order, ids by number
     if arg.help:
         line += f" -d {fish_quote(arg.help)}"
     return line
@@ -1012,7 +1207,7 @@ def fish_script() -> str:
     names = " ".join(command.name for command in commands)
     lines = [f"complete -c sparkqctl -n __fish_use_subcommand -a {fish_quote(names)}"]
     lines += [fish_option(option, None) for option in GLOBAL_OPTIONS]
-    after = "complete -c sparkqctl -n '__fish_sparkqctl_after {} {}' -fa {}"
+    after = "complete -c sparkqctl -n '__fish_sparkqctl_after {} {}' -fka {}"
     lines += [after.format(command.name, command.name, fish_words([a.name for a in command.actions]))
               for command in commands if command.actions]
     for command, leaf, arg in completed_arguments():
@@ -1075,10 +1270,15 @@ def moment(text: str) -> str:
 
 def since(text: str) -> str:
     """A start time: RFC 3339, local 'YYYY-MM-DD HH:MM', or a duration ago."""
-    try:
-        return iso_ago(duration(text))
-    except Exception:
-        return moment(text)
+    import argparse
+
+    for parse in (lambda: iso_ago(duration(text)), lambda: moment(text)):
+        try:
+            return parse()
+        except (argparse.ArgumentTypeError, OverflowError):
+            pass
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not RFC 3339, 'YYYY-MM-DD HH:MM' or a duration ago like 30m, 2h, 1d")
 
 
 def id_list(text: str) -> list[int]:
@@ -1235,8 +1435,8 @@ class Command:
     ``op`` (default: the name) with the fields the args fill, once ``check(parser, args)``
     has refused what no single argument can. The reply: ``show(result)`` is its human
     form (None prints nothing; -q prints ids instead, --json ``json_of(result)``, default
-    the result) and ``exit_status(result)`` the exit status (default 0); ``talk`` stands
-    in for the whole exchange where the reply streams (watch, logs --follow).
+    the result) and ``exit_status(result, fields)`` the exit status (default 0); ``talk``
+    stands in for the whole exchange where the reply streams (watch, logs --follow).
     ``actions`` are the commands under it (`session create`); ``run(args)`` is a command
     that sends no single request (work, top); ``hidden`` keeps it out of -h and the
     completions.
@@ -1292,15 +1492,31 @@ def work_rules(parser, args) -> None:
         parser.error("--concurrency must be at least 1")
 
 
-def wait_status(result: dict) -> int:
+def wait_status(result: dict, fields: dict) -> int:
     """`wait`: 0 every task completed, 5 one did not, 4 the timeout came first."""
     if not result["done"]:
         return EXIT_EMPTY
     return EXIT_OK if all(t["status"] == "completed" for t in result["tasks"]) else EXIT_FAILED
 
 
-def empty_status(task) -> int:
-    return EXIT_EMPTY if task is None else EXIT_OK
+def nothing_to(verb: str):
+    """The exit status of `claim` or `peek`: 4 when no task came, which a person at a
+    terminal is told on stderr (stdout stays empty for scripts)."""
+    def exit_status(task, fields: dict) -> int:
+        if task is not None:
+            return EXIT_OK
+        if sys.stderr.isatty():
+            where = ", ".join(names_given(fields.get("stream")))
+            tools = ", ".join(names_given(fields.get("tool")))
+            print(f"nothing to {verb} in {where}" + (f" for {tools}" if tools else ""),
+                  file=sys.stderr)
+        return EXIT_EMPTY
+    return exit_status
+
+
+def names_given(value) -> list[str]:
+    """The names of a --stream or --tool given once, many times or not at all."""
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
 
 
 def reply(command: Command, client: Client, fields: dict, args) -> int:
@@ -1312,7 +1528,7 @@ def reply(command: Command, client: Client, fields: dict, args) -> int:
         text = ids_of(result) if args.quiet else None if result is None else command.show(result)
         if text:
             print(text)
-    return command.exit_status(result) if command.exit_status else EXIT_OK
+    return command.exit_status(result, fields) if command.exit_status else EXIT_OK
 
 
 def logs(command: Command, client: Client, fields: dict, args) -> int:
@@ -1458,11 +1674,17 @@ SCHEDULE = Command("schedule", "recurring tasks: cron, every or at", actions=(
             show=lambda times: "\n".join(f"{t['local']}  ({t['at']})" for t in times))))
 
 TABLE = (
+    Command("start", "start sparkqd in the background; wait until it answers",
+            Arg("--config", metavar="PATH", complete="files",
+                help="configuration file (default: $SPARKQ_CONFIG, ./sparkq.yml, ...)"),
+            Arg("--data-dir", metavar="PATH", complete="files",
+                help="data directory, where the log sparkqd.log goes too"), run=start),
     Command("status", "show the daemon's state"),
     Command("stop", "stop the daemon cleanly", op="shutdown", show=lambda _: "sparkqd is stopping"),
     Command("reload", "re-read the configuration"),
     Command("tools", "list tools and task classes in force", show=show_tools),
-    Command("schema", "print the JSON Schema of every request"),
+    Command("schema", "print the JSON Schema of every request",
+            show=lambda schema: json.dumps(schema, indent=2)),
     Command("session", "create, list or end sessions", actions=(
         Command("create", "create a session", Arg("name"), op="session.create",
                 show=shown_as("session")),
@@ -1481,12 +1703,12 @@ TABLE = (
         Command("resume", "let claims take from a paused stream again", STREAM_NAME,
                 op="stream.resume", show=shown_as("stream")))),
     Command("enqueue", "add a task; prints its id", *ENQUEUE, check=enqueue_rules,
-            show=lambda task: str(task["id"])),
+            show=show_enqueued),
     Command("peek", "show the next task without claiming it", *FILTERS, show=show_task,
-            exit_status=empty_status),
+            exit_status=nothing_to("peek")),
     Command("claim", "claim the next task", *FILTERS, Arg("--worker", default_from=default_worker),
             Arg("--wait", type=float, metavar="SECS", help="wait up to SECS for a task"),
-            show=show_task, exit_status=empty_status),
+            show=show_task, exit_status=nothing_to("claim")),
     Command("complete", "mark a running task completed", TaskId(), Arg("--summary"),
             Arg("--result-json", metavar="JSON", field="result", load=json_value), LEASE,
             show=show_outcome),
@@ -1589,8 +1811,8 @@ def build_parser(only: str | None = None):
         option.add_to(parser, default=None)
     parser.add_argument("--version", action="version", version=f"sparkqctl {VERSION}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in TABLE:
-        if only is None or command.name == only:
+    for command in TABLE:  # a hidden command is not among those a usage error lists
+        if command.name == only or (only is None and not command.hidden):
             command.add_to(commands, whole=only is not None)
     return parser
 
@@ -1624,17 +1846,52 @@ def to_request(command: Command, parser, args) -> dict:
 
 
 def ask(command: Command, fields: dict, args) -> int:
-    """Send a command's request to the daemon and show the reply; the exit status."""
+    """Send a command's request to the daemon and show the reply; the exit status. While
+    the daemon is starting it refuses every request unseen, so the request is sent again
+    once it is ready."""
     try:
-        with Client(args.socket) as client:
-            return (command.talk or reply)(command, client, fields, args)
+        while True:
+            try:
+                with Client(args.socket) as client:
+                    return (command.talk or reply)(command, client, fields, args)
+            except SparkQError as exc:
+                if not starting(exc):
+                    raise
+                wait_while_starting(args.socket)
     except Unreachable as exc:
-        print(f"sparkqctl: {exc}\nIs the daemon running? Start it with `sparkqd` or "
-              f"`systemctl --user start sparkqd`.", file=sys.stderr)
-        return EXIT_UNREACHABLE
+        return unreachable(exc)
     except SparkQError as exc:
         print(f"sparkqctl: {exc.code}: {exc}", file=sys.stderr)
         return EXIT_REFUSED
+
+
+def unreachable(exc: Unreachable) -> int:
+    """Say why the daemon cannot be reached, and how to start it where that would help."""
+    hint = "" if isinstance(exc, SocketPathTooLong) else (
+        "\nIs the daemon running? Start it with `sparkqctl start` or "
+        "`systemctl --user start sparkqd`.")
+    print(f"sparkqctl: {exc}{hint}", file=sys.stderr)
+    return EXIT_UNREACHABLE
+
+
+def wait_while_starting(path: str | None, quiet: bool = False) -> dict:
+    """Wait while the daemon says it is starting (saying so once on stderr, unless
+    ``quiet``); its `hello` once it answers."""
+    import time
+
+    told = quiet
+    while True:
+        with Client(path) as client:
+            try:
+                return client.call("hello")
+            except SparkQError as exc:
+                if not starting(exc):
+                    raise
+                if not told:
+                    print(f"sparkqctl: sparkqd is {exc}; waiting for it", file=sys.stderr,
+                          flush=True)
+                    told = True
+        time.sleep(0.05)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,8 +24,11 @@ with ``wait``, ``wait``, a ``claim_next`` that waits) are parked in
 Every ``snapshot_interval`` seconds the rows that changed since the last
 snapshot are written to a SQLite file in a worker thread, in one transaction
 that also records the journal sequence it covers; journal segments wholly
-covered by it are then deleted. Startup loads the snapshot, replays the
-journal after its sequence, then listens.
+covered by it are then deleted. Startup refuses what needs no data first
+(a socket path too long, a live daemon on the socket, the data directory's
+lock), then loads the snapshot and replays the journal after its sequence in
+a thread, while clients of its own socket are told "starting"; a socket the
+service manager passed is accepted from only once recovery is done.
 
 Clients speak one of two framings on a Unix stream socket, chosen by the
 first byte: ``{`` starts JSON lines, anything else 4-byte big-endian
@@ -58,6 +61,7 @@ import codecs
 import collections
 import contextlib
 import datetime
+import difflib
 import errno
 import fcntl
 import functools
@@ -81,7 +85,7 @@ import time
 import zlib
 import zoneinfo
 from concurrent.futures import ThreadPoolExecutor
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import cronsim
 import msgspec
@@ -452,7 +456,46 @@ def _convert(value: Any, kind: type, path: str, source: str) -> Any:
     try:
         return msgspec.convert(value, kind, str_keys=True)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {_path_first(str(exc), path)}") from None
+        raise ConfigError(f"{source}: {_config_problem(str(exc), kind, path)}") from None
+
+
+def _config_problem(message: str, kind: type, root: str) -> str:
+    """msgspec's reason, '$.path: reason', with what a person needs to fix it: the values
+    an enum allows, or the key an unknown one probably meant."""
+    reason, sep, where = message.rpartition(" - at `")
+    if not sep:
+        reason, where = message, "$`"
+    where = where.rstrip("`")
+    path, target = root + where[1:], _type_at(kind, where)
+    enum = re.fullmatch(r"Invalid enum value (.+)", reason)
+    if enum and get_origin(target) is Literal:
+        allowed = ", ".join(map(str, get_args(target)))
+        return f"{path}: invalid value {enum[1]}; expected one of {allowed}"
+    unknown = re.fullmatch(r"Object contains unknown field `(.+)`", reason)
+    if unknown and isinstance(target, type) and issubclass(target, Struct):
+        known = [f.name for f in msgspec.structs.fields(target)]
+        close = difflib.get_close_matches(unknown[1], known, n=1, cutoff=0.75)
+        hint = f"did you mean {close[0]}?" if close else f"known keys: {', '.join(known)}"
+        return f"{path}.{unknown[1]}: unknown key; {hint}"
+    return f"{path}: {reason}"
+
+
+def _type_at(kind: Any, path: str) -> Any:
+    """The type that a key path like `$.database.fsync` or `$.streams[0]` names in ``kind``."""
+    for key in re.findall(r"\.([^.\[]+)|\[[^\]]*\]", path):
+        kind = _bare(kind)
+        if isinstance(kind, type) and issubclass(kind, Struct):
+            kind = {f.name: f.type for f in msgspec.structs.fields(kind)}.get(key)
+        else:  # a list's item or a mapping's value
+            kind = get_args(kind)[-1] if get_args(kind) else None
+    return _bare(kind)
+
+
+def _bare(kind: Any) -> Any:
+    """A type without its Annotated constraints and without `| None`."""
+    while get_origin(kind) in (Annotated, Union) or type(kind).__name__ == "UnionType":
+        kind = next(arg for arg in get_args(kind) if arg is not type(None))
+    return kind
 
 
 def _path_first(message: str, root: str = "$") -> str:
@@ -4827,6 +4870,45 @@ class Connection(asyncio.Protocol):
         self._process()
 
 
+# -- while recovery runs ----------------------------------------------------------
+
+
+class StartingConnection(asyncio.Protocol):
+    """A client that connects while startup recovers the queue: each request it sent is
+    answered `unavailable` ("starting (recovering N records)"), then the connection
+    closes. Such a reply observed nothing, so it waits for no journal write."""
+
+    def __init__(self, message, max_frame: int):
+        self.message = message  #: the refusal's text now: it counts the records recovered
+        self.max_frame = max_frame
+        self.transport: asyncio.Transport | None = None
+        self.codec: Codec | None = None
+        self.buf = bytearray()
+        self.refusal: SparkQError | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        uid = struct.unpack("3i", creds)[1]
+        if uid != os.getuid():
+            self.refusal = Forbidden(f"uid {uid} may not use the queue of uid {os.getuid()}")
+
+    def data_received(self, data: bytes) -> None:
+        if self.codec is None:
+            self.codec = (JsonLines if data[:1] == b"{" else MsgpackFrames)(self.max_frame)
+        self.buf += data
+        try:
+            frames = self.codec.split(self.buf)
+        except TooLarge as exc:
+            frames, self.refusal = [b""], exc
+        if frames:
+            refusal = self.refusal or Unavailable(self.message())
+            self.transport.write(b"".join(self.codec.encode(error_reply(
+                self.codec.request_id(frame), refusal)) for frame in frames))
+            self.transport.close()
+
+
 # ============================================================================
 # 12. Daemon: lifecycle, dispatch, change pipeline, timer, reload
 # ============================================================================
@@ -4890,22 +4972,46 @@ def take_service_environment() -> dict[str, str]:
     return {name: os.environ.pop(name) for name in SERVICE_VARIABLES if name in os.environ}
 
 
-def lock_data_dir(data_dir: str) -> int:
-    """Take the data directory for this process, or say who holds it."""
+#: How long a new daemon waits for one that holds its data directory and is stopping
+#: (`sparkqctl stop; sparkqctl start`) to finish its last snapshot and let go.
+STOPPING_PATIENCE = 60.0
+
+
+async def lock_data_dir(data_dir: str) -> int:
+    """Take the data directory for this process, waiting for a daemon that holds it while
+    it stops; or say who holds it."""
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
     path = os.path.join(data_dir, "sparkqd.lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise StartupError(f"data directory {data_dir} is in use by sparkqd "
-                           f"pid {holder} (lock {path}); stop it first") from None
+    deadline, told = time.monotonic() + STOPPING_PATIENCE, False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").split() or ["unknown"]
+            stopping = holder[1:] == ["stopping"]
+            if not stopping or time.monotonic() > deadline:
+                os.close(fd)
+                raise StartupError(f"data directory {data_dir} is in use by sparkqd "
+                                   f"pid {holder[0]} (lock {path}); stop it first"
+                                   + ("; it has been stopping for too long" if stopping
+                                      else "")) from None
+            if not told:
+                log.info("data directory %s: sparkqd pid %s is stopping; waiting for it",
+                         data_dir, holder[0])
+                told = True
+            await asyncio.sleep(0.02)  # startup only: nothing else runs yet but "starting"
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
 
+
+def mark_stopping(lock_fd: int | None) -> None:
+    """Say in the lock file that this daemon is stopping: a new one then waits for it."""
+    if lock_fd is not None:
+        with contextlib.suppress(OSError):
+            os.pwrite(lock_fd, f"{os.getpid()} stopping\n".encode(), 0)
 
 
 class DescriptorShortage:
@@ -4975,35 +5081,42 @@ class MetricsFile:
 
 
 
-async def listen(paths: Paths, service_env: dict[str, str], make_connection,
-                 connections: Connections):
-    """Listen on the socket the service manager passed, else bind our own.
+def listening_socket(paths: Paths, service_env: dict[str, str]):
+    """The socket the service manager passed, else one we bind (refusing a path that is
+    too long, or a live daemon's socket).
 
-    Returns the server, the paths (with the socket actually used) and the inode of
-    the socket file we created (ours to remove at the end), or None.
+    Returns the socket, the paths (with the socket actually used) and the inode of the
+    socket file we created (ours to remove at the end), or None.
     """
-    sock, inode = inherited_socket(service_env), None
+    sock = inherited_socket(service_env)
     if sock is not None:
         paths = msgspec.structs.replace(paths, socket=sock.getsockname())
         log.info("listening on the socket the service manager passed: %s", paths.socket)
-    else:
-        sock = bind_socket(paths.socket, paths.socket_explicit)
-        inode = os.stat(paths.socket).st_ino
+        return sock, paths, None
+    sock = bind_socket(paths.socket, paths.socket_explicit)
+    return sock, paths, os.stat(paths.socket).st_ino
+
+
+async def serve(sock: socket.socket, make_connection, connections: Connections):
+    """Accept connections on a listening socket; returns the server."""
     loop = asyncio.get_running_loop()
     # We remove the socket file ourselves, and only one we created.
     keep = {"cleanup_socket": False} if sys.version_info >= (3, 13) else {}
     server = await loop.create_unix_server(make_connection, sock=sock, backlog=1024, **keep)
     loop.set_exception_handler(connections.shortage.handle)
-    return server, paths, inode
+    return server
 
 
 def status_view(paths: Paths, queue: Queue, journal: Journal, snapshots: Snapshots, pool: Pool,
                 connections: int, started: float) -> dict:
     """The `status` reply."""
+    repo = queue.config.project.repo_path
     return {
         "version": VERSION, "protocol": PROTOCOL, "pid": os.getpid(),
         "uptime": round(time.time() - started, 3), "socket": paths.socket,
         "data_dir": paths.data_dir, "database": paths.database, "config": paths.config,
+        # where a run starts when its tool names no cwd
+        "cwd": os.path.abspath(os.path.expanduser(repo)) if repo else os.getcwd(),
         "counts": queue.totals(), "tasks": len(queue.tasks), "sessions": len(queue.sessions),
         "streams": len(queue.streams), "locks": len(queue.lock_holder),
         "connections": connections, "workers": pool.summary(),
@@ -5014,21 +5127,43 @@ def status_view(paths: Paths, queue: Queue, journal: Journal, snapshots: Snapsho
     }
 
 
+class Recovery:
+    """Loading the snapshot and replaying the journal after it, counted as it goes for the
+    clients that ask meanwhile (see StartingConnection)."""
+
+    def __init__(self):
+        self.records = 0  #: records recovered so far: snapshot tasks, then journal records
+        self.done = False
+
+    def message(self) -> str:
+        return f"starting (recovering {self.records} records)"
+
+    def load(self, queue: Queue, journal: Journal, snapshots: Snapshots) -> int:
+        """The snapshot, then the journal after it, into ``queue`` (in a thread: the event
+        loop meanwhile answers "starting"); returns the journal records replayed."""
+        gc.disable()  # millions of new objects, none of them garbage: no collections meanwhile
+        state = snapshots.snapshot.load()
+        queue.load(state.sessions, state.streams, state.tasks, state.next_id, state.schedules)
+        snapshot_seq = snapshots.last["seq"] = state.seq
+        snapshots.loaded(state.written_at)
+        del state
+        base = self.records = len(queue.tasks)
+        replayed = 0
+        for replayed, event in enumerate(journal.replay(snapshot_seq), 1):
+            queue.apply(event)
+            if not replayed & 1023:
+                self.records = base + replayed
+        self.records = base + replayed
+        queue.take_wakeups()
+        return replayed
+
+
 async def recover(queue: Queue, journal: Journal, snapshots: Snapshots, pool: Pool,
-                  change, logs_dir: str) -> int:
+                  change, logs_dir: str, recovery: Recovery) -> int:
     """Load the snapshot, replay the journal after it; returns events replayed."""
     started = time.perf_counter()
-    gc.disable()  # millions of new objects, none of them garbage: no collections meanwhile
-    state = snapshots.snapshot.load()
-    queue.load(state.sessions, state.streams, state.tasks, state.next_id, state.schedules)
-    snapshot_seq = snapshots.last["seq"] = state.seq
-    snapshots.loaded(state.written_at)
-    del state
-    replayed = 0
-    for event in journal.replay(snapshot_seq):
-        queue.apply(event)
-        replayed += 1
-    queue.take_wakeups()
+    replayed = await asyncio.get_running_loop().run_in_executor(
+        snapshots.executor, recovery.load, queue, journal, snapshots)
     journal.open()
     if not queue.sessions:
         change(lambda: queue.bootstrap(time.time()), 4096)
@@ -5037,7 +5172,7 @@ async def recover(queue: Queue, journal: Journal, snapshots: Snapshots, pool: Po
     journal.sync_now()  # what recovery decided is durable before anyone is answered
     gc_freeze()
     log.info("recovered %d tasks from snapshot seq %s and %d journal records in %.2f s",
-             len(queue.tasks), snapshot_seq, replayed, time.perf_counter() - started)
+             len(queue.tasks), snapshots.last["seq"], replayed, time.perf_counter() - started)
     return replayed
 
 
@@ -5201,18 +5336,28 @@ class Daemon:
         self.metrics_file = MetricsFile(self.executor)
         self._lock_fd: int | None = None
         self._socket_inode: int | None = None
+        self.recovery = Recovery()
 
     # -- startup and shutdown ----------------------------------------------
 
     async def run(self) -> None:
-        """Recover, listen, serve until told to stop, then stop cleanly."""
+        """Take the socket and the data directory, recover, serve until told to stop, then
+        stop cleanly."""
         self._stopped, self._timer_wake = asyncio.Event(), asyncio.Event()
-        self._lock_fd = lock_data_dir(self.paths.data_dir)
         try:
+            # Refusals that need no data come first: the socket (too long a path, a live
+            # daemon on it), then the data directory's lock; only then is anything read.
+            sock = self._take_socket()
+            activated = self._socket_inode is None
+            if not activated:  # clients hear "starting" rather than "connection refused"
+                await self._serve(sock)
+            self._lock_fd = await lock_data_dir(self.paths.data_dir)
             replayed = await recover(self.queue, self.journal, self.snapshots, self.pool,
-                                     self.change, self.logs.directory)
+                                     self.change, self.logs.directory, self.recovery)
+            self.recovery.done = True
             self._sync_schedules()
-            await self._listen()
+            if activated:  # clients wait in the backlog, as a service manager's socket promises
+                await self._serve(sock)
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
@@ -5232,12 +5377,19 @@ class Daemon:
         finally:
             self.release()
 
-    async def _listen(self) -> None:
-        self.server, self.paths, self._socket_inode = await listen(
-            self.paths, self.service_env,
-            lambda: Connection(self.handle, self.replies.wire, self.journal, self.connections),
-            self.connections)
+    def _take_socket(self) -> socket.socket:
+        sock, self.paths, self._socket_inode = listening_socket(self.paths, self.service_env)
         self.pool.socket_path = self.hooks.socket_path = self.paths.socket
+        return sock
+
+    async def _serve(self, sock: socket.socket) -> None:
+        self.server = await serve(sock, self._connection, self.connections)
+
+    def _connection(self) -> asyncio.Protocol:
+        """A new client's connection: refused as "starting" until recovery is done."""
+        if not self.recovery.done:
+            return StartingConnection(self.recovery.message, self.connections.max_frame)
+        return Connection(self.handle, self.replies.wire, self.journal, self.connections)
 
     def stop_soon(self) -> dict:
         """The `shutdown` op: stop once its reply is out."""
@@ -5247,6 +5399,7 @@ class Daemon:
     def request_stop(self) -> None:
         if not self.stopping:
             self.notifier.send("STOPPING=1")
+            mark_stopping(self._lock_fd)
             log.info("stopping: finishing requests in flight, then a last snapshot")
             self.stopping = self.connections.stopping = True
             self._stopped.set()

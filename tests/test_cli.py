@@ -337,11 +337,14 @@ def subcommands(parser) -> list[str]:
 
 
 def test_only_the_given_commands_parser_is_built():
-    """sparkqctl builds the parser of the command given alone; for -h, every command by name."""
+    """sparkqctl builds the parser of the command given alone; for -h, every command by name
+    but the hidden ones."""
     import sparkqctl
 
     assert subcommands(sparkqctl.build_parser("claim")) == ["claim"]
-    assert subcommands(sparkqctl.build_parser()) == [c.name for c in sparkqctl.TABLE]
+    assert subcommands(sparkqctl.build_parser("__complete")) == ["__complete"]
+    assert subcommands(sparkqctl.build_parser()) == [c.name for c in sparkqctl.TABLE
+                                                     if not c.hidden]
     assert subcommands(sparkqctl.build_parser(sparkqctl.command_given(["--version"]))) == []
 
 

@@ -188,11 +188,13 @@ def test_complete_with_claim_next_returns_the_next_task(daemon):
 
 def run_worker(daemon, monkeypatch, command: list[str], stop_when) -> list[tuple[str, bool]]:
     """Run `sparkqctl work --tool llm-sonnet -- COMMAND` in this process until ``stop_when()``
-    holds, then stop it as a first signal does; the (op, with claim_next) it sent."""
+    holds, then stop it as a first signal does; the (op, with claim_next) it sent, but the
+    `hello` that first waits for the daemon to be ready."""
     sent, real_call = [], sparkqctl.Client.call
 
     def call(client, op, **fields):
-        sent.append((op, fields.get("claim_next") is not None))
+        if op != "hello":
+            sent.append((op, fields.get("claim_next") is not None))
         return real_call(client, op, **fields)
 
     monkeypatch.setattr(sparkqctl.Client, "call", call)

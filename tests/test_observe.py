@@ -589,15 +589,18 @@ def test_top_keys_select_pause_resume_and_quit(make_daemon):
         wait_until(lambda: not term.alive(), message="top to quit")
 
 
-def test_top_without_a_terminal_prints_a_plain_table(make_daemon):
-    """`sparkqctl top | head -n 20` prints plain lines (no escape codes) naming each open stream."""
+def test_top_without_a_terminal_prints_one_plain_snapshot(make_daemon):
+    """`sparkqctl top | cat` prints the screen once as plain lines naming each open stream,
+    with no escape codes, no `>` cursor and no key help, and exits 0."""
     daemon = observed(make_daemon)
     busy_queue(daemon)
-    out = subprocess.run(["bash", "-c", f"{CTL} top | head -n 20"], env=daemon.env,
+    out = subprocess.run(["bash", "-c", f"{CTL} top | cat"], env=daemon.env,
                          capture_output=True, text=True, timeout=30)
-    assert len(out.stdout.splitlines()) == 20 and "\x1b" not in out.stdout
-    assert "STREAM" in out.stdout
+    assert (out.returncode, out.stderr) == (0, "") and "\x1b" not in out.stdout
+    assert "STREAM" in out.stdout and "RECENT FAILURES (1)" in out.stdout
     assert all(stream_row(out.stdout, name) for name in ("default", "build", "empty"))
+    assert not any(line.startswith(">") for line in out.stdout.splitlines())
+    assert "q quit" not in out.stdout
 
 
 # -- metrics ----------------------------------------------------------------------------------
@@ -786,11 +789,12 @@ def test_on_finish_hook_that_hangs_is_killed_at_its_timeout(make_daemon, workdir
 
 
 def test_completion_bash_script_loads_and_registers_sparkqctl():
-    """`source <(sparkqctl completion bash)` succeeds and `complete -p sparkqctl` shows it."""
+    """`source <(sparkqctl completion bash)` succeeds and `complete -p sparkqctl` shows it,
+    offering words in the order given (task ids by number)."""
     script = f"source <({CTL} completion bash) && complete -p sparkqctl"
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
     assert (out.returncode, out.stderr) == (0, "")
-    assert out.stdout.strip() == "complete -F _sparkqctl sparkqctl"
+    assert out.stdout.strip() == "complete -o nosort -F _sparkqctl sparkqctl"
 
 
 @pytest.mark.parametrize("shell, registers", [("zsh", "compdef _sparkqctl sparkqctl"),
@@ -807,15 +811,15 @@ def test_completion_zsh_and_fish_scripts_print(shell, registers, workdir):
         assert subprocess.run([shell, "-n", str(script)], timeout=30).returncode == 0
 
 
-def test_hidden_complete_lists_streams_and_unfinished_tasks_from_the_daemon(make_daemon):
-    """`sparkqctl __complete streams` prints stream names; `__complete tasks` unended task ids."""
+def test_hidden_complete_lists_streams_and_tasks_from_the_daemon(make_daemon):
+    """`sparkqctl __complete streams` prints stream names; `__complete tasks` every task id."""
     daemon = observed(make_daemon)
     two_sessions(daemon)
-    finish(daemon)
+    finished = finish(daemon)
     pending = enqueue(daemon)
     streams = daemon.ctl("__complete", "streams").stdout.split()
     assert sorted(streams) == ["default", "frontend", "training"]
-    assert daemon.ctl("__complete", "tasks").stdout.split() == [str(pending)]
+    assert daemon.ctl("__complete", "tasks").stdout.split() == [str(finished), str(pending)]
 
 
 def test_hidden_complete_prints_no_names_without_a_daemon(workdir):
@@ -835,15 +839,16 @@ def test_bash_completion_offers_the_daemons_streams_after_stream(make_daemon, wo
     assert narrowed == "frontend"
 
 
-def test_bash_completion_offers_sessions_and_unfinished_task_ids(make_daemon, workdir):
-    """In bash, `--session <TAB>` offers the sessions and `cancel <TAB>` the unended task ids."""
+def test_bash_completion_offers_sessions_and_task_ids(make_daemon, workdir):
+    """In bash, `--session <TAB>` offers the sessions and `task <TAB>` every task id."""
     daemon = observed(make_daemon)
     two_sessions(daemon)
-    finish(daemon)
+    finished = finish(daemon)
     pending = enqueue(daemon)
     sessions, tasks = bash_offers(daemon, workdir, 'sparkqctl tasks --session ""',
-                                  'sparkqctl cancel ""')
-    assert sorted(sessions.split()) == ["default", "ml", "web"] and tasks.split() == [str(pending)]
+                                  'sparkqctl task ""')
+    assert sorted(sessions.split()) == ["default", "ml", "web"]
+    assert tasks.split() == [str(finished), str(pending)]
 
 
 def test_watch_with_unknown_event_type_is_refused(daemon):
