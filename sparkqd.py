@@ -5571,9 +5571,15 @@ class Daemon:
 
     def _sync_schedules(self) -> None:
         """Make the schedules of sparkq.yml those in force (start and reload)."""
-        specs = self.config.schedules
-        for problem in self.change(lambda: self.queue.schedules.sync(specs, time.time()),
-                                   4096 + 1024 * len(specs)):
+        specs, book = self.config.schedules, self.queue.schedules
+        if not specs and not any(s.source == "config" for s in book.by_name.values()):
+            return  # nothing to apply: a start on a full disk must not need journal room
+        try:
+            problems = self.change(lambda: book.sync(specs, time.time()), 4096 + 1024 * len(specs))
+        except Unavailable as exc:
+            log.error("schedules of sparkq.yml not applied (reload to retry): %s", exc)
+            return
+        for problem in problems:
             log.error("%s", problem)
 
     def _reload_on_signal(self) -> None:
