@@ -63,6 +63,13 @@ def enqueue(daemon, *args, tool="agent") -> int:
     return int(daemon.ctl_ok("enqueue", "--tool", tool, *args))
 
 
+def enqueue_existing(daemon, *args, tool="agent") -> int:
+    """Enqueue a key that exists: the CLI prints that task's id, and says so on stderr."""
+    out = daemon.ctl("enqueue", "--tool", tool, *args)
+    assert out.returncode == 0 and "returned instead of a new one" in out.stderr, out
+    return int(out.stdout)
+
+
 def claim(daemon, *args) -> dict:
     """Claim through the CLI; return the claimed record."""
     return daemon.ctl_json("claim", *args)
@@ -333,7 +340,7 @@ def test_key_same_stream_returns_existing_task(q):
     first = q.ctl_json("enqueue", "--tool", "agent", "--key", "build-42")
     again = q.ctl_json("enqueue", "--tool", "agent", "--key", "build-42")
     assert (first["existing"], again["existing"], again["id"]) == (False, True, first["id"])
-    assert enqueue(q, "--key", "build-42") == first["id"]
+    assert enqueue_existing(q, "--key", "build-42") == first["id"]
     assert len(q.ok(op="tasks")) == 1
 
 
@@ -349,7 +356,7 @@ def test_key_held_until_purged(q):
     """A finished task keeps its key until it is purged; then the key makes a new task."""
     first = enqueue(q, "--key", "nightly")
     finish(q, first)
-    assert enqueue(q, "--key", "nightly") == first
+    assert enqueue_existing(q, "--key", "nightly") == first
     assert q.ctl_ok("purge", "--older-than", "0") == "purged 1 tasks\n"
     second = q.ctl_json("enqueue", "--tool", "agent", "--key", "nightly")
     assert second["id"] != first and second["existing"] is False
