@@ -284,6 +284,48 @@ def show_locks(locks: list) -> str:
                   for lk in locks], ["LOCK", "TASK", "STREAM", "WORKER", "SINCE"])
 
 
+# repository workspaces
+
+def size(nbytes) -> str:
+    """Bytes as people read them: 912K, 40M, 1.2G."""
+    if nbytes is None:
+        return "-"
+    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f}{unit}" if nbytes < 10 * scale else f"{nbytes // scale}{unit}"
+    return f"{nbytes}B"
+
+
+def show_workspaces(workspaces: list) -> str:
+    return table([[w["repo"], w["kind"], w["task"], w["branch"], size(w["bytes"]), w["state"],
+                   "-" if w["idle"] is None else age(w["idle"])] for w in workspaces],
+                 ["REPO", "KIND", "TASK", "BRANCH", "SIZE", "STATE", "IDLE"])
+
+
+def show_workspace(result: dict) -> str:
+    lines = [f"repo:      {result['repo']}", f"directory: {result['path']}"]
+    for w in result["workspaces"]:
+        lines.append(f"\n{w['kind']} {w['id']}: {w['state']}, {size(w['bytes'])}")
+        lines += [f"  {key + ':':13}{w[key]}" for key in (
+            "path", "task", "task_status", "branch", "ref", "commit", "url", "created_at",
+            "released_at", "stash") if w.get(key) is not None]
+    lines += ["\nsaved:"] + [f"  {path}" for path in result["saved"]] if result["saved"] else []
+    return "\n".join(lines)
+
+
+def show_removed(result: dict) -> str:
+    saved = f"; its changes are saved in {result['patch']}" if result["patch"] else ""
+    return f"removed workspace {result['removed']} ({result['path']}){saved}"
+
+
+def show_collected(report: dict) -> str:
+    verb = "would remove" if report["dry_run"] else "removed"
+    lines = [f"{verb} {w['kind']} {w['id']}: {w['reason']}"
+             + (f"; saved {w['patch']}" if w.get("patch") else "") for w in report["removed"]]
+    lines += [f"kept {w['kind']} {w['id']}: {w['why']}" for w in report["kept"]]
+    return "\n".join(lines) or "no workspaces"
+
+
 def show_status(status: dict) -> str:
     lines = []
     for key, value in status.items():
@@ -491,6 +533,10 @@ def seconds_until(rfc3339_time: str) -> float:
     return moment.timestamp() - __import__("time").time()
 
 
+#: What a run learns of its repository workspace; never inherited from the worker's own task.
+WORKSPACE_VARIABLES = ("SPARKQ_WORKSPACE", "SPARKQ_REPO", "SPARKQ_REF", "SPARKQ_BRANCH")
+
+
 class Worker:
     """Claim tasks and run COMMAND for each, ``--concurrency`` at a time.
 
@@ -607,10 +653,16 @@ class Worker:
 
     def _environment(self, task: dict) -> dict:
         payload = task["payload"]
-        return dict(os.environ, SPARKQ_TASK_ID=str(task["id"]), SPARKQ_STREAM=task["stream"],
+        workspace = task.get("workspace") or {}
+        where = {"SPARKQ_WORKSPACE": workspace["path"], "SPARKQ_REPO": task["repo"],
+                 "SPARKQ_REF": workspace["ref"] or "",
+                 "SPARKQ_BRANCH": workspace["branch"] or ""} if workspace.get("path") else {}
+        inherited = {k: v for k, v in os.environ.items() if k not in WORKSPACE_VARIABLES}
+        return dict(inherited, SPARKQ_TASK_ID=str(task["id"]), SPARKQ_STREAM=task["stream"],
                     SPARKQ_SESSION=task["session"], SPARKQ_TOOL=task["tool"],
                     SPARKQ_ATTEMPT=str(task["attempts"]), SPARKQ_SOCKET=self.path,
-                    SPARKQ_PAYLOAD=payload if isinstance(payload, str) else json.dumps(payload))
+                    SPARKQ_PAYLOAD=payload if isinstance(payload, str) else json.dumps(payload),
+                    **where)
 
     def _start(self, task_id: int, argv: list[str], env: dict):
         """Start a command in its own process group and register it; None once killed.
@@ -626,7 +678,7 @@ class Worker:
             if self.killed:
                 return None
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env,
-                                    start_new_session=True)
+                                    cwd=env.get("SPARKQ_WORKSPACE"), start_new_session=True)
             self.procs[task_id] = proc
             return proc
 
@@ -701,10 +753,11 @@ class Top:
     def refresh(self) -> None:
         """Fetch what the screen shows, in one pipelined round trip."""
         requests = [{"op": "stream.list"}, {"op": "tasks", "status": "running"}, {"op": "locks"},
-                    {"op": "workers"}, {"op": "history", "status": "failed", "limit": 5}]
+                    {"op": "workers"}, {"op": "history", "status": "failed", "limit": 5},
+                    {"op": "workspace.list"}]
         self.client.send_many(requests)
         results = [Client.result(self.client.receive()) for _ in requests]
-        streams, self.running, self.locks, self.workers, self.failures = results
+        streams, self.running, self.locks, self.workers, self.failures, self.workspaces = results
         self.streams = [s for s in streams if s["status"] != "ended"]
         self.selected = min(self.selected, max(0, len(self.streams) - 1))
         if not self.finished:
@@ -749,8 +802,10 @@ class Top:
                     f"task {w['task'] or '-':<7} done {w['done']}", False) for w in self.workers]
         failures = [(f"  {t['id']:>6} {t['stream'][:12]:12} {(t['reason'] or '').splitlines()[0][:55] if t['reason'] else ''}",
                      False) for t in self.failures]
+        workspaces = [(f"  {w['repo'][:32]:32} {w['kind']:8} task {w['task'] or '-':<7} "
+                       f"{w['state']:9} {size(w['bytes']):>6}", False) for w in self.workspaces]
         sections = [("RUNNING", running), ("LOCKS", locks), ("WORKERS", workers),
-                    ("RECENT FAILURES", failures)]
+                    ("RECENT FAILURES", failures), ("WORKSPACES", workspaces)]
         out = head + streams
         room = height - len(out) - 1 - len(sections)
         for title, rows in sections:
@@ -1103,6 +1158,13 @@ def file_text(path: str) -> str:
         raise ValueError(f"{exc.strerror}: {path}") from None
 
 
+def repo_arg(text: str) -> str:
+    """A repository as given: a URL stays as it is, a local path is made absolute."""
+    if "://" in text or re.match(r"^[\w.-]+@[\w.-]+:", text):
+        return text
+    return os.path.abspath(os.path.expanduser(text))
+
+
 def default_stream() -> str:
     return os.environ.get("SPARKQ_STREAM") or "default"
 
@@ -1366,7 +1428,13 @@ ENQUEUE = (
         help="wait until these tasks have completed"),
     Arg("--key", help="unique key: an existing task with it is returned instead"),
     Arg("--lock", help="at most one running task per lock (a repository URL is normalised)"),
-    Arg("--max-attempts", type=int, metavar="N", help="attempts before it fails"))
+    Arg("--max-attempts", type=int, metavar="N", help="attempts before it fails"),
+    # repository workspaces
+    Arg("--repo", load=repo_arg, metavar="URL|PATH",
+        help="the repository of its workspace (a local path is made absolute)"),
+    Arg("--ref", metavar="REF", help="branch, tag or commit (default: the default branch)"),
+    Arg("--workspace", choices=["shared", "worktree", "none"],
+        help="run in the repository's shared clone, a worktree of its own, or as it is"))
 
 TABLE = (
     Command("status", "show the daemon's state"),
@@ -1458,6 +1526,21 @@ TABLE = (
     Command("purge", "remove finished tasks older than N days",
             Arg("--older-than", type=float, metavar="DAYS", field="older_than_days"),
             show=lambda result: f"purged {result['purged']} tasks"),
+    # repository workspaces
+    Command("workspaces", "list repository workspaces: shared clones and task worktrees",
+            Arg("--repo", metavar="URL|PATH", load=repo_arg), op="workspace.list",
+            show=show_workspaces),
+    Command("workspace", "show, remove or collect repository workspaces", actions=(
+        Command("show", "a task's worktree, or a repository's clone and worktrees",
+                Arg("workspace", metavar="ID|REPO"), op="workspace.show", show=show_workspace),
+        Command("rm", "remove a task's worktree (or a clone): refused while its task runs",
+                Arg("workspace", metavar="ID|REPO"),
+                Arg("--force", action="store_true",
+                    help="also with unsaved work: saved as a patch first"),
+                op="workspace.remove", show=show_removed),
+        Command("gc", "run the workspace collector now",
+                Arg("--dry-run", action="store_true", help="only say what it would remove"),
+                op="workspace.gc", show=show_collected))),
 )
 
 BY_NAME = {command.name: command for command in TABLE}
