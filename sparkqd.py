@@ -21,6 +21,13 @@ hooks), each an ``on_commit(events, queue)``. The core returns Structs;
 with ``wait``, ``wait``, a ``claim_next`` that waits) are parked in
 ``Waiters`` and timed out by the one timer.
 
+A task may name a repository and ask for a workspace: the repository's shared clone
+(one task at a time, under its lock) or a git worktree of its own. The ``Workspaces``
+edge clones, fetches and adds worktrees with git subprocesses, and reports what it made
+to the core as events, so the journal knows which directory belongs to which task; a
+claim is answered once its task's workspace is ready. Its collector, a duty of the one
+timer, removes a workspace only when nothing in it would be lost, or after saving it.
+
 Every ``snapshot_interval`` seconds the rows that changed since the last
 snapshot are written to a SQLite file in a worker thread, in one transaction
 that also records the journal sequence it covers; journal segments wholly
@@ -749,7 +756,7 @@ class WorkspaceUpdated(Event, tag="workspace.updated"):
     ref: str | None = None
     commit: str | None = None
     branch: str | None = None
-    stash: str | None = None  #: the message of the leftover changes it stashed
+    stash: str | None = None  #: what it kept of what the last task left: a stash, commits
 
 
 class WorkspaceReleased(Event, tag="workspace.released"):
@@ -2085,7 +2092,7 @@ class Workspace(Struct, frozen=True):
     ready: bool = False  #: set up and made ready for an attempt at least once
     updated_at: float | None = None
     released_at: float | None = None
-    stash: str | None = None  #: the message of the last leftover changes it stashed
+    stash: str | None = None  #: what it last kept of what a task left: a stash, commits
 
 
 class WorkspaceBook:
@@ -2196,12 +2203,9 @@ class WorkspaceBook:
             self.queue._emit(WorkspaceUpdated(at=now, workspace=ws_id))
 
     def removed(self, ws_id: str, reason: str, patch: str | None, now: float) -> None:
-        ws = self.records.get(ws_id)
-        if ws is None:
-            raise NotFound(f"no workspace {ws_id}")
-        if self.holder(ws) is not None:
-            raise Conflict(f"workspace {ws_id} is in use by task {self.holder(ws).id}")
-        self.queue._emit(WorkspaceRemoved(at=now, workspace=ws_id, reason=reason, patch=patch))
+        """The directory is gone (the edge decided it could go, or found it gone)."""
+        if ws_id in self.records:
+            self.queue._emit(WorkspaceRemoved(at=now, workspace=ws_id, reason=reason, patch=patch))
 
     def attempt_ended(self, event: Event) -> None:
         """An attempt ended: release the workspace it was (being) made ready for."""
@@ -4144,6 +4148,9 @@ class Workspaces:
         """Save (if asked) and remove a workspace and a worktree's branch; then record it."""
         main = self.main_path(ws.repo)
         patch = await self._save(ws) if save and os.path.isdir(ws.path) else None
+        holder = self.book.holder(self.book.records.get(ws.id, ws))
+        if holder is not None:  # claimed again while its changes were saved
+            raise WorkspaceFailed(f"its task {holder.id} is {holder.status} again")
         if ws.kind == "worktree" and os.path.isdir(main):
             if os.path.isdir(ws.path):
                 await git(["worktree", "remove", "--force", ws.path], main, self.timeout)
@@ -5434,7 +5441,8 @@ def tools_view(config: Config, settings) -> dict:
     return {
         "tools": {name: {"task_class": t.task_class, "description": t.description,
                          "timeout": settings(name).timeout,
-                         "max_attempts": settings(name).max_attempts, "command": t.command}
+                         "max_attempts": settings(name).max_attempts, "command": t.command,
+                         "workspace": t.workspace, "repo": t.repo}
                   for name, t in config.tools.items()},
         "task_classes": {name: msgspec.structs.asdict(c)
                          for name, c in config.task_classes.items()},

@@ -38,6 +38,11 @@ EXAMPLES = [
     "workers", "watch --stream a --session b --task 3 --event task.created", "metrics",
     "history --stream a --session b --status failed --since 30m --limit 5",
     "tasks --stream a --session b --status waiting --limit 5", "purge --older-than 7",
+    # repository workspaces
+    "enqueue --tool run-bash --payload make --repo git@github.com:u/r --ref v1.2 "
+    "--workspace worktree",
+    "workspaces --repo https://github.com/u/r", "workspace show 3", "workspace rm 3 --force",
+    "workspace gc --dry-run",
 ]
 
 
