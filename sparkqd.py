@@ -3567,6 +3567,7 @@ class Pool:
 
 #: git's environment: never a prompt, plain messages, no lock taken by a mere `status`.
 GIT_ENVIRONMENT = {"GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C", "GIT_OPTIONAL_LOCKS": "0"}
+TRASH_PREFIX = ".removing-"  #: a removed workspace's tree, until deleted in the background
 COLLECT_EVERY = 3600.0  #: the collector looks at every workspace at least this often
 RECHECK_IN_USE = 60.0  #: and this soon again while one is kept only because a process is in it
 
@@ -3615,14 +3616,20 @@ async def git(args: list[str], cwd: str, timeout: float, check: bool = True,
 
 def disk_usage(path: str) -> int:
     """Bytes a directory tree takes on disk, each file counted once (in a worker thread)."""
-    total, seen = 0, set()
-    for folder, dirs, files in os.walk(path):
-        for name in (*dirs, *files):
+    total, seen, folders = 0, set(), [path]
+    while folders:
+        try:
+            entries = list(os.scandir(folders.pop()))
+        except OSError:
+            continue
+        for entry in entries:
             try:
-                st = os.lstat(os.path.join(folder, name))
+                st = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
-            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            if entry.is_dir(follow_symlinks=False):
+                folders.append(entry.path)
+            elif st.st_nlink > 1:
                 if (st.st_dev, st.st_ino) in seen:
                     continue
                 seen.add((st.st_dev, st.st_ino))
@@ -3647,18 +3654,21 @@ def processes_inside(path: str, cwds: dict[int, str]) -> list[int]:
     return sorted(pid for pid, cwd in cwds.items() if cwd == real or cwd.startswith(real + "/"))
 
 
-def unrecorded_directories(root: str, known: set[str]) -> list[str]:
-    """Checkouts under ``root`` that no workspace record names (in a worker thread)."""
-    found = []
+def scan_workspaces(root: str, known: set[str]) -> tuple[list[str], list[str]]:
+    """(checkouts under ``root`` no record names, trees of removed workspaces a crash left
+    before they were deleted), never looking inside a checkout (in a worker thread)."""
+    unrecorded, trash = [], []
     for folder, dirs, files in os.walk(root):
         if folder != root and (".git" in dirs or ".git" in files):
             if folder not in known:
-                found.append(folder)
+                unrecorded.append(folder)
             dirs[:] = []
             continue
+        trash += [os.path.join(folder, d) for d in dirs if d.startswith(TRASH_PREFIX)]
         repo_level = "main" in dirs or "tasks" in dirs
-        dirs[:] = sorted(d for d in dirs if not (repo_level and d == "saved"))
-    return found
+        dirs[:] = sorted(d for d in dirs if not (repo_level and d == "saved")
+                         and not d.startswith(TRASH_PREFIX))
+    return unrecorded, trash
 
 
 def write_file(path: str, data: bytes) -> None:
@@ -4151,16 +4161,20 @@ class Workspaces:
         holder = self.book.holder(self.book.records.get(ws.id, ws))
         if holder is not None:  # claimed again while its changes were saved
             raise WorkspaceFailed(f"its task {holder.id} is {holder.status} again")
+        # Moved aside at once and deleted in the background: the repository's other work
+        # waits for no tree of 10,000 files to be deleted.
+        trash = os.path.join(self.home(ws.repo), f"{TRASH_PREFIX}{ws.id.replace('/', '_')}-"
+                                                 f"{time.monotonic_ns()}")
+        if os.path.isdir(ws.path):
+            os.rename(ws.path, trash)
         if ws.kind == "worktree" and os.path.isdir(main):
-            if os.path.isdir(ws.path):
-                await git(["worktree", "remove", "--force", ws.path], main, self.timeout)
             await git(["worktree", "prune"], main, self.timeout)
             await git(["branch", "-D", ws.branch], main, self.timeout, check=False)
-        elif os.path.isdir(ws.path):
-            await self._thread(shutil.rmtree, ws.path)
         await self._thread(remove_empty_up_to, os.path.dirname(ws.path), self.root)
         self.sizes.pop(ws.path, None)
         self._report(lambda: self.book.removed(ws.id, reason, patch, time.time()))
+        if os.path.isdir(trash):
+            self._spawn(self._thread(shutil.rmtree, trash, True))
         log.info("workspace %s removed: %s%s", ws.id, reason, f"; saved {patch}" if patch else "")
         return patch
 
@@ -4181,7 +4195,8 @@ class Workspaces:
             log.exception("workspace collection failed; retried within the hour")
         finally:
             self.collecting = None
-        self.next_collect = self._next_collection(report)
+        # (min: a release during the collection asked for another soon)
+        self.next_collect = min(self.next_collect, self._next_collection(report))
         self.rearm(self.next_collect)
 
     def _next_collection(self, report: dict | None) -> float:
@@ -4192,9 +4207,9 @@ class Workspaces:
         if report and any(kept["why"].startswith("in use") for kept in report["kept"]):
             times.append(now + RECHECK_IN_USE)
         for ws in self.book.records.values():
-            if ws.state == "idle":
-                keep = days.keep_days if ws.kind == "worktree" else days.prune_days
-                times.append(max(now, self._last_use(ws) + keep * DAY))
+            keep = days.keep_days if ws.kind == "worktree" else days.prune_days
+            if ws.state == "idle" and self._last_use(ws) + keep * DAY > now:  # (past: kept for
+                times.append(self._last_use(ws) + keep * DAY)  # another reason, seen hourly)
         return min(times)
 
     @staticmethod
@@ -4360,7 +4375,11 @@ class Workspaces:
         attempts whose workspace a crash left half prepared (their claimer never heard)."""
         if os.path.isdir(self.root):
             known = {ws.path for ws in self.book.records.values()}
-            self.unrecorded = await self._thread(unrecorded_directories, self.root, known)
+            self.unrecorded, trash_found = await self._thread(scan_workspaces, self.root, known)
+            for trash in trash_found:
+                log.info("deleting %s: a removed workspace's tree, moved aside before a crash",
+                         trash)
+                self._spawn(self._thread(shutil.rmtree, trash, True))
         for path in self.unrecorded:
             log.warning("workspace directory %s has no record (a crash while it was made, or "
                         "made by hand): left as it is; remove it yourself if nothing in it is "
