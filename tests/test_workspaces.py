@@ -232,6 +232,50 @@ def test_setup_runs_in_a_new_worktree_and_its_failure_fails_the_attempt(start):
     assert "never" not in d.ok(op="logs", task=bad["id"])["log"]
 
 
+def test_a_retry_gets_the_worktree_its_earlier_attempt_left(start):
+    """A retried task runs again in its own worktree, as its failed attempt left it."""
+    d = start(workers=1, extra="""
+  twice: {{task_class: quick, command: [bash, -c], workspace: worktree, repo: "{url}",
+          max_attempts: 2, retry_backoff: 0}}
+""")
+    task = ended(d, enqueue(d, "twice", "if [ -f mark ]; then echo again in $PWD; "
+                                       "else touch mark; exit 1; fi"))
+    assert (task["status"], task["attempts"]) == ("completed", 2), task
+    assert task["summary"].startswith("again in /") and task["summary"].endswith(
+        f"/origin/tasks/{task['id']}")  # (the collector may have removed it since)
+
+
+def test_a_script_header_names_its_repository_workspace_and_setup(start, workdir, origin):
+    """A script's `# workspace:`, `# repo:` and `# setup:` lines are its tasks' defaults."""
+    scripts = workdir / "scripts"
+    scripts.mkdir()
+    (scripts / "build.sh").write_text(f"""# workspace: worktree
+# repo: {origin.url}
+# setup: touch .set-up
+test -f .set-up && echo "built on $SPARKQ_BRANCH"
+""")
+    d = start(workers=1, extra=f"script_dirs: [{scripts}]\n")
+    task = ended(d, d.ok(op="enqueue", script="build")["id"])
+    assert task["summary"] == f"built on sparkq/{task['id']}", task
+
+
+def test_sparkqctl_work_runs_each_command_in_its_tasks_workspace(start, workdir):
+    """`sparkqctl work` runs COMMAND in the claimed task's worktree, with its variables."""
+    d = start()
+    out = workdir / "where"
+    worker = subprocess.Popen([*SPARKQCTL, "--socket", str(d.socket), "work", "--tool", "agent",
+                               "--", "bash", "-c", f'echo "$PWD $SPARKQ_BRANCH" > {out}'],
+                              env=d.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        task = ended(d, enqueue(d, "agent"))
+    finally:
+        worker.terminate()
+        worker.wait(10)
+    assert task["status"] == "completed", task
+    where, branch = out.read_text().split()
+    assert where.endswith(f"/origin/tasks/{task['id']}") and branch == f"sparkq/{task['id']}"
+
+
 def test_submodules_are_initialised_in_a_worktree(start, workdir, run_git):
     """A worktree of a repository with a submodule has the submodule checked out."""
     library = Origin(workdir, run_git, "library", {"lib.txt": "from the library\n"})
