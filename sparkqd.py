@@ -2323,7 +2323,7 @@ class Replies:
 
     def workspace(self, ws: Workspace) -> dict:
         task = self.queue.tasks.get(ws.task) if ws.task is not None else None
-        idle = ws.state == "idle" and (ws.released_at or ws.updated_at or ws.created_at)
+        idle = ws.state == "idle" and max(ws.created_at, ws.updated_at or 0, ws.released_at or 0)
         return {"id": ws.id, "repo": ws.repo, "kind": ws.kind, "task": ws.task,
                 "task_status": task.status if task else None, "branch": ws.branch,
                 "ref": ws.ref, "commit": ws.commit, "path": ws.path, "url": ws.url,
@@ -3800,7 +3800,7 @@ class Workspaces:
                 self._report(lambda: self.book.fetched(key, time.time()))
         if not ws.ready:
             await self._setup(task, msgspec.structs.replace(ws, **fields), log_write)
-        return ws, {k: v for k, v in fields.items() if v is not None or k == "branch"}
+        return ws, fields
 
     async def _clone_or_fetch(self, task: Task, key: str) -> bool:
         """Make sure the shared clone exists and is fetched; True if it was just cloned."""
@@ -4029,7 +4029,7 @@ class Workspaces:
         error = None
         try:
             await self.prepare(task, log_file.write)
-        except WorkspaceFailed as exc:
+        except Unavailable as exc:  # (the journal's too: the attempt cannot be bound)
             error = exc
         except asyncio.CancelledError:
             self._interrupt(task, "interrupted by shutdown while its workspace was prepared")
@@ -4214,7 +4214,7 @@ class Workspaces:
 
     @staticmethod
     def _last_use(ws: Workspace) -> float:
-        return max(ws.created_at, ws.updated_at or 0, ws.released_at or 0)
+        return max(ws.created_at, ws.updated_at or 0, ws.released_at or 0)  # as Replies says
 
     async def collect(self, dry_run: bool = False) -> dict:
         """Remove every workspace nobody needs, saving first what it would lose; says what it

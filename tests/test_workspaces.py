@@ -215,12 +215,16 @@ def test_a_run_gets_its_workspace_as_cwd_and_in_its_environment(start):
 
 
 def test_setup_runs_in_a_new_worktree_and_its_failure_fails_the_attempt(start):
-    """The setup runs first, logged in a section of its own; one that fails fails the attempt."""
+    """The setup runs first, logged in a section of its own; one that fails, or outlasts
+    workspaces.setup_timeout, fails the attempt."""
     d = start(workers=1, extra="""
   setup-ok: {{task_class: quick, command: [bash, -c], workspace: worktree, repo: "{url}",
              setup: [bash, -c, 'echo installing; touch .deps']}}
   setup-broken: {{task_class: quick, command: [bash, -c], workspace: worktree, repo: "{url}",
                  setup: [bash, -c, 'echo no network >&2; exit 3']}}
+  setup-slow: {{task_class: quick, command: [bash, -c], workspace: worktree, repo: "{url}",
+               setup: [sleep, "10"]}}
+workspaces: {{setup_timeout: 1}}
 """)
     good = ended(d, enqueue(d, "setup-ok", "test -f .deps && echo ready"))
     assert (good["status"], good["summary"]) == ("completed", "ready"), good
@@ -230,6 +234,8 @@ def test_setup_runs_in_a_new_worktree_and_its_failure_fails_the_attempt(start):
     bad = ended(d, enqueue(d, "setup-broken", "echo never"))
     assert bad["status"] == "failed" and "exited 3: no network" in bad["reason"], bad
     assert "never" not in d.ok(op="logs", task=bad["id"])["log"]
+    slow = ended(d, enqueue(d, "setup-slow", "echo never"))
+    assert "setup `sleep 10` timed out after 1 s" in slow["reason"], slow
 
 
 def test_a_retry_gets_the_worktree_its_earlier_attempt_left(start):
