@@ -292,7 +292,8 @@ def size(nbytes) -> str:
         return "-"
     for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
         if nbytes >= scale:
-            return f"{nbytes / scale:.1f}{unit}" if nbytes < 10 * scale else f"{nbytes // scale}{unit}"
+            whole = nbytes >= 10 * scale
+            return f"{nbytes // scale}{unit}" if whole else f"{nbytes / scale:.1f}{unit}"
     return f"{nbytes}B"
 
 

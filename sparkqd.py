@@ -3449,7 +3449,8 @@ class Pool:
         try:
             argv, cwd, extra = self.command(run.task)
             if run.workspace is not None:
-                cwd, extra = run.workspace.path, extra | workspace_environment(run.workspace, run.task)
+                cwd = run.workspace.path
+                extra = extra | workspace_environment(run.workspace, run.task)
             run.start_ticks = start_time_now()
             run.proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -4095,8 +4096,8 @@ class Workspaces:
                                    ws.path, self.timeout)
             dirty = bool(changes.strip())
         if ws.kind == "worktree":
-            _, tip = await git(["for-each-ref", "--format=%(objectname)", f"refs/heads/{ws.branch}"],
-                               ws.path, self.timeout)
+            _, tip = await git(["for-each-ref", "--format=%(objectname)",
+                                f"refs/heads/{ws.branch}"], ws.path, self.timeout)
             base = await self._commit_of(ws)
             revs = ["HEAD", *tip.split(), "--not", *([base] if base else []), "--remotes"]
             stashes = 0
@@ -4133,7 +4134,8 @@ class Workspaces:
         if ws.kind == "shared" and not os.path.exists(os.path.join(ws.path, ".git", "index")):
             return None  # never checked out: nothing uncommitted
         base = ws.commit if ws.kind == "worktree" else "HEAD"
-        await git(["add", "--all", "--intent-to-add", "--", "."], ws.path, self.timeout)  # new files too
+        # Intent to add: new files show in the diff too.
+        await git(["add", "--all", "--intent-to-add", "--", "."], ws.path, self.timeout)
         _, diff = await git(["diff", "--binary", base, "--"], ws.path, self.timeout, raw=True)
         if not diff.strip():
             return None
