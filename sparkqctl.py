@@ -340,6 +340,58 @@ def show_locks(locks: list) -> str:
                   for lk in locks], ["LOCK", "TASK", "STREAM", "WORKER", "SINCE"])
 
 
+# repository workspaces
+
+def size(nbytes) -> str:
+    """Bytes as people read them: 912K, 40M, 1.2G."""
+    if nbytes is None:
+        return "-"
+    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if nbytes >= scale:
+            whole = nbytes >= 10 * scale
+            return f"{nbytes // scale}{unit}" if whole else f"{nbytes / scale:.1f}{unit}"
+    return f"{nbytes}B"
+
+
+def show_workspaces(workspaces: list) -> str:
+    return table([[w["repo"], w["kind"], w["task"], w["branch"], size(w["bytes"]), w["state"],
+                   "-" if w["idle"] is None else age(w["idle"])] for w in workspaces],
+                 ["REPO", "KIND", "TASK", "BRANCH", "SIZE", "STATE", "IDLE"])
+
+
+def show_workspace(result: dict) -> str:
+    lines = [f"repo:      {result['repo']}", f"directory: {result['path']}"]
+    for w in result["workspaces"]:
+        lines.append(f"\n{w['kind']} {w['id']}: {w['state']}, {size(w['bytes'])}")
+        lines += [f"  {key + ':':13}{w[key]}" for key in (
+            "path", "task", "task_status", "branch", "ref", "commit", "url", "created_at",
+            "released_at", "stash") if w.get(key) is not None]
+    lines += ["\nsaved:"] + [f"  {path}" for path in result["saved"]] if result["saved"] else []
+    return "\n".join(lines)
+
+
+def show_removed(result: dict) -> str:
+    saved = f"; its changes are saved in {result['patch']}" if result["patch"] else ""
+    return f"removed workspace {result['removed']} ({result['path']}){saved}"
+
+
+def show_collected(report: dict) -> str:
+    verb = "would remove" if report["dry_run"] else "removed"
+    lines = [f"{verb} {w['kind']} {w['id']}: {w['reason']}"
+             + (f"; saved {w['patch']}" if w.get("patch") else "") for w in report["removed"]]
+    lines += [f"kept {w['kind']} {w['id']}: {w['why']}" for w in report["kept"]]
+    return "\n".join(lines) or "no workspaces"
+
+
+def show_status(status: dict) -> str:
+    lines = []
+    for key, value in status.items():
+        if isinstance(value, dict):
+            value = "  ".join(f"{k}={v}" for k, v in value.items())
+        lines.append(f"{key + ':':12}{value}")
+    return "\n".join(lines)
+
+
 def show_plain(result) -> str:
     """A result no command shows its own way: aligned `key: value` lines, else plain text."""
     if isinstance(result, dict):
@@ -689,6 +741,10 @@ def seconds_until(rfc3339_time: str) -> float:
     return moment.timestamp() - __import__("time").time()
 
 
+#: What a run learns of its repository workspace; never inherited from the worker's own task.
+WORKSPACE_VARIABLES = ("SPARKQ_WORKSPACE", "SPARKQ_REPO", "SPARKQ_REF", "SPARKQ_BRANCH")
+
+
 class Worker:
     """Claim tasks and run COMMAND for each, ``--concurrency`` at a time.
 
@@ -804,10 +860,16 @@ class Worker:
 
     def _environment(self, task: dict) -> dict:
         payload = task["payload"]
-        return dict(os.environ, SPARKQ_TASK_ID=str(task["id"]), SPARKQ_STREAM=task["stream"],
+        workspace = task.get("workspace") or {}
+        where = {"SPARKQ_WORKSPACE": workspace["path"], "SPARKQ_REPO": task["repo"],
+                 "SPARKQ_REF": workspace["ref"] or "",
+                 "SPARKQ_BRANCH": workspace["branch"] or ""} if workspace.get("path") else {}
+        inherited = {k: v for k, v in os.environ.items() if k not in WORKSPACE_VARIABLES}
+        return dict(inherited, SPARKQ_TASK_ID=str(task["id"]), SPARKQ_STREAM=task["stream"],
                     SPARKQ_SESSION=task["session"], SPARKQ_TOOL=task["tool"],
                     SPARKQ_ATTEMPT=str(task["attempts"]), SPARKQ_SOCKET=self.path,
-                    SPARKQ_PAYLOAD=payload if isinstance(payload, str) else json.dumps(payload))
+                    SPARKQ_PAYLOAD=payload if isinstance(payload, str) else json.dumps(payload),
+                    **where)
 
     def _start(self, task_id: int, argv: list[str], env: dict):
         """Start a command in its own process group and register it; None once killed.
@@ -823,7 +885,7 @@ class Worker:
             if self.killed:
                 return None
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env,
-                                    start_new_session=True)
+                                    cwd=env.get("SPARKQ_WORKSPACE"), start_new_session=True)
             self.procs[task_id] = proc
             return proc
 
@@ -899,10 +961,11 @@ class Top:
         """Fetch what the screen shows, in one pipelined round trip."""
         requests = [{"op": "stream.list"}, {"op": "tasks", "status": "running"}, {"op": "locks"},
                     {"op": "workers"}, {"op": "history", "status": "failed", "limit": 5},
-                    {"op": "schedule.list"}]
+                    {"op": "schedule.list"}, {"op": "workspace.list"}]
         self.client.send_many(requests)
         results = [Client.result(self.client.receive()) for _ in requests]
-        streams, self.running, self.locks, self.workers, self.failures, schedules = results
+        (streams, self.running, self.locks, self.workers, self.failures, schedules,
+         self.workspaces) = results
         self.schedules = sorted((s for s in schedules if s["next_at"]), key=lambda s: s["next_at"])
         self.streams = [s for s in streams if s["status"] != "ended"]
         self.selected = min(self.selected, max(0, len(self.streams) - 1))
@@ -953,8 +1016,11 @@ class Top:
         firings = [(f"  {s['next_at'][:19].replace('T', ' ')} UTC  {s['name'][:24]:24} "
                     f"{s['stream'][:12]:12} last {s['last_outcome'] or '-'}", False)
                    for s in self.schedules]
+        workspaces = [(f"  {w['repo'][:32]:32} {w['kind']:8} task {w['task'] or '-':<7} "
+                       f"{w['state']:9} {size(w['bytes']):>6}", False) for w in self.workspaces]
         sections = [("RUNNING", running), ("LOCKS", locks), ("WORKERS", workers),
-                    ("RECENT FAILURES", failures), ("NEXT FIRINGS", firings)]
+                    ("RECENT FAILURES", failures), ("NEXT FIRINGS", firings),
+                    ("WORKSPACES", workspaces)]
         out = head + streams
         room = height - len(out) - 1 - len(sections)
         for title, rows in sections:
@@ -1309,6 +1375,13 @@ def file_text(path: str) -> str:
         raise ValueError(f"{exc.strerror}: {path}") from None
 
 
+def repo_arg(text: str) -> str:
+    """A repository as given: a URL stays as it is, a local path is made absolute."""
+    if "://" in text or re.match(r"^[\w.-]+@[\w.-]+:", text):
+        return text
+    return os.path.abspath(os.path.expanduser(text))
+
+
 def default_stream() -> str:
     return os.environ.get("SPARKQ_STREAM") or "default"
 
@@ -1588,7 +1661,13 @@ ENQUEUE = (
         help="wait until these tasks have completed"),
     Arg("--key", help="unique key: an existing task with it is returned instead"),
     Arg("--lock", help="at most one running task per lock (a repository URL is normalised)"),
-    Arg("--max-attempts", type=int, metavar="N", help="attempts before it fails"))
+    Arg("--max-attempts", type=int, metavar="N", help="attempts before it fails"),
+    # repository workspaces
+    Arg("--repo", load=repo_arg, metavar="URL|PATH",
+        help="the repository of its workspace (a local path is made absolute)"),
+    Arg("--ref", metavar="REF", help="branch, tag or commit (default: the default branch)"),
+    Arg("--workspace", choices=["shared", "worktree", "none"],
+        help="run in the repository's shared clone, a worktree of its own, or as it is"))
 
 # -- schedules --
 
@@ -1771,6 +1850,21 @@ TABLE = (
             Arg("--older-than", type=float, metavar="DAYS", field="older_than_days"),
             show=lambda result: f"purged {result['purged']} tasks"),
     SCHEDULE,
+    # repository workspaces
+    Command("workspaces", "list repository workspaces: shared clones and task worktrees",
+            Arg("--repo", metavar="URL|PATH", load=repo_arg), op="workspace.list",
+            show=show_workspaces),
+    Command("workspace", "show, remove or collect repository workspaces", actions=(
+        Command("show", "a task's worktree, or a repository's clone and worktrees",
+                Arg("workspace", metavar="ID|REPO"), op="workspace.show", show=show_workspace),
+        Command("rm", "remove a task's worktree (or a clone): refused while its task runs",
+                Arg("workspace", metavar="ID|REPO"),
+                Arg("--force", action="store_true",
+                    help="also with unsaved work: saved as a patch first"),
+                op="workspace.remove", show=show_removed),
+        Command("gc", "run the workspace collector now",
+                Arg("--dry-run", action="store_true", help="only say what it would remove"),
+                op="workspace.gc", show=show_collected))),
 )
 
 BY_NAME = {command.name: command for command in TABLE}

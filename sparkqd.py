@@ -21,6 +21,13 @@ hooks), each an ``on_commit(events, queue)``. The core returns Structs;
 with ``wait``, ``wait``, a ``claim_next`` that waits) are parked in
 ``Waiters`` and timed out by the one timer.
 
+A task may name a repository and ask for a workspace: the repository's shared clone
+(one task at a time, under its lock) or a git worktree of its own. The ``Workspaces``
+edge clones, fetches and adds worktrees with git subprocesses, and reports what it made
+to the core as events, so the journal knows which directory belongs to which task; a
+claim is answered once its task's workspace is ready. Its collector, a duty of the one
+timer, removes a workspace only when nothing in it would be lost, or after saving it.
+
 Every ``snapshot_interval`` seconds the rows that changed since the last
 snapshot are written to a SQLite file in a worker thread, in one transaction
 that also records the journal sequence it covers; journal segments wholly
@@ -46,10 +53,11 @@ Sections, in the order the data flows:
 7. Journal
 8. Snapshot
 9. Runner (the daemon's own workers)
-10. Observers: stats, metrics, watchers, task logs, workers, hooks
-11. Server: waiters and connections
-12. Daemon: lifecycle, dispatch, change pipeline, timer, reload
-13. main()
+10. Workspaces (git): shared clones, task worktrees, their collector
+11. Observers: stats, metrics, watchers, task logs, workers, hooks
+12. Server: waiters and connections
+13. Daemon: lifecycle, dispatch, change pipeline, timer, reload
+14. main()
 """
 
 from __future__ import annotations
@@ -74,6 +82,8 @@ import os
 import re
 import resource
 import select
+import shlex
+import shutil
 import signal
 import socket
 import sqlite3
@@ -313,6 +323,11 @@ class Tool(ConfigStruct):
     cwd: str | None = None
     env: dict[str, str] | None = None
     concurrency: Annotated[int, Meta(ge=1)] | None = None
+    # repository workspaces: the defaults of the tool's tasks
+    workspace: Literal["shared", "worktree", "none"] | None = None
+    repo: str | None = None
+    ref: str | None = None
+    setup: list[str] | None = None
 
 
 # -- schedules --
@@ -394,6 +409,21 @@ def builtin_tools() -> dict[str, Tool]:
     }
 
 
+class RepoSettings(ConfigStruct):
+    """``workspaces.repos.REPO``: what a repository's new workspaces run before their task."""
+
+    setup: list[str] | None = None
+
+
+class WorkspacesConfig(ConfigStruct):
+    keep_days: Days = 7.0
+    prune_days: Days = 30.0
+    max_bytes: Annotated[int, Meta(ge=0)] | None = None
+    git_timeout: Seconds = 600.0
+    setup_timeout: Seconds = 600.0
+    repos: dict[str, RepoSettings] = field(default_factory=dict)
+
+
 class Config(ConfigStruct):
     project: ProjectConfig = field(default_factory=ProjectConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -408,6 +438,7 @@ class Config(ConfigStruct):
     task_classes: dict[str, TaskClass] = field(default_factory=builtin_task_classes)
     tools: dict[str, Tool] = field(default_factory=builtin_tools)
     schedules: dict[str, ScheduleSpec] = field(default_factory=dict)
+    workspaces: WorkspacesConfig = field(default_factory=WorkspacesConfig)
 
 
 #: Keys of the original SparkQ file format that no longer apply, and what replaced them.
@@ -445,6 +476,10 @@ def parse_config(text: str, source: str = "<config>") -> Config:
                               f"{tool.task_class!r} (known: {known})")
         if tool.command is not None and not tool.command:
             raise ConfigError(f"{source}: $.tools.{name}.command: must name a program")
+        for key, check in (("repo", repo_problem), ("ref", ref_problem)):
+            problem = getattr(tool, key) is not None and check(getattr(tool, key))
+            if problem:
+                raise ConfigError(f"{source}: $.tools.{name}.{key}: {problem}")
     for name, spec in config.schedules.items():
         problem = schedule_config_problem(name, spec, config)
         if problem:
@@ -629,6 +664,9 @@ class Task(Struct, frozen=True, gc=False):
     run_start: int | None = None  #: that process's start time, in clock ticks after boot
     schedule: str | None = None  #: the schedule whose firing enqueued it
     slot: float | None = None  #: the slot time of that firing
+    repo: str | None = None  #: the repository of its workspace, as given
+    ref: str | None = None  #: the branch, tag or commit asked for; None: the default branch
+    workspace: str | None = None  #: "shared" or "worktree"; None: no workspace
 
 
 class Schedule(Struct, frozen=True, gc=False):
@@ -657,6 +695,11 @@ class Script(Struct, frozen=True):
     task_class: str = "MEDIUM_SCRIPT"
     timeout: float | None = None
     args: str = ""
+    # repository workspaces: header lines `# workspace:`, `# repo:`, `# ref:`, `# setup:`
+    workspace: str | None = None
+    repo: str | None = None
+    ref: str | None = None
+    setup: str | None = None
 
 
 class TaskResult(Struct, frozen=True):
@@ -732,6 +775,9 @@ class TaskEnqueued(Event, tag="task.enqueued"):
     lock: str | None = None
     schedule: str | None = None
     slot: float | None = None
+    repo: str | None = None
+    ref: str | None = None
+    workspace: str | None = None
 
 
 class TaskReleased(Event, tag="task.released"):
@@ -849,13 +895,55 @@ class ScheduleSkipped(Event, tag="schedule.skipped"):
     last_slot: float | None = None  #: the last of a run of ``count`` skipped slots
     count: int = 1
 
+# -- repository workspaces: a workspace's id is its task's id (a worktree) or its repository
+# (the shared clone); see the core's WorkspaceBook
+
+
+class WorkspaceCreated(Event, tag="workspace.created"):
+    """A directory now exists for a repository: its shared clone, or a task's worktree."""
+
+    workspace: str
+    repo: str
+    kind: str
+    path: str
+    url: str
+    task: int | None = None
+    branch: str | None = None
+    ref: str | None = None
+    commit: str | None = None
+
+
+class WorkspaceUpdated(Event, tag="workspace.updated"):
+    """Ready for a task's attempt (fetched, reset, set up); with no task: only fetched."""
+
+    workspace: str
+    task: int | None = None
+    ref: str | None = None
+    commit: str | None = None
+    branch: str | None = None
+    stash: str | None = None  #: what it kept of what the last task left: a stash, commits
+
+
+class WorkspaceReleased(Event, tag="workspace.released"):
+    """The attempt of the task it was ready for ended."""
+
+    workspace: str
+    task: int
+
+
+class WorkspaceRemoved(Event, tag="workspace.removed"):
+    workspace: str
+    reason: str = ""
+    patch: str | None = None  #: where its changes were saved first
+
 
 AnyEvent = Union[SessionCreated, SessionEnded, StreamCreated, StreamEnded, StreamPaused,
                  StreamResumed, TaskEnqueued, TaskReleased, TaskClaimed, TaskRunStarted,
                  TaskTouched,
                  TaskCompleted, TaskFailed, TaskRetrying, TaskCancelled, TaskRequeued,
                  TasksPurged, ScheduleCreated, ScheduleChanged, ScheduleRemoved,
-                 SchedulePaused, ScheduleResumed, ScheduleFired, ScheduleSkipped]
+                 SchedulePaused, ScheduleResumed, ScheduleFired, ScheduleSkipped,
+                 WorkspaceCreated, WorkspaceUpdated, WorkspaceReleased, WorkspaceRemoved]
 
 
 # ============================================================================
@@ -929,6 +1017,10 @@ class Enqueue(Request, tag="enqueue"):
     key: Annotated[str, Meta(min_length=1)] | None = None
     lock: Annotated[str, Meta(min_length=1)] | None = None
     max_attempts: Attempts | None = None
+    # repository workspaces
+    repo: Annotated[str, Meta(min_length=1)] | None = None
+    ref: Annotated[str, Meta(min_length=1)] | None = None
+    workspace: Literal["shared", "worktree", "none"] | None = None
 
     def __post_init__(self):
         check_json_value(self.payload, "payload")
@@ -1131,6 +1223,26 @@ class ScheduleNext(ReadRequest, tag="schedule.next"):
     count: Annotated[int, Meta(ge=1, le=1000)] = 10
     after: str | None = None
 
+# -- repository workspaces: remove and gc change state later, through the change pipeline
+# once their git work is done, so they reserve no journal room up front
+
+
+class WorkspaceList(ReadRequest, tag="workspace.list"):
+    repo: str | None = None
+
+
+class WorkspaceShow(ReadRequest, tag="workspace.show"):
+    workspace: Annotated[str, Meta(min_length=1)]
+
+
+class WorkspaceRemove(ReadRequest, tag="workspace.remove"):
+    workspace: Annotated[str, Meta(min_length=1)]
+    force: bool = False
+
+
+class WorkspaceGc(ReadRequest, tag="workspace.gc"):
+    dry_run: bool = False
+
 
 AnyRequest = Union[Hello, Status, SessionCreate, SessionEnd, SessionList, StreamCreate,
                    StreamEnd, StreamList, StreamPause, StreamResume, Enqueue, Peek, Claim,
@@ -1138,7 +1250,7 @@ AnyRequest = Union[Hello, Status, SessionCreate, SessionEnd, SessionList, Stream
                    Logs, Scripts, Workers, Watch, History, Metrics, Purge, Tools, Reload,
                    Shutdown, Schema, ScheduleCreate, ScheduleUpdate, ScheduleDelete,
                    SchedulePause, ScheduleResume, ScheduleFire, ScheduleList, ScheduleShow,
-                   ScheduleNext]
+                   ScheduleNext, WorkspaceList, WorkspaceShow, WorkspaceRemove, WorkspaceGc]
 OPS = frozenset(cls.__struct_config__.tag for cls in AnyRequest.__args__)
 
 
@@ -1320,9 +1432,12 @@ class Changes:
         self.tasks: dict[int, Task] = {}
         self.purged: set[int] = set()
         self.schedules: dict[str, Schedule | None] = {}  #: None: removed
+        self.workspaces: dict[str, Workspace] = {}
+        self.workspaces_removed: set[str] = set()
 
     def __bool__(self):
-        return bool(self.sessions or self.streams or self.tasks or self.purged or self.schedules)
+        return bool(self.sessions or self.streams or self.tasks or self.purged or self.schedules
+                    or self.workspaces or self.workspaces_removed)
 
 
 class TaskIndex:
@@ -1502,6 +1617,7 @@ class Queue:
         #: reserves its room there, and may refuse it (BadRequest, Unavailable).
         self.record = None
         self._events: list[Event] = []
+        self.workspaces = WorkspaceBook(self)
         self._apply = {
             SessionCreated: self._apply_session_created, SessionEnded: self._apply_session_ended,
             StreamCreated: self._apply_stream_created, StreamEnded: self._apply_stream_ended,
@@ -1512,6 +1628,7 @@ class Queue:
             TaskCompleted: self._apply_completed, TaskFailed: self._apply_failed,
             TaskRetrying: self._apply_retrying, TaskCancelled: self._apply_cancelled,
             TaskRequeued: self._apply_requeued, TasksPurged: self._apply_purged,
+            **self.workspaces.appliers(),
         }
         self.schedules = Schedules(self)
         self._apply.update(self.schedules.appliers())
@@ -1554,6 +1671,8 @@ class Queue:
             self.record(event)  # an event that cannot be journaled is never applied
         self.apply(event)
         self._events.append(event)
+        if type(event) in ATTEMPT_ENDS:
+            self.workspaces.attempt_ended(event)  # its workspace is released with it
 
     def bootstrap(self, now: float) -> None:
         """Give a fresh queue its ``default`` session and stream."""
@@ -1696,6 +1815,7 @@ class Queue:
             if dep not in self.index.tasks:
                 raise NotFound(f"no task {dep} (named in after)")
         self._check_something_to_run(req)
+        placed = self.workspaces.task_fields(req, tool_name)  # repo, ref, workspace and lock
         if req.key is not None and (stream.name, req.key) in self.index.keys:  # valid, and known
             return TaskResult(self.index.tasks[self.index.keys[stream.name, req.key]], {"existing": True})
         unfinished = [dep for dep in after if self.index.tasks[dep].status != "completed"]
@@ -1706,8 +1826,7 @@ class Queue:
             at=now, id=task_id, stream=stream.name, tool=tool_name, task_class=settings.task_class,
             payload=payload, timeout=float(req.timeout or settings.timeout),
             priority=req.priority, max_attempts=req.max_attempts or settings.max_attempts,
-            waiting_for=waiting_for, ready_at=ready_at, after=after, key=req.key,
-            lock=normalise_lock(req.lock) if req.lock else None,
+            waiting_for=waiting_for, ready_at=ready_at, after=after, key=req.key, **placed,
             schedule=origin and origin[0], slot=origin and origin[1]))
         for dep in unfinished:
             if self.index.tasks[dep].status in TERMINAL:
@@ -1964,7 +2083,8 @@ class Queue:
                     priority=e.priority, timeout=e.timeout, created_at=e.at, history=history,
                     max_attempts=e.max_attempts, waiting_for=e.waiting_for,
                     ready_at=e.ready_at, after=tuple(e.after), key=e.key, lock=e.lock,
-                    schedule=e.schedule, slot=e.slot)
+                    schedule=e.schedule, slot=e.slot, repo=e.repo, ref=e.ref,
+                    workspace=e.workspace)
         self.index.put(task, None)
         self.index.index_new(task)
         self.next_id = max(self.next_id, e.id + 1)
@@ -2030,8 +2150,10 @@ class Queue:
     # -- loading from a snapshot -------------------------------------------
 
     def load(self, sessions: list[Session], streams: list[Stream], tasks: list[Task],
-             next_id: int, schedules: list[Schedule] = ()) -> None:
+             next_id: int, schedules: list[Schedule] = (),
+             workspaces: list[Workspace] = ()) -> None:
         """Take the state of a snapshot and rebuild every index from it, in one pass."""
+        self.workspaces.load(workspaces)
         self.sessions = {s.name: s for s in sessions}
         for s in streams:
             self.streams[s.name] = s
@@ -2626,6 +2748,218 @@ class Schedules:
         self.queue.index.changes.schedules.clear()  # as the snapshot has them
 
 
+# -- repository workspaces: the core's part -------------------------------------------------
+#
+# Which directory belongs to which task. The git work is done at the edge (section 10,
+# Workspaces); what it made comes back here through the change pipeline as events, so a
+# restart knows every worktree's task and nothing on disk goes unaccounted for.
+
+#: Events that end a task's attempt: the workspace it was ready for is released with it.
+ATTEMPT_ENDS = (TaskCompleted, TaskFailed, TaskRetrying, TaskCancelled, TaskRequeued)
+WORKSPACE_KINDS = ("shared", "worktree", "none")
+#: A branch, tag or commit name git accepts, and no option: git-check-ref-format's rules.
+REF_NAME = re.compile(r"^(?![-/.])(?!.*\.\.)(?!.*@\{)(?!.*//)(?!.*/\.)"
+                      r"[^\x00-\x20~^:?*\[\\\x7f]+(?<![/.])(?<!\.lock)$")
+
+
+def is_url(repo: str) -> bool:
+    """A URL or scp-like address (git@host:path), not a local path."""
+    return "://" in repo or re.match(r"^[\w.-]+@[\w.-]+:", repo) is not None
+
+
+def repo_key(repo: str) -> str:
+    """A repository's one name however it is written: the lock key of its URL, a local
+    path taken as the file:// URL it is (``github.com/u/r``, ``/srv/git/app``)."""
+    return normalise_lock(repo if is_url(repo) else "file://" + os.path.normpath(repo))
+
+
+def repo_problem(repo: str) -> str | None:
+    """Why ``repo`` is no repository URL or path git can be given, or None."""
+    if repo.startswith("-") or any(c < " " or c == "\x7f" for c in repo):
+        return f"{repo!r} is not a repository URL or path"
+    if not is_url(repo) and not os.path.isabs(repo):
+        return f"{repo!r} is a relative path: give an absolute path or a URL"
+    key = repo_key(repo)
+    if not key.strip("/") or (is_url(repo) and "/" not in key.lstrip("/")):
+        return f"{repo!r} names no repository (no path)"
+    return None
+
+
+def ref_problem(ref: str) -> str | None:
+    """Why ``ref`` is no branch, tag or commit name, or None."""
+    return None if REF_NAME.match(ref) else f"{ref!r} is not a branch, tag or commit name"
+
+
+class Workspace(Struct, frozen=True):
+    """A directory the daemon made of a repository: its shared clone, or a task's worktree."""
+
+    id: str  #: the task's id (a worktree), or the repository's key (the shared clone)
+    repo: str  #: the repository's key, github.com/u/r
+    kind: str  #: "shared" or "worktree"
+    path: str
+    url: str  #: the repository as the task gave it: what git fetches from
+    created_at: float
+    task: int | None = None  #: a worktree's task; the shared clone's current or last task
+    branch: str | None = None
+    ref: str | None = None
+    commit: str | None = None  #: a worktree's base; the commit the shared tree was reset to
+    state: str = "idle"  #: "preparing", "active" (an attempt of its task runs) or "idle"
+    ready: bool = False  #: set up and made ready for an attempt at least once
+    updated_at: float | None = None
+    released_at: float | None = None
+    stash: str | None = None  #: what it last kept of what a task left: a stash, commits
+
+
+class WorkspaceBook:
+    """The workspace records and the rules that change them; pure, like the Queue it is part of.
+
+    ``created``, ``ready``, ``fetched`` and ``removed`` are what the edge reports once
+    git has done its part; ``attempt_ended`` releases a workspace when its task's
+    attempt ends, in the same change.
+    """
+
+    def __init__(self, queue: Queue):
+        self.queue = queue
+        self.records: dict[str, Workspace] = {}
+
+    def appliers(self) -> dict:
+        return {WorkspaceCreated: self._apply_created, WorkspaceUpdated: self._apply_updated,
+                WorkspaceReleased: self._apply_released, WorkspaceRemoved: self._apply_removed}
+
+    def load(self, records: list[Workspace]) -> None:
+        self.records = {ws.id: ws for ws in records}
+
+    # -- a new task's repository --------------------------------------------------------
+
+    def defaults(self, tool_name: str) -> tuple[str | None, str | None, str | None]:
+        """(workspace, repo, ref) a tool or script gives its tasks."""
+        if tool_name.startswith(SCRIPT_TOOL_PREFIX):
+            owner = self.queue.scripts.get(tool_name[len(SCRIPT_TOOL_PREFIX):])
+        else:
+            owner = self.queue.config.tools.get(tool_name)
+        return (owner.workspace, owner.repo, owner.ref) if owner else (None, None, None)
+
+    def task_fields(self, req: Enqueue, tool_name: str) -> dict:
+        """The repo, ref and workspace of a new task (the request's, else its tool's or
+        script's), and its lock: a shared workspace takes its repository's."""
+        kind, repo, ref = (mine or theirs for mine, theirs in zip(
+            (req.workspace, req.repo, req.ref), self.defaults(tool_name)))
+        if kind not in (None, *WORKSPACE_KINDS):
+            raise BadRequest(f"{tool_name}: workspace {kind!r} is not shared, worktree or none")
+        kind = None if kind in (None, "none") else kind
+        project = self.queue.config.project.repo_path
+        repo = repo or (kind and project and os.path.expanduser(project)) or None
+        for name, value, check in (("repo", repo, repo_problem), ("ref", ref, ref_problem)):
+            if value is not None and (problem := check(value)):
+                raise BadRequest(f"{name}: {problem}")
+        lock = normalise_lock(req.lock) if req.lock else None
+        if kind is not None and repo is None:
+            raise BadRequest(f"workspace {kind} needs a repo (the request's, tool "
+                             f"{tool_name!r}'s or project.repo_path)")
+        if kind == "shared":
+            if req.lock and repo_key(req.lock) != repo_key(repo):
+                raise BadRequest(f"a shared workspace takes its repository's lock "
+                                 f"{repo_key(repo)!r}: give no other lock")
+            lock = repo_key(repo)
+        return {"repo": repo, "ref": ref, "workspace": kind, "lock": lock}
+
+    # -- lookups ------------------------------------------------------------------------
+
+    def of_task(self, task: Task) -> Workspace | None:
+        """The workspace bound to a task (a shared clone: while it is the task's)."""
+        if task.workspace == "worktree":
+            return self.records.get(str(task.id))
+        if task.workspace == "shared":
+            ws = self.records.get(repo_key(task.repo))
+            return ws if ws is not None and ws.task == task.id else None
+        return None
+
+    def named(self, name: str) -> Workspace:
+        """The workspace a person names: a task id (its worktree) or a repository."""
+        ws = self.records.get(name if name.isdigit() else repo_key(name))
+        if ws is None:
+            what = f"task {name}" if name.isdigit() else f"repository {repo_key(name)}"
+            raise NotFound(f"no workspace of {what}")
+        return ws
+
+    def of_repo(self, key: str) -> list[Workspace]:
+        return [ws for ws in self.records.values() if ws.repo == key]
+
+    def holder(self, ws: Workspace) -> Task | None:
+        """The task that keeps a workspace from being removed: one not yet ended."""
+        task = self.queue.index.tasks.get(ws.task) if ws.task is not None else None
+        if ws.state != "idle" or (ws.kind == "worktree" and task and task.status not in TERMINAL):
+            return task
+        return None
+
+    # -- what the edge reports ------------------------------------------------------------
+
+    def created(self, ws_id: str, repo: str, kind: str, path: str, url: str, now: float,
+                **fields) -> None:
+        """A new directory exists (fields: task, branch, ref, commit)."""
+        self.queue._emit(WorkspaceCreated(at=now, workspace=ws_id, repo=repo, kind=kind,
+                                          path=path, url=url, **fields))
+
+    def ready(self, ws_id: str, task_id: int, lease: str | None, now: float, **fields) -> bool:
+        """Bind a prepared workspace to the attempt it was made ready for (fields: ref,
+        commit, branch, stash); False if that attempt is over already."""
+        task = self.queue.index.tasks.get(task_id)
+        if task is None or task.status != "running" or task.lease != lease:
+            return False
+        self.queue._emit(WorkspaceUpdated(at=now, workspace=ws_id, task=task_id, **fields))
+        # The lease counts from when the workspace is ready: a long clone eats none of it.
+        self.queue._emit(TaskTouched(at=now, id=task_id, lease_expires_at=now
+                                     + self.queue.config.stale.factor * task.timeout))
+        return True
+
+    def fetched(self, ws_id: str, now: float) -> None:
+        """The shared clone was fetched for a worktree: it counts as used."""
+        if ws_id in self.records:
+            self.queue._emit(WorkspaceUpdated(at=now, workspace=ws_id))
+
+    def removed(self, ws_id: str, reason: str, patch: str | None, now: float) -> None:
+        """The directory is gone (the edge decided it could go, or found it gone)."""
+        if ws_id in self.records:
+            self.queue._emit(WorkspaceRemoved(at=now, workspace=ws_id, reason=reason, patch=patch))
+
+    def attempt_ended(self, event: Event) -> None:
+        """An attempt ended: release the workspace it was (being) made ready for."""
+        task = self.queue.index.tasks.get(event.id)
+        ws = task is not None and task.workspace is not None and self.of_task(task)
+        if ws and ws.state != "idle":
+            self.queue._emit(WorkspaceReleased(at=event.at, workspace=ws.id, task=task.id))
+
+    # -- apply: these must never fail ---------------------------------------------------------
+
+    def _put(self, ws: Workspace) -> None:
+        self.records[ws.id] = self.queue.index.changes.workspaces[ws.id] = ws
+
+    def _apply_created(self, e: WorkspaceCreated) -> None:
+        self.queue.index.changes.workspaces_removed.discard(e.workspace)
+        self._put(Workspace(e.workspace, e.repo, e.kind, e.path, e.url, e.at, task=e.task,
+                            branch=e.branch, ref=e.ref, commit=e.commit, updated_at=e.at,
+                            state="idle" if e.task is None else "preparing"))
+
+    def _apply_updated(self, e: WorkspaceUpdated) -> None:
+        ws = self.records.get(e.workspace)
+        if ws is not None and e.task is None:
+            self._put(msgspec.structs.replace(ws, updated_at=e.at))
+        elif ws is not None:
+            self._put(msgspec.structs.replace(
+                ws, task=e.task, ref=e.ref, commit=e.commit, branch=e.branch, state="active",
+                ready=True, updated_at=e.at, stash=e.stash or ws.stash))
+
+    def _apply_released(self, e: WorkspaceReleased) -> None:
+        ws = self.records.get(e.workspace)
+        if ws is not None:
+            self._put(msgspec.structs.replace(ws, state="idle", released_at=e.at))
+
+    def _apply_removed(self, e: WorkspaceRemoved) -> None:
+        self.records.pop(e.workspace, None)
+        self.queue.index.changes.workspaces.pop(e.workspace, None)
+        self.queue.index.changes.workspaces_removed.add(e.workspace)
+
+
 # ============================================================================
 # 6. Replies: the core's results in wire form
 # ============================================================================
@@ -2637,6 +2971,7 @@ class Replies:
 
     def __init__(self, queue: Queue):
         self.queue = queue
+        self.sizes: dict[str, int] = {}  #: workspace path -> bytes, as last measured (section 10)
 
     def wire(self, value: Any) -> Any:
         kind = type(value)
@@ -2660,6 +2995,8 @@ class Replies:
             return self.schedule(value)
         if kind is ScheduleDetail:
             return self.schedule_detail(value)
+        if kind is Workspace:
+            return self.workspace(value)
         return value
 
     def session(self, s: Session) -> dict:
@@ -2683,6 +3020,7 @@ class Replies:
             "result": t.result, "reason": t.reason, "waiting_for": t.waiting_for,
             "ready_at": rfc3339(t.ready_at), "after": list(t.after), "key": t.key,
             "lock": t.lock, "lease": t.lease, "lease_expires_at": rfc3339(t.lease_expires_at),
+            "repo": t.repo, "ref": t.ref, "workspace": self.task_workspace(t),
         }
         if t.schedule is not None:
             record["schedule"], record["slot"] = t.schedule, rfc3339(t.slot)
@@ -2718,6 +3056,30 @@ class Replies:
             return what
         task = self.queue.index.tasks.get(task_id)
         return task.status if task is not None else "purged"
+
+    # -- repository workspaces
+
+    def task_workspace(self, t: Task) -> dict | None:
+        """A task's workspace as its record shows it: where, once it is prepared."""
+        if t.workspace is None:
+            return None
+        ws = self.queue.workspaces.of_task(t)
+        if ws is None:
+            return {"kind": t.workspace, "path": None, "branch": None, "ref": None,
+                    "commit": None, "state": None}
+        return {"kind": ws.kind, "path": ws.path, "branch": ws.branch, "ref": ws.ref,
+                "commit": ws.commit, "state": ws.state}
+
+    def workspace(self, ws: Workspace) -> dict:
+        task = self.queue.tasks.get(ws.task) if ws.task is not None else None
+        idle = ws.state == "idle" and max(ws.created_at, ws.updated_at or 0, ws.released_at or 0)
+        return {"id": ws.id, "repo": ws.repo, "kind": ws.kind, "task": ws.task,
+                "task_status": task.status if task else None, "branch": ws.branch,
+                "ref": ws.ref, "commit": ws.commit, "path": ws.path, "url": ws.url,
+                "state": ws.state, "ready": ws.ready, "bytes": self.sizes.get(ws.path),
+                "idle": round(time.time() - idle, 3) if idle else None, "stash": ws.stash,
+                "created_at": rfc3339(ws.created_at), "updated_at": rfc3339(ws.updated_at),
+                "released_at": rfc3339(ws.released_at)}
 
     def ended(self, task: Task) -> dict:
         started = task.started_at
@@ -3262,7 +3624,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     started_at REAL, finished_at REAL, worker TEXT, summary TEXT, result TEXT, reason TEXT,
     max_attempts INTEGER NOT NULL DEFAULT 1, waiting_for TEXT, ready_at REAL,
     after_ids TEXT, key TEXT, lock TEXT, lease TEXT, lease_expires_at REAL,
-    run_pid INTEGER, run_start INTEGER);
+    run_pid INTEGER, run_start INTEGER, repo TEXT, ref TEXT, workspace TEXT);
 CREATE TABLE IF NOT EXISTS task_history (
     task_id INTEGER NOT NULL, n INTEGER NOT NULL, at REAL NOT NULL, status TEXT NOT NULL,
     by TEXT, note TEXT, PRIMARY KEY (task_id, n)) WITHOUT ROWID;
@@ -3271,18 +3633,26 @@ CREATE TABLE IF NOT EXISTS schedules (
     cron TEXT, timezone TEXT, every TEXT, at TEXT, paused INTEGER NOT NULL,
     next_slot REAL, last_task INTEGER, fired INTEGER NOT NULL, skipped INTEGER NOT NULL,
     created_at REAL NOT NULL, spec TEXT NOT NULL, firings TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS workspaces (
+    id TEXT PRIMARY KEY, repo TEXT NOT NULL, kind TEXT NOT NULL, path TEXT NOT NULL,
+    url TEXT NOT NULL, created_at REAL NOT NULL, task INTEGER, branch TEXT, ref TEXT,
+    base_commit TEXT, state TEXT NOT NULL, ready INTEGER NOT NULL, updated_at REAL,
+    released_at REAL, stash TEXT);
 """
 TASK_COLUMNS = ("id, stream, tool, task_class, payload, status, priority, timeout, created_at, "
                 "attempts, started_at, finished_at, worker, summary, result, reason, "
                 "max_attempts, waiting_for, ready_at, after_ids, key, lock, lease, "
-                "lease_expires_at, run_pid, run_start, schedule, slot")
+                "lease_expires_at, run_pid, run_start, schedule, slot, repo, ref, workspace")
 #: Columns added since the first snapshot format, added in place to older files.
 ADDED_COLUMNS = {
     "streams": ["paused INTEGER NOT NULL DEFAULT 0"],
     "tasks": ["max_attempts INTEGER NOT NULL DEFAULT 1", "waiting_for TEXT", "ready_at REAL",
               "after_ids TEXT", "key TEXT", "lock TEXT", "lease TEXT", "lease_expires_at REAL",
-              "run_pid INTEGER", "run_start INTEGER", "schedule TEXT", "slot REAL"],
+              "run_pid INTEGER", "run_start INTEGER", "schedule TEXT", "slot REAL", "repo TEXT",
+              "ref TEXT", "workspace TEXT"],
 }
+WORKSPACE_COLUMNS = ("id, repo, kind, path, url, created_at, task, branch, ref, base_commit, "
+                     "state, ready, updated_at, released_at, stash")
 
 
 def to_json(value: Any) -> str | None:
@@ -3299,6 +3669,7 @@ class SnapshotState(Struct):
     seq: int
     written_at: str | None = None  #: when it was written (RFC 3339), None for an empty one
     schedules: list[Schedule] = []
+    workspaces: list = []  #: the workspace records
 
 
 class Snapshot:
@@ -3353,11 +3724,11 @@ class Snapshot:
                       None if result is None else decode(result), reason,
                       tuple(history.get(i, ())), max_attempts, waiting_for, ready_at,
                       tuple(decode(after)) if after else (), key, lock, lease, expires,
-                      run_pid, run_start, schedule, slot)
+                      run_pid, run_start, schedule, slot, repo, ref, workspace)
                  for (i, stream, tool, cls, payload, status, prio, timeout, created, attempts,
                       started, finished, worker, summary, result, reason, max_attempts,
                       waiting_for, ready_at, after, key, lock, lease, expires, run_pid, run_start,
-                      schedule, slot)
+                      schedule, slot, repo, ref, workspace)
                  in db.execute(f"SELECT {TASK_COLUMNS} FROM tasks ORDER BY id")]
         schedules = [Schedule(name, decode(spec, type=ScheduleSpec), source, created, next_slot,
                               bool(paused), last_task, tuple(map(tuple, decode(firings))),
@@ -3366,8 +3737,11 @@ class Snapshot:
                      skipped, spec in db.execute(
                          "SELECT name, source, created_at, next_slot, paused, last_task, "
                          "firings, fired, skipped, spec FROM schedules")]
+        workspaces = [Workspace(*row[:11], bool(row[11]), *row[12:]) for row in db.execute(
+            f"SELECT {WORKSPACE_COLUMNS} FROM workspaces ORDER BY created_at")]
         return SnapshotState(sessions, streams, tasks, int(meta.get("next_id", 1)),
-                             int(meta.get("journal_seq", 0)), meta.get("written_at"), schedules)
+                             int(meta.get("journal_seq", 0)), meta.get("written_at"), schedules,
+                             workspaces)
 
     def write(self, changes: Changes, seq: int, next_id: int, session_of: dict[str, str]) -> None:
         """Write what changed, and the journal sequence it covers, in one transaction."""
@@ -3383,13 +3757,13 @@ class Snapshot:
                             for s in changes.streams.values()])
             db.executemany(
                 f"INSERT OR REPLACE INTO tasks (session, {TASK_COLUMNS}) VALUES "
-                f"({', '.join('?' * 29)})",
+                f"({', '.join('?' * 32)})",
                 [(session_of[t.stream], t.id, t.stream, t.tool, t.task_class, to_json(t.payload),
                   t.status, t.priority, t.timeout, t.created_at, t.attempts, t.started_at,
                   t.finished_at, t.worker, t.summary, to_json(t.result), t.reason,
                   t.max_attempts, t.waiting_for, t.ready_at, to_json(list(t.after)) if t.after
                   else None, t.key, t.lock, t.lease, t.lease_expires_at, t.run_pid, t.run_start,
-                  t.schedule, t.slot)
+                  t.schedule, t.slot, t.repo, t.ref, t.workspace)
                  for t in changes.tasks.values()])
             self._write_schedules(db, changes.schedules)
             db.executemany("INSERT OR REPLACE INTO task_history VALUES (?, ?, ?, ?, ?, ?)",
@@ -3398,6 +3772,7 @@ class Snapshot:
             purged = [(i,) for i in changes.purged]
             db.executemany("DELETE FROM tasks WHERE id = ?", purged)
             db.executemany("DELETE FROM task_history WHERE task_id = ?", purged)
+            self._write_workspaces(db, changes)
             db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                            [("journal_seq", str(seq)), ("next_id", str(next_id)),
                             ("written_at", rfc3339(time.time())), ("version", VERSION)])
@@ -3419,6 +3794,17 @@ class Snapshot:
               s.spec.at, s.paused, s.next_slot, s.last_task, s.fired, s.skipped, s.created_at,
               to_json(s.spec), to_json(s.firings)) for s in schedules.values() if s is not None])
 
+    @staticmethod
+    def _write_workspaces(db: sqlite3.Connection, changes: Changes) -> None:
+        """Removed workspace records go, then changed ones are written (one may be both)."""
+        db.executemany("DELETE FROM workspaces WHERE id = ?",
+                       [(ws_id,) for ws_id in changes.workspaces_removed])
+        db.executemany(f"INSERT OR REPLACE INTO workspaces ({WORKSPACE_COLUMNS}) VALUES "
+                       f"({', '.join('?' * 15)})",
+                       [(w.id, w.repo, w.kind, w.path, w.url, w.created_at, w.task, w.branch,
+                         w.ref, w.commit, w.state, w.ready, w.updated_at, w.released_at, w.stash)
+                        for w in changes.workspaces.values()])
+
     def close(self) -> None:
         if self._db is not None:
             self._db.close()
@@ -3434,6 +3820,10 @@ def merge_changes(older: Changes, newer: Changes) -> Changes:
     for task_id in newer.purged:
         older.tasks.pop(task_id, None)
     older.purged |= newer.purged
+    older.workspaces.update(newer.workspaces)
+    for ws_id in newer.workspaces_removed:
+        older.workspaces.pop(ws_id, None)
+    older.workspaces_removed |= newer.workspaces_removed
     return older
 
 
@@ -3450,7 +3840,8 @@ def child_environment(**variables: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(PRIVATE_ENV_PREFIXES)}
     env.update(variables)
     return env
-SCRIPT_HEADER_KEYS = ("description", "task_class", "timeout", "args")
+SCRIPT_HEADER_KEYS = ("description", "task_class", "timeout", "args",
+                      "workspace", "repo", "ref", "setup")
 
 
 def scan_scripts(dirs: list[str]) -> dict[str, Script]:
@@ -3497,7 +3888,8 @@ def read_script(name: str, path: str, executable: bool) -> Script:
     return Script(name=name, path=path, argv=[*interpreter, path],
                   description=header.get("description", ""),
                   task_class=header.get("task_class", "MEDIUM_SCRIPT"), timeout=timeout,
-                  args=header.get("args", ""))
+                  args=header.get("args", ""), workspace=header.get("workspace"),
+                  repo=header.get("repo"), ref=header.get("ref"), setup=header.get("setup"))
 
 
 def process_start_time(pid: int) -> int | None:
@@ -3603,6 +3995,7 @@ class Run:
         self.start_ticks: int | None = None  #: when it was spawned, as /proc counts
         self.finished = False
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.workspace: Workspace | None = None  #: prepared for it, when its task asks for one
 
 
 class Slot:
@@ -3629,8 +4022,9 @@ class Pool:
     """
 
     def __init__(self, config: Config, queue: Queue, handle, change, logs: TaskLogs,
-                 watchers: Watchers, socket_path: str):
+                 watchers: Watchers, socket_path: str, workspaces: Workspaces | None = None):
         self.config = config
+        self.workspaces = workspaces  #: prepares a run's workspace (section 10)
         self.queue = queue
         self.handle = handle
         self.change = change
@@ -3799,7 +4193,7 @@ class Pool:
         log_file = TaskLog(self.logs.path(task.id), self.config.logs.max_bytes, task.attempts)
         run = slot.run = self.runs[task.id] = Run(task, slot, log_file)
         try:
-            if await self._spawn(run):
+            if await self._prepare(run) and await self._spawn(run):
                 await self._watch(run, task.timeout)
                 self._record(run, run.proc.returncode, run.stop_reason)
         finally:
@@ -3812,10 +4206,29 @@ class Pool:
             self.logs.run_finished(task.id)
             self.wake.set()  # a concurrency slot may have freed
 
+    async def _prepare(self, run: Run) -> bool:
+        """Prepare the workspace a task asks for; a failure fails the attempt with git's reason."""
+        if run.task.workspace is None or self.workspaces is None:
+            return True
+        try:
+            run.workspace = await self.workspaces.prepare(run.task, run.log.write)
+            return True
+        except Unavailable as exc:
+            run.log.last.clear()  # the reason says what failed, with the output that matters
+            self._record(run, None, f"workspace not prepared: {exc}")
+            run.log.write(f"sparkqd: workspace not prepared: {exc}\n".encode())
+        except asyncio.CancelledError:
+            self._interrupt(run.task, "interrupted by shutdown")
+            raise
+        return False
+
     async def _spawn(self, run: Run) -> bool:
         """Start the run's process in a group of its own and journal that group."""
         try:
             argv, cwd, extra = self.command(run.task)
+            if run.workspace is not None:
+                cwd = run.workspace.path
+                extra = extra | workspace_environment(run.workspace, run.task)
             run.start_ticks = start_time_now()
             run.proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -3920,7 +4333,858 @@ class Pool:
 
 
 # ============================================================================
-# 10. Observers: stats, metrics, watchers, task logs, workers, hooks
+# 10. Workspaces (git)
+# ============================================================================
+#
+# A repository is cloned once, into <data dir>/workspaces/<repo>/main: an ordinary clone
+# whose working tree is the shared workspace and whose objects and refs every task
+# worktree (<repo>/tasks/<id>, made by `git worktree add`) shares. git runs as a
+# subprocess of the event loop with a timeout, no shell and no prompt; what it made is
+# reported to the core (WorkspaceBook) through the change pipeline, so the journal knows
+# every directory. The collector, a duty of the daemon's one timer, removes a workspace
+# only when nothing would be lost, or after saving what would be.
+
+#: git's environment: never a prompt, plain messages, no lock taken by a mere `status`.
+GIT_ENVIRONMENT = {"GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C", "GIT_OPTIONAL_LOCKS": "0"}
+TRASH_PREFIX = ".removing-"  #: a removed workspace's tree, until deleted in the background
+COLLECT_EVERY = 3600.0  #: the collector looks at every workspace at least this often
+RECHECK_IN_USE = 60.0  #: and this soon again while one is kept only because a process is in it
+
+
+class WorkspaceFailed(Unavailable):
+    """A workspace that cannot be prepared or removed: git's own words, or the disk budget."""
+
+
+def workspace_environment(ws: Workspace, task: Task) -> dict[str, str]:
+    """What a run, and its setup, learn of their workspace."""
+    return {"SPARKQ_WORKSPACE": ws.path, "SPARKQ_REPO": task.repo or ws.url,
+            "SPARKQ_REF": ws.ref or "", "SPARKQ_BRANCH": ws.branch or ""}
+
+
+def repo_dir(key: str) -> str:
+    """A repository's directory under workspaces/, made of its key: safe as a path."""
+    parts = [re.sub(r"[^\w.@+-]", "_", part) for part in key.split("/")
+             if part not in ("", ".", "..")]
+    return os.path.join(*parts)
+
+
+async def git(args: list[str], cwd: str, timeout: float, check: bool = True,
+              raw: bool = False) -> tuple[int, Any]:
+    """Run git in ``cwd``: (exit code, its output as text, or bytes if ``raw``). With
+    ``check`` a failure raises WorkspaceFailed in git's own last words."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "git", *args, cwd=cwd, env=child_environment(**GIT_ENVIRONMENT),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True)
+    except OSError as exc:
+        raise WorkspaceFailed(f"git {args[0]} cannot start in {cwd}: {exc.strerror}") from None
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except (TimeoutError, asyncio.CancelledError) as exc:
+        signal_group(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        raise WorkspaceFailed(f"git {args[0]}: no answer in {timeout:g} s (killed)") from None
+    if check and proc.returncode:
+        words = " ".join(err.decode(errors="replace").split()[-60:])
+        raise WorkspaceFailed(f"git {args[0]}: {words or f'exit code {proc.returncode}'}")
+    return proc.returncode, out if raw else out.decode(errors="replace")
+
+
+def disk_usage(path: str) -> int:
+    """Bytes a directory tree takes on disk, each file counted once (in a worker thread)."""
+    total, seen, folders = 0, set(), [path]
+    while folders:
+        try:
+            entries = list(os.scandir(folders.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                folders.append(entry.path)
+            elif st.st_nlink > 1:
+                if (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
+    return total
+
+
+def working_directories() -> dict[int, str]:
+    """The working directory of every process this user may look at (in a worker thread)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                found[int(entry)] = os.readlink(f"/proc/{entry}/cwd")
+            except OSError:
+                pass  # gone, or another user's
+    return found
+
+
+def processes_inside(path: str, cwds: dict[int, str]) -> list[int]:
+    real = os.path.realpath(path)
+    return sorted(pid for pid, cwd in cwds.items() if cwd == real or cwd.startswith(real + "/"))
+
+
+def scan_workspaces(root: str, known: set[str]) -> tuple[list[str], list[str]]:
+    """(checkouts under ``root`` no record names, trees of removed workspaces a crash left
+    before they were deleted), never looking inside a checkout (in a worker thread)."""
+    unrecorded, trash = [], []
+    for folder, dirs, files in os.walk(root):
+        if folder != root and (".git" in dirs or ".git" in files):
+            if folder not in known:
+                unrecorded.append(folder)
+            dirs[:] = []
+            continue
+        trash += [os.path.join(folder, d) for d in dirs if d.startswith(TRASH_PREFIX)]
+        repo_level = "main" in dirs or "tasks" in dirs
+        dirs[:] = sorted(d for d in dirs if not (repo_level and d == "saved")
+                         and not d.startswith(TRASH_PREFIX))
+    return unrecorded, trash
+
+
+def write_file(path: str, data: bytes) -> None:
+    """Write a saved patch whole: to a temporary name, fsynced, then renamed into place."""
+    temp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)
+    fsync_directory(os.path.dirname(path))
+
+
+def remove_empty_up_to(path: str, root: str) -> None:
+    """Remove ``path`` and its parents while they are empty, up to ``root`` (in a thread)."""
+    while path.startswith(root + "/"):
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
+        path = os.path.dirname(path)
+
+
+def workspace_metrics(queue: Queue, sizes: dict[str, int]) -> list[str]:
+    """The workspaces' lines of `metrics`: how many, by kind and state, and their bytes."""
+    counts = collections.Counter((ws.kind, ws.state) for ws in queue.workspaces.records.values())
+    used = collections.Counter()
+    for ws in queue.workspaces.records.values():
+        used[ws.kind] += sizes.get(ws.path, 0)
+    return [*metric("sparkq_workspaces", "gauge", "Repository workspaces by kind and state.",
+                    [f'sparkq_workspaces{{kind="{kind}",state="{state}"}} {n}'
+                     for (kind, state), n in sorted(counts.items())]),
+            *metric("sparkq_workspace_bytes", "gauge", "Disk used by workspaces, by kind.",
+                    [f'sparkq_workspace_bytes{{kind="{kind}"}} {used[kind]}'
+                     for kind in ("shared", "worktree")])]
+
+
+class Workspaces:
+    """The repositories' clones and worktrees: prepared for claimed tasks, collected after.
+
+    Git work on one repository is serialised (an asyncio lock per repository), so a
+    fetch never races a worktree being added or removed; repositories never wait for
+    each other. Sizes are measured in a thread of its own after a workspace is prepared
+    or released, before a new one is made under a budget, and by each collection.
+    """
+
+    def __init__(self, config: Config, queue: Queue, change, data_dir: str, logs: TaskLogs,
+                 rearm):
+        self.config = config
+        self.queue = queue
+        self.book = queue.workspaces
+        self.change = change
+        self.logs = logs
+        self.rearm = rearm  #: tells the one timer of an earlier deadline
+        self.root = os.path.join(data_dir, "workspaces")
+        self.locks: dict[str, asyncio.Lock] = {}
+        self.sizes: dict[str, int] = {}  #: path -> bytes, as last measured
+        self.unrecorded: list[str] = []  #: checkouts no record names, found at start
+        self.jobs: set[asyncio.Task] = set()
+        self.collecting: asyncio.Task | None = None
+        self.next_collect = 0.0
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="workspaces")
+
+    # -- places and helpers -----------------------------------------------------------
+
+    def home(self, key: str) -> str:
+        return os.path.join(self.root, repo_dir(key))
+
+    def main_path(self, key: str) -> str:
+        return os.path.join(self.home(key), "main")
+
+    @property
+    def timeout(self) -> float:
+        return self.config.workspaces.git_timeout
+
+    def _lock(self, key: str) -> asyncio.Lock:
+        return self.locks.setdefault(key, asyncio.Lock())
+
+    async def _thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def _spawn(self, work) -> asyncio.Task:
+        """Run a coroutine in the background; shutdown cancels what is left of it."""
+        job = asyncio.get_running_loop().create_task(work)
+        self.jobs.add(job)
+        job.add_done_callback(self.jobs.discard)
+        return job
+
+    def _report(self, fn, room: int = 8192):
+        """Hand what git made to the core, through the change pipeline."""
+        return self.change(fn, room)
+
+    # -- preparing a claimed task's workspace ----------------------------------------------
+
+    async def prepare(self, task: Task, log_write) -> Workspace:
+        """Make the workspace a claimed task asks for ready, and bind it to that attempt.
+
+        Raises WorkspaceFailed with the reason (git's words, the budget, a setup that
+        failed): the caller fails the attempt with it.
+        """
+        try:
+            async with self._lock(repo_key(task.repo)):
+                ws, fields = await self._make_ready(task, log_write)
+                bound = self._report(lambda: self.book.ready(ws.id, task.id, task.lease,
+                                                             time.time(), **fields))
+        except OSError as exc:
+            raise WorkspaceFailed(f"{exc.filename or 'workspace'}: {exc.strerror}") from None
+        except SparkQError as exc:
+            raise exc if isinstance(exc, Unavailable) else WorkspaceFailed(str(exc)) from None
+        if not bound:
+            raise WorkspaceFailed(f"task {task.id} moved on while its workspace was prepared")
+        self._spawn(self.measure([ws.path, self.main_path(ws.repo)]))
+        return self.book.records[ws.id]
+
+    async def _make_ready(self, task: Task, log_write) -> tuple[Workspace, dict]:
+        """Clone or fetch, resolve the ref, reset the shared tree or add the worktree, set up."""
+        key = repo_key(task.repo)
+        fresh = await self._clone_or_fetch(task, key)
+        ref, commit, branch = await self._resolve(task, key)
+        if task.workspace == "shared":
+            fields = await self._reset_shared(task, key, ref, commit, branch)
+            ws = self.book.records[key]
+        else:
+            ws = await self._worktree(task, key, ref, commit)
+            fields = {"ref": ws.ref, "commit": ws.commit, "branch": ws.branch}
+            if not fresh:
+                self._report(lambda: self.book.fetched(key, time.time()))
+        if not ws.ready:
+            await self._setup(task, msgspec.structs.replace(ws, **fields), log_write)
+        return ws, fields
+
+    async def _clone_or_fetch(self, task: Task, key: str) -> bool:
+        """Make sure the shared clone exists and is fetched; True if it was just cloned."""
+        main, ws = self.main_path(key), self.book.records.get(key)
+        if ws is not None and not os.path.isdir(main):
+            log.warning("workspace %s: %s is gone; cloning again", key, main)
+            self._report(lambda: self.book.removed(key, "its directory was gone", None,
+                                                   time.time()))
+            ws = None
+        if ws is None and os.path.isdir(os.path.join(main, ".git")):
+            log.warning("workspace %s: %s has no record (a crash after its clone); using it",
+                        key, main)
+            self._record_clone(task, key)
+            ws = self.book.records[key]
+        if ws is not None:
+            await git(["fetch", "--prune", "--quiet", "origin"], main, self.timeout)
+            return False
+        await self._check_budget()
+        await self._clone(task, key)
+        return True
+
+    async def _clone(self, task: Task, key: str) -> None:
+        """Clone into a temporary name, renamed into place whole."""
+        home, main = self.home(key), self.main_path(key)
+        partial = os.path.join(home, ".main.cloning")
+        os.makedirs(home, mode=0o700, exist_ok=True)
+        if os.path.exists(partial):
+            log.warning("workspace %s: removing %s, a clone cut short", key, partial)
+            await self._thread(shutil.rmtree, partial)
+        # Without a checkout: a worktree task never needs the shared tree, a shared one
+        # checks its ref out next.
+        await git(["clone", "--no-checkout", "--quiet", "--", task.repo, partial], home,
+                  self.timeout)
+        os.rename(partial, main)
+        self._record_clone(task, key)
+
+    def _record_clone(self, task: Task, key: str) -> None:
+        shared = task.workspace == "shared"
+        self._report(lambda: self.book.created(key, key, "shared", self.main_path(key), task.repo,
+                                               time.time(), task=task.id if shared else None))
+
+    async def _resolve(self, task: Task, key: str) -> tuple[str, str, str | None]:
+        """(ref, its commit, the branch it is or None) in the freshly fetched clone."""
+        main, ref = self.main_path(key), task.ref
+        if ref is None:
+            code, out = await git(["symbolic-ref", "--quiet", "refs/remotes/origin/HEAD"], main,
+                                  self.timeout, check=False)
+            if code:
+                raise WorkspaceFailed(f"{task.repo} has no default branch: give the task a ref")
+            ref = out.strip().removeprefix("refs/remotes/origin/")
+        for name, branch in ((f"refs/remotes/origin/{ref}", ref), (f"refs/tags/{ref}", None),
+                             (ref, None)):
+            code, out = await git(["rev-parse", "--verify", "--quiet", "--end-of-options",
+                                   f"{name}^{{commit}}"], main, self.timeout, check=False)
+            if code == 0:
+                return ref, out.strip(), branch
+        raise WorkspaceFailed(f"ref {ref!r} is not a branch, tag or commit of {task.repo}")
+
+    async def _reset_shared(self, task: Task, key: str, ref: str, commit: str,
+                            branch: str | None) -> dict:
+        """Put the shared tree at ``ref``; what the last task left there is kept first."""
+        main = self.main_path(key)
+        kept = await self._keep_leftovers(task, key) if os.path.exists(
+            os.path.join(main, ".git", "index")) else None  # a fresh clone has no checkout yet
+        target = ["-B", branch, f"refs/remotes/origin/{branch}"] if branch else ["--detach", commit]
+        await git(["checkout", "--force", "--quiet", *target], main, self.timeout)
+        await self._submodules(main)
+        return {"ref": ref, "commit": commit, "branch": branch, "stash": kept}
+
+    async def _keep_leftovers(self, task: Task, key: str) -> str | None:
+        """Stash the changes the previous task left in the shared tree, and keep its commits
+        no remote has on a branch: never discarded. Says what it kept, or None."""
+        main, last = self.main_path(key), self.book.records[key].task
+        by = f"task {last}" if last is not None else "someone"
+        kept = []
+        _, changes = await git(["status", "--porcelain", "--untracked-files=normal"], main,
+                               self.timeout)
+        if changes.strip():
+            message = f"sparkq: left by {by} before task {task.id}"
+            await git(["stash", "push", "--include-untracked", "--quiet", "--message", message],
+                      main, self.timeout)
+            kept.append(f"stashed {message!r}")
+        _, ahead = await git(["rev-list", "--count", "HEAD", "--not", "--remotes", "--tags"],
+                             main, self.timeout)
+        if int(ahead or 0):
+            name = f"sparkq/kept-{last if last is not None else 'x'}-before-{task.id}"
+            await git(["branch", "--force", name, "HEAD"], main, self.timeout)
+            kept.append(f"{int(ahead)} commits kept on branch {name}")
+        if kept:
+            log.info("workspace %s: before task %d: %s", key, task.id, "; ".join(kept))
+        return "; ".join(kept) or None
+
+    async def _worktree(self, task: Task, key: str, ref: str, commit: str) -> Workspace:
+        """The task's own worktree, on branch sparkq/<id>: an earlier attempt's, or a new one."""
+        ws_id, branch = str(task.id), f"sparkq/{task.id}"
+        path = os.path.join(self.home(key), "tasks", ws_id)
+        ws = self.book.records.get(ws_id)
+        if ws is not None and os.path.isdir(path):
+            return ws  # as the earlier attempt left it
+        if ws is not None:
+            self._report(lambda: self.book.removed(ws_id, "its directory was gone", None,
+                                                   time.time()))
+        main = self.main_path(key)
+        if os.path.lexists(path):
+            _, head = await git(["rev-parse", "--abbrev-ref", "HEAD"], path, self.timeout,
+                                check=False)
+            if head.strip() != branch:
+                raise WorkspaceFailed(f"{path} exists and is not task {task.id}'s worktree: "
+                                      f"move it away")
+            log.warning("workspace %s: %s has no record (a crash after it was made); using it",
+                        ws_id, path)
+        else:
+            await self._check_budget()
+            await self._add_worktree(main, path, branch, commit)
+        self._report(lambda: self.book.created(ws_id, key, "worktree", path, task.repo,
+                                               time.time(), task=task.id, branch=branch,
+                                               ref=ref, commit=commit))
+        await self._submodules(path)
+        return self.book.records[ws_id]
+
+    async def _add_worktree(self, main: str, path: str, branch: str, commit: str) -> None:
+        """`git worktree add`: a new branch at ``commit``, or the task's branch if it is left."""
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        code, _ = await git(["rev-parse", "--verify", "--quiet", f"refs/heads/{branch}"], main,
+                            self.timeout, check=False)
+        if code == 0:  # its commits outlived its worktree: check them out again, lose nothing
+            await git(["worktree", "prune"], main, self.timeout)
+            await git(["worktree", "add", "--quiet", path, branch], main, self.timeout)
+        else:
+            await git(["worktree", "add", "--quiet", "-b", branch, path, commit], main,
+                      self.timeout)
+
+    async def _submodules(self, path: str) -> None:
+        if os.path.exists(os.path.join(path, ".gitmodules")):
+            await git(["submodule", "update", "--init", "--recursive", "--quiet"], path,
+                      self.timeout)
+
+    async def _check_budget(self) -> None:
+        """Refuse a new clone or worktree while the workspaces use ``max_bytes`` or more."""
+        limit = self.config.workspaces.max_bytes
+        if limit is None:
+            return
+        await self.measure([ws.path for ws in self.book.records.values()])
+        used = sum(self.sizes.values())
+        if used >= limit:
+            raise WorkspaceFailed(f"workspaces use {used} bytes of workspaces.max_bytes {limit}: "
+                                  f"no new workspace until some are collected or removed")
+
+    # -- setup ----------------------------------------------------------------------------
+
+    def setup_command(self, task: Task) -> list[str] | None:
+        """The setup of a new workspace: its tool's or script's, else its repository's."""
+        if task.tool.startswith(SCRIPT_TOOL_PREFIX):
+            script = self.queue.scripts.get(task.tool[len(SCRIPT_TOOL_PREFIX):])
+            own = script and script.setup and shlex.split(script.setup)
+        else:
+            tool = self.config.tools.get(task.tool)
+            own = tool and tool.setup
+        if own:
+            return own
+        repos = {repo_key(name): repo for name, repo in self.config.workspaces.repos.items()}
+        settings = repos.get(repo_key(task.repo))
+        return settings and settings.setup
+
+    async def _setup(self, task: Task, ws: Workspace, log_write) -> None:
+        """Run the setup in a new workspace, its output in a section of the task's log."""
+        argv = self.setup_command(task)
+        if not argv:
+            return
+        shown, limit = shlex.join(argv), self.config.workspaces.setup_timeout
+        log_write(f"--- sparkqd: setup: {shown} (in {ws.path}) ---\n".encode())
+        started = time.monotonic()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, cwd=ws.path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, start_new_session=True, env=child_environment(
+                    **workspace_environment(ws, task), SPARKQ_TASK_ID=str(task.id)))
+        except OSError as exc:
+            log_write(f"--- sparkqd: setup cannot start: {exc.strerror} ---\n".encode())
+            raise WorkspaceFailed(f"setup `{shown}` cannot start: {exc.strerror}") from None
+        tail = await self._setup_output(proc, log_write, limit)
+        code = proc.returncode
+        outcome = f"exited {code}" if code >= 0 else f"killed by signal {-code}"
+        if tail is None:
+            outcome, tail = f"timed out after {limit:g} s", ""
+        log_write(f"--- sparkqd: setup {outcome} after {time.monotonic() - started:.1f} s ---\n"
+                  .encode())
+        if code:
+            raise WorkspaceFailed(f"setup `{shown}` {outcome}" + (f": {tail}" if tail else ""))
+
+    async def _setup_output(self, proc, log_write, limit: float) -> str | None:
+        """Copy a setup's output to the log until it exits; its last lines, None at a timeout."""
+        last = bytearray()
+
+        async def pump():
+            while chunk := await proc.stdout.read(65536):
+                log_write(chunk)
+                last.extend(chunk)
+                del last[:-2048]
+            await proc.wait()
+        try:
+            await asyncio.wait_for(pump(), limit)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            signal_group(proc.pid, signal.SIGKILL)
+            await proc.wait()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return None
+        signal_group(proc.pid, signal.SIGKILL)  # what it left behind does not outlive it
+        lines = [line for line in last.decode(errors="replace").splitlines() if line.strip()]
+        return " | ".join(lines[-3:])
+
+    # -- a claim over the socket: answered once its workspace is ready ----------------------
+
+    def answer_claim(self, conn: Connection, request: Request, task: Task, result) -> object:
+        """Hold a claim's reply until the claimed task's workspace is prepared; WAITING."""
+        if isinstance(conn.blocked, Waiter):
+            conn.blocked.end()  # a claim that waited: its deadline must not answer now
+        waiter = Waiter(conn, request, None, lambda: result(None))
+        conn.block(waiter)
+        self._spawn(self._prepare_claimed(waiter, task, result))
+        return WAITING
+
+    async def _prepare_claimed(self, waiter: Waiter, task: Task, result) -> None:
+        log_file = TaskLog(self.logs.path(task.id), self.config.logs.max_bytes, 1)
+        error = None
+        try:
+            await self.prepare(task, log_file.write)
+        except Unavailable as exc:  # (the journal's too: the attempt cannot be bound)
+            error = exc
+        except asyncio.CancelledError:
+            self._interrupt(task, "interrupted by shutdown while its workspace was prepared")
+            raise
+        finally:
+            log_file.close()
+        if error is not None:
+            self._interrupt(task, f"workspace not prepared: {error}")
+        elif not waiter.active:
+            self._interrupt(task, "its claimer went away while its workspace was prepared")
+        if not waiter.active:
+            return
+        if error is None:
+            waiter.conn.finish(waiter.request.id, result(self.queue.tasks.get(task.id)))
+        elif waiter.changed_already:  # a claim_next: the finish stands, with no next task
+            waiter.conn.finish(waiter.request.id, waiter.expire())
+        else:
+            waiter.conn.finish_error(waiter.request.id, WorkspaceFailed(
+                f"task {task.id} claimed, but its workspace cannot be prepared: {error}; the "
+                f"attempt failed (retried if attempts remain): claim again"))
+
+    def _interrupt(self, task: Task, reason: str) -> None:
+        """Fail the attempt whose workspace was not delivered, if it still holds the task."""
+        try:
+            self.change(lambda: self.queue.interrupt(task.id, reason, time.time(), task.lease),
+                        4096)
+        except Unavailable as exc:
+            log.error("task %d: cannot record its failed attempt: %s", task.id, exc)
+
+    def later(self, conn: Connection | None, request: Request, work) -> object:
+        """Answer ``request`` with what ``work`` (a coroutine) returns; its connection waits."""
+        if conn is None or not conn.can_wait():
+            work.close()
+            raise Unavailable(f"{request.__struct_config__.tag} needs a connection that waits")
+        waiter = Waiter(conn, request, None, None)
+        conn.block(waiter)
+        self._spawn(self._answer_later(waiter, work))
+        return WAITING
+
+    async def _answer_later(self, waiter: Waiter, work) -> None:
+        try:
+            result = await work
+        except SparkQError as exc:
+            if waiter.active:
+                waiter.conn.finish_error(waiter.request.id, exc)
+            return
+        except Exception as exc:
+            log.exception("workspace request failed")
+            if waiter.active:
+                waiter.conn.finish_error(waiter.request.id, SparkQError(f"internal error: {exc!r}"))
+            return
+        if waiter.active:
+            waiter.conn.finish(waiter.request.id, result)
+
+    # -- what is left behind ------------------------------------------------------------------
+
+    async def _unsaved(self, ws: Workspace) -> tuple[bool, int]:
+        """(uncommitted changes?, commits and stashes no remote and not its ref holds)."""
+        index = os.path.join(ws.path, ".git", "index")
+        dirty = False
+        if ws.kind == "worktree" or os.path.exists(index):
+            _, changes = await git(["status", "--porcelain", "--untracked-files=normal"],
+                                   ws.path, self.timeout)
+            dirty = bool(changes.strip())
+        if ws.kind == "worktree":
+            _, tip = await git(["for-each-ref", "--format=%(objectname)",
+                                f"refs/heads/{ws.branch}"], ws.path, self.timeout)
+            base = await self._commit_of(ws)
+            revs = ["HEAD", *tip.split(), "--not", *([base] if base else []), "--remotes"]
+            stashes = 0
+        else:
+            revs = ["HEAD", "--branches", "--not", "--remotes", "--tags"]
+            _, listed = await git(["stash", "list"], ws.path, self.timeout)
+            stashes = len(listed.splitlines())
+        _, count = await git(["rev-list", "--count", *revs], ws.path, self.timeout)
+        return dirty, int(count or 0) + stashes
+
+    async def _commit_of(self, ws: Workspace) -> str | None:
+        """The commit a worktree's ref names now (after the collector's fetch), or None."""
+        main = self.main_path(ws.repo)
+        for name in (f"refs/remotes/origin/{ws.ref}", f"refs/tags/{ws.ref}", ws.commit):
+            code, out = await git(["rev-parse", "--verify", "--quiet", "--end-of-options",
+                                   f"{name}^{{commit}}"], main, self.timeout, check=False)
+            if code == 0:
+                return out.strip()
+        return None
+
+    async def _save(self, ws: Workspace) -> str | None:
+        """Save what removing a workspace would lose under saved/: a patch of its changes (a
+        worktree: all since its base commit, committed or not) and, for a shared clone, a
+        bundle of its stashes and the commits no remote has. Where, or None if nothing."""
+        saved = os.path.join(self.home(ws.repo), "saved")
+        os.makedirs(saved, mode=0o700, exist_ok=True)
+        name = ws.id if ws.kind == "worktree" else "main-" + time.strftime("%Y%m%dT%H%M%S")
+        paths = [await self._save_patch(ws, os.path.join(saved, f"{name}.patch"))]
+        if ws.kind == "shared":
+            paths.append(await self._save_bundle(ws, os.path.join(saved, f"{name}.bundle")))
+        return ", ".join(p for p in paths if p) or None
+
+    async def _save_patch(self, ws: Workspace, path: str) -> str | None:
+        if ws.kind == "shared" and not os.path.exists(os.path.join(ws.path, ".git", "index")):
+            return None  # never checked out: nothing uncommitted
+        base = ws.commit if ws.kind == "worktree" else "HEAD"
+        # Intent to add: new files show in the diff too.
+        await git(["add", "--all", "--intent-to-add", "--", "."], ws.path, self.timeout)
+        _, diff = await git(["diff", "--binary", base, "--"], ws.path, self.timeout, raw=True)
+        if not diff.strip():
+            return None
+        _, commits = await git(["log", "--format=# commit %H %s", f"{base}..HEAD"], ws.path,
+                               self.timeout)
+        header = (f"# sparkqd saved workspace {ws.id} ({ws.repo}, {ws.kind}, branch {ws.branch}, "
+                  f"ref {ws.ref}) at {rfc3339(time.time())}\n# every change since {base}, "
+                  f"committed or not; apply onto it with: git apply {os.path.basename(path)}\n"
+                  + commits)
+        await self._thread(write_file, path, header.encode() + diff)
+        return path
+
+    async def _save_bundle(self, ws: Workspace, path: str) -> str | None:
+        _, stashes = await git(["stash", "list", "--format=%H"], ws.path, self.timeout)
+        for n, sha in enumerate(stashes.split()):  # each stash a ref, so the bundle holds it
+            await git(["update-ref", f"refs/sparkq-saved/stash-{n}", sha], ws.path, self.timeout)
+        await git(["bundle", "create", path, "HEAD", "--branches", "--glob=refs/sparkq-saved/*",
+                   "--not", "--remotes", "--tags"], ws.path, self.timeout, check=False)
+        return path if os.path.exists(path) else None  # nothing to bundle: git made none
+
+    async def _remove(self, ws: Workspace, save: bool, reason: str) -> str | None:
+        """Save (if asked) and remove a workspace and a worktree's branch; then record it."""
+        main = self.main_path(ws.repo)
+        patch = await self._save(ws) if save and os.path.isdir(ws.path) else None
+        holder = self.book.holder(self.book.records.get(ws.id, ws))
+        if holder is not None:  # claimed again while its changes were saved
+            raise WorkspaceFailed(f"its task {holder.id} is {holder.status} again")
+        # Moved aside at once and deleted in the background: the repository's other work
+        # waits for no tree of 10,000 files to be deleted.
+        trash = os.path.join(self.home(ws.repo), f"{TRASH_PREFIX}{ws.id.replace('/', '_')}-"
+                                                 f"{time.monotonic_ns()}")
+        if os.path.isdir(ws.path):
+            os.rename(ws.path, trash)
+        if ws.kind == "worktree" and os.path.isdir(main):
+            await git(["worktree", "prune"], main, self.timeout)
+            await git(["branch", "-D", ws.branch], main, self.timeout, check=False)
+        await self._thread(remove_empty_up_to, os.path.dirname(ws.path), self.root)
+        self.sizes.pop(ws.path, None)
+        self._report(lambda: self.book.removed(ws.id, reason, patch, time.time()))
+        if os.path.isdir(trash):
+            self._spawn(self._thread(shutil.rmtree, trash, True))
+        log.info("workspace %s removed: %s%s", ws.id, reason, f"; saved {patch}" if patch else "")
+        return patch
+
+    # -- the collector -----------------------------------------------------------------------
+
+    def due(self, now: float) -> float:
+        """The collector's turn on the daemon's one timer: started when due; its next time."""
+        if now >= self.next_collect and self.collecting is None:
+            self.next_collect = now + COLLECT_EVERY
+            self.collecting = self._spawn(self._collect_on_timer())
+        return self.next_collect
+
+    async def _collect_on_timer(self) -> None:
+        report = None
+        try:
+            report = await self.collect()
+        except Exception:
+            log.exception("workspace collection failed; retried within the hour")
+        finally:
+            self.collecting = None
+        # (min: a release during the collection asked for another soon)
+        self.next_collect = min(self.next_collect, self._next_collection(report))
+        self.rearm(self.next_collect)
+
+    def _next_collection(self, report: dict | None) -> float:
+        """An hour from now, sooner while a workspace is kept only for a process in it, and
+        when an idle one's keep_days (a worktree) or prune_days (a clone) run out."""
+        now, days = time.time(), self.config.workspaces
+        times = [now + COLLECT_EVERY]
+        if report and any(kept["why"].startswith("in use") for kept in report["kept"]):
+            times.append(now + RECHECK_IN_USE)
+        for ws in self.book.records.values():
+            keep = days.keep_days if ws.kind == "worktree" else days.prune_days
+            if ws.state == "idle" and self._last_use(ws) + keep * DAY > now:  # (past: kept for
+                times.append(self._last_use(ws) + keep * DAY)  # another reason, seen hourly)
+        return min(times)
+
+    @staticmethod
+    def _last_use(ws: Workspace) -> float:
+        return max(ws.created_at, ws.updated_at or 0, ws.released_at or 0)  # as Replies says
+
+    async def collect(self, dry_run: bool = False) -> dict:
+        """Remove every workspace nobody needs, saving first what it would lose; says what it
+        removed (or would) and what it kept, and why."""
+        cwds = await self._thread(working_directories)
+        report = {"dry_run": dry_run, "removed": [], "kept": []}
+        fetched: set[str] = set()
+        # Worktrees first: a shared clone goes only once the worktrees made from it have.
+        for ws_id in sorted(self.book.records, key=lambda i: self.book.records[i].kind == "shared"):
+            ws = self.book.records.get(ws_id)
+            if ws is None:
+                continue
+            async with self._lock(ws.repo):
+                ws = self.book.records.get(ws_id)
+                if ws is not None:
+                    await self._collect_one(ws, cwds, fetched, report)
+        await self.measure([ws.path for ws in self.book.records.values()])
+        return report
+
+    async def _collect_one(self, ws: Workspace, cwds: dict, fetched: set, report: dict) -> None:
+        try:
+            kept, reason, save = await self._verdict(ws, cwds, fetched)
+            entry = {"id": ws.id, "repo": ws.repo, "kind": ws.kind, "path": ws.path}
+            if kept is not None:
+                report["kept"].append({**entry, "why": kept})
+                return
+            patch = None if report["dry_run"] else await self._remove(ws, save, reason)
+            report["removed"].append({**entry, "reason": reason, "patch": patch})
+        except WorkspaceFailed as exc:
+            log.warning("workspace %s kept: %s", ws.id, exc)
+            report["kept"].append({"id": ws.id, "repo": ws.repo, "kind": ws.kind,
+                                   "path": ws.path, "why": f"cannot look at it: {exc}"})
+
+    async def _verdict(self, ws: Workspace, cwds: dict, fetched: set) -> tuple:
+        """(why it is kept, or None; why it goes; whether to save its changes first)."""
+        holder = self.book.holder(ws)
+        if holder is not None:
+            return f"its task {holder.id} is {holder.status}", None, False
+        if not os.path.isdir(ws.path):
+            return None, "its directory was gone", False
+        pids = processes_inside(ws.path, cwds)
+        if pids:
+            return f"in use: process {pids[0]} works inside it", None, False
+        idle = time.time() - self._last_use(ws)
+        if ws.kind == "shared":
+            return self._shared_verdict(ws, idle)
+        if ws.repo not in fetched:  # merged upstream counts: look once per repository
+            fetched.add(ws.repo)
+            await git(["fetch", "--prune", "--quiet", "origin"], self.main_path(ws.repo),
+                      self.timeout, check=False)
+        dirty, unmerged = await self._unsaved(ws)
+        if not dirty and not unmerged:
+            return None, "its task ended, its tree is clean and its branch merged or pushed", False
+        if idle > self.config.workspaces.keep_days * DAY:
+            return None, f"idle for {idle / DAY:.2f} days", True
+        why = "uncommitted changes" if dirty else (
+            f"{unmerged} commits on {ws.branch} not in {ws.ref} nor pushed")
+        return why, None, False
+
+    def _shared_verdict(self, ws: Workspace, idle: float) -> tuple:
+        worktrees = len(self.book.of_repo(ws.repo)) - 1
+        if worktrees:
+            return f"{worktrees} worktrees of it remain", None, False
+        if idle <= self.config.workspaces.prune_days * DAY:
+            return f"used {idle / DAY:.2f} days ago", None, False
+        return None, f"unused for {idle / DAY:.2f} days", True
+
+    def on_commit(self, events: list[Event], queue: Queue) -> None:
+        """A released workspace is measured; one whose task ended is collected soon."""
+        for event in events:
+            if type(event) is WorkspaceReleased and event.workspace in self.book.records:
+                self._spawn(self.measure([self.book.records[event.workspace].path]))
+                task = queue.tasks.get(event.task)
+                if task is None or task.status in TERMINAL:
+                    self.next_collect = min(self.next_collect, time.time() + 1.0)
+                    self.rearm(self.next_collect)
+
+    async def measure(self, paths: list[str]) -> None:
+        for path in paths:
+            if os.path.isdir(path):
+                self.sizes[path] = await self._thread(disk_usage, path)
+        live = {ws.path for ws in self.book.records.values()}
+        for path in [p for p in self.sizes if p not in live]:
+            del self.sizes[path]
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def listing(self, req: WorkspaceList) -> list:
+        key = req.repo and repo_key(req.repo)
+        found = [ws for ws in self.book.records.values() if key is None or ws.repo == key]
+        return sorted(found, key=lambda ws: (ws.repo, ws.kind != "shared", ws.created_at))
+
+    def show(self, req: WorkspaceShow) -> dict:
+        """One task's worktree, or a repository's clone and worktrees; with the saved files."""
+        if req.workspace.isdigit():
+            ws = self.book.named(req.workspace)
+            key, found = ws.repo, [ws]
+        else:
+            key = repo_key(req.workspace)
+            found = sorted(self.book.of_repo(key), key=lambda ws: ws.kind != "shared")
+        saved = os.path.join(self.home(key), "saved")
+        names = sorted(os.listdir(saved)) if os.path.isdir(saved) else []
+        if req.workspace.isdigit():
+            names = [n for n in names if n.startswith(f"{req.workspace}.")]
+        elif not found and not names:
+            raise NotFound(f"no workspace of repository {key}")
+        return {"repo": key, "path": self.home(key), "workspaces": found,
+                "saved": [os.path.join(saved, n) for n in names]}
+
+    def remove(self, req: WorkspaceRemove, conn: Connection | None) -> object:
+        """`workspace rm`: refused while its task runs; what it would lose refuses it too,
+        unless ``force``, which saves that first."""
+        ws = self.book.named(req.workspace)
+        self._check_removable(ws)
+        return self.later(conn, req, self._remove_by_hand(ws.id, req.force))
+
+    def _check_removable(self, ws: Workspace) -> None:
+        holder = self.book.holder(ws)
+        if holder is not None:
+            raise Conflict(f"workspace {ws.id} belongs to task {holder.id}, which is "
+                           f"{holder.status}: remove it once the task has ended")
+        if ws.kind == "shared" and len(self.book.of_repo(ws.repo)) > 1:
+            raise Conflict(f"worktrees of {ws.repo} remain: remove them first")
+
+    async def _remove_by_hand(self, ws_id: str, force: bool) -> dict:
+        async with self._lock(self.book.named(ws_id).repo):
+            ws = self.book.named(ws_id)
+            self._check_removable(ws)
+            problems = []
+            if os.path.isdir(ws.path):
+                pids = processes_inside(ws.path, await self._thread(working_directories))
+                dirty, unmerged = await self._unsaved(ws)
+                problems = [why for why, found in (
+                    (f"process {pids[0] if pids else 0} works inside it", pids),
+                    ("it has uncommitted changes", dirty),
+                    (f"{unmerged} commits or stashes no remote holds", unmerged)) if found]
+            if problems and not force:
+                raise Conflict(f"workspace {ws.id} kept: {'; '.join(problems)} (--force saves "
+                               f"its changes under saved/, then removes it)")
+            reason = "removed by hand" + (f", forced: {'; '.join(problems)}" if problems else "")
+            patch = await self._remove(ws, bool(problems), reason)
+        return {"removed": ws.id, "path": ws.path, "patch": patch}
+
+    def gc(self, req: WorkspaceGc, conn: Connection | None) -> object:
+        return self.later(conn, req, self.collect(req.dry_run))
+
+    def summary(self) -> dict:
+        """The workspaces in numbers, for `status`."""
+        records = self.book.records.values()
+        return {"count": len(records), "bytes": sum(self.sizes.values()),
+                "worktrees": sum(1 for ws in records if ws.kind == "worktree"),
+                "unrecorded": self.unrecorded}
+
+    # -- start and stop ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """At startup: report checkouts that no record names (never removed), and end the
+        attempts whose workspace a crash left half prepared (their claimer never heard)."""
+        if os.path.isdir(self.root):
+            known = {ws.path for ws in self.book.records.values()}
+            self.unrecorded, trash_found = await self._thread(scan_workspaces, self.root, known)
+            for trash in trash_found:
+                log.info("deleting %s: a removed workspace's tree, moved aside before a crash",
+                         trash)
+                self._spawn(self._thread(shutil.rmtree, trash, True))
+        for path in self.unrecorded:
+            log.warning("workspace directory %s has no record (a crash while it was made, or "
+                        "made by hand): left as it is; remove it yourself if nothing in it is "
+                        "needed", path)
+        for ws in self.book.records.values():
+            if not os.path.isdir(ws.path):
+                log.warning("workspace %s: its directory %s is gone; the collector forgets it",
+                            ws.id, ws.path)
+        stuck = [t for t in self.queue.tasks.values() if t.status == "running" and t.workspace
+                 and getattr(self.book.of_task(t), "state", None) != "active"]
+        for task in stuck:
+            self._interrupt(task, "interrupted: daemon stopped while its workspace was prepared")
+        self._spawn(self.measure([ws.path for ws in self.book.records.values()]))
+
+    async def stop(self) -> None:
+        """Cancel what is under way: a preparation cut short fails its attempt."""
+        for job in list(self.jobs):
+            job.cancel()
+        if self.jobs:
+            await asyncio.wait(list(self.jobs), timeout=5)
+        self.executor.shutdown(wait=False)
+
+
+# ============================================================================
+# 11. Observers: stats, metrics, watchers, task logs, workers, hooks
 # ============================================================================
 
 FSYNC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
@@ -3942,7 +5206,13 @@ WATCH_EVENTS = {
     ScheduleResumed: "schedule.resumed", ScheduleFired: "schedule.fired",
     ScheduleSkipped: "schedule.skipped",
 }
-EVENT_TYPES = {*WATCH_EVENTS.values(), "worker.started", "worker.restarted", "config.reloaded"}
+#: Workspace lifecycle events, as subscribers see them.
+WORKSPACE_WATCH_EVENTS = {
+    WorkspaceCreated: "workspace.created", WorkspaceUpdated: "workspace.updated",
+    WorkspaceReleased: "workspace.released", WorkspaceRemoved: "workspace.removed",
+}
+EVENT_TYPES = {*WATCH_EVENTS.values(), "worker.started", "worker.restarted", "config.reloaded",
+               *WORKSPACE_WATCH_EVENTS.values()}
 OUTCOMES = {TaskCompleted: "completed", TaskFailed: "failed", TaskCancelled: "cancelled"}
 
 
@@ -4119,6 +5389,9 @@ class Watchers:
         if not self.subscriptions:
             return
         for event in events:
+            if type(event) in WORKSPACE_WATCH_EVENTS:
+                self.workspace_event(event, queue)
+                continue
             kind = WATCH_EVENTS.get(type(event))
             if kind is None or (type(event) is TaskReleased and event.waiting_for):
                 continue
@@ -4145,6 +5418,16 @@ class Watchers:
         stream = schedule.spec.stream if schedule else None
         session = queue.streams[stream].session if stream in queue.streams else None
         self.send(kind, body, event.at, stream, session)
+
+    def workspace_event(self, event: Event, queue: Queue) -> None:
+        """A workspace's lifecycle event, for those watching everything or its task."""
+        ws = queue.workspaces.records.get(event.workspace)
+        task = queue.tasks.get(getattr(event, "task", None) or (ws and ws.task) or 0)
+        body = {"workspace": self.replies.workspace(ws) if ws else {
+            "id": event.workspace, "state": "removed", "reason": event.reason,
+            "patch": event.patch}}
+        self.send(WORKSPACE_WATCH_EVENTS[type(event)], body, event.at, task and task.stream,
+                  task and queue.streams[task.stream].session, task and task.id)
 
     def worker_event(self, kind: str, record: dict) -> None:
         self.send(kind, {"worker": record})
@@ -4310,7 +5593,7 @@ class Hooks:
 
 
 # ============================================================================
-# 11. Server: waiters and connections
+# 12. Server: waiters and connections
 # ============================================================================
 
 
@@ -4408,8 +5691,10 @@ class Waiters:
     the next loop turn, and their deadlines are deadlines of the daemon's one timer.
     """
 
-    def __init__(self, queue: Queue, change, workers: WorkerRegistry, rearm):
+    def __init__(self, queue: Queue, change, workers: WorkerRegistry, rearm,
+                 workspaces: Workspaces | None = None):
         self.queue, self.reads = queue, QueueReads(queue)
+        self.workspaces = workspaces  #: prepares a claimed task's workspace before the reply
         self.change = change  #: the daemon's change pipeline: a retried claim changes state
         self.workers = workers
         self.rearm = rearm  #: tells the one timer of an earlier deadline
@@ -4451,15 +5736,24 @@ class Waiters:
 
         task = self.noted(request, self.queue.claim(request, now), now)
         if task is not None or request.wait <= 0 or conn is None:
-            return result(task)
+            return self.prepared(conn, answering or request, task, result)
         keys = [("stream", s) for s in names(request.stream)]
 
         def again():
             task = self.change(lambda: self.queue.claim(request, time.time()))
             self.noted(request, task, time.time())
-            return (result(task), None) if task is not None else (None, keys)
+            if task is None:
+                return None, keys
+            return self.prepared(conn, answering or request, task, result), None
         return self.park(conn, answering or request, keys, request.wait, again,
                                  lambda: result(None))
+
+    def prepared(self, conn: Connection | None, request: Request, task: Task | None,
+                 result) -> Any:
+        """A claim's result; for a task that asks for a workspace, WAITING until it is ready."""
+        if task is None or task.workspace is None or conn is None or self.workspaces is None:
+            return result(task)
+        return self.workspaces.answer_claim(conn, request, task, result)
 
     def finish(self, request: Complete | Fail, conn: Connection | None, now: float) -> Any:
         """Complete or fail a task; with ``claim_next``, claim the next one in the same step
@@ -4532,7 +5826,7 @@ class Waiters:
             return waiter.conn.finish_error(waiter.request.id, exc)
         if keys:  # someone else was quicker, or not everything waited for has ended
             self._register(waiter, keys)
-        else:
+        elif result is not WAITING:  # (WAITING: answered once the task's workspace is ready)
             waiter.conn.finish(waiter.request.id, result)
 
     def tick(self, now: float) -> float | None:
@@ -4910,7 +6204,7 @@ class StartingConnection(asyncio.Protocol):
 
 
 # ============================================================================
-# 12. Daemon: lifecycle, dispatch, change pipeline, timer, reload
+# 13. Daemon: lifecycle, dispatch, change pipeline, timer, reload
 # ============================================================================
 
 
@@ -5047,7 +6341,8 @@ def tools_view(config: Config, settings) -> dict:
     return {
         "tools": {name: {"task_class": t.task_class, "description": t.description,
                          "timeout": settings(name).timeout,
-                         "max_attempts": settings(name).max_attempts, "command": t.command}
+                         "max_attempts": settings(name).max_attempts, "command": t.command,
+                         "workspace": t.workspace, "repo": t.repo}
                   for name, t in config.tools.items()},
         "task_classes": {name: msgspec.structs.asdict(c)
                          for name, c in config.task_classes.items()},
@@ -5143,7 +6438,8 @@ class Recovery:
         loop meanwhile answers "starting"); returns the journal records replayed."""
         gc.disable()  # millions of new objects, none of them garbage: no collections meanwhile
         state = snapshots.snapshot.load()
-        queue.load(state.sessions, state.streams, state.tasks, state.next_id, state.schedules)
+        queue.load(state.sessions, state.streams, state.tasks, state.next_id, state.schedules,
+                   state.workspaces)
         snapshot_seq = snapshots.last["seq"] = state.seq
         snapshots.loaded(state.written_at)
         del state
@@ -5322,12 +6618,15 @@ class Daemon:
         self.stats, self.workers = Stats(), WorkerRegistry()
         self.watchers = Watchers(self.replies)
         self.logs = TaskLogs(os.path.join(paths.data_dir, "logs"), self.queue, self.executor)
-        self.waiters = Waiters(self.queue, self.change, self.workers, self._rearm)
+        self.workspaces = Workspaces(config, self.queue, self.change, paths.data_dir, self.logs,
+                                     self._rearm)
+        self.replies.sizes = self.workspaces.sizes
+        self.waiters = Waiters(self.queue, self.change, self.workers, self._rearm, self.workspaces)
         self.pool = Pool(config, self.queue, self.handle, self.change, self.logs,
-                         self.watchers, paths.socket)
+                         self.watchers, paths.socket, self.workspaces)
         self.hooks = Hooks(config, self.queue, paths.socket)
         self.observers = (self.stats, self.watchers, self.waiters, self.pool, self.logs,
-                          self.hooks)
+                          self.hooks, self.workspaces)
         self.connections.forgetters += [self.watchers.drop, self.logs.drop]
         self.started = time.time()
         self.stopping = False
@@ -5354,6 +6653,7 @@ class Daemon:
             self._lock_fd = await lock_data_dir(self.paths.data_dir)
             replayed = await recover(self.queue, self.journal, self.snapshots, self.pool,
                                      self.change, self.logs.directory, self.recovery)
+            await self.workspaces.start()
             self.recovery.done = True
             self._sync_schedules()
             if activated:  # clients wait in the backlog, as a service manager's socket promises
@@ -5407,6 +6707,7 @@ class Daemon:
     async def _shutdown(self) -> None:
         self.server.close()
         await self.pool.stop()
+        await self.workspaces.stop()
         for conn in list(self.connections.open):
             conn.stop()
         if self.connections.open:
@@ -5457,8 +6758,9 @@ class Daemon:
         queue, reads, waiters = self.queue, self.waiters.reads, self.waiters
         match request:
             case Hello(): return {"version": VERSION, "protocol": PROTOCOL}
-            case Status(): return status_view(self.paths, queue, self.journal, self.snapshots,
-                                              self.pool, len(self.connections.open), self.started)
+            case Status(): return {**status_view(
+                self.paths, queue, self.journal, self.snapshots, self.pool,
+                len(self.connections.open), self.started), "workspaces": self.workspaces.summary()}
             case SessionCreate(): return queue.session_create(request, now)
             case SessionEnd(): return queue.session_end(request, now)
             case SessionList(): return reads.session_list(request, now)
@@ -5483,8 +6785,9 @@ class Daemon:
             case Workers(): return self.pool.slot_records() + self.workers.records(now)
             case Watch(): return self.watchers.subscribe(conn, request)
             case History(): return reads.history(request, now)
-            case Metrics(): return render_metrics(queue, self.stats, self.journal, self.pool,
-                                                  self.snapshots, self.watchers, self.started)
+            case Metrics(): return render_metrics(
+                queue, self.stats, self.journal, self.pool, self.snapshots, self.watchers,
+                self.started) + "\n".join(workspace_metrics(queue, self.workspaces.sizes)) + "\n"
             case Purge(): return queue.purge(request, now)
             case Tools(): return tools_view(self.config, queue.settings)
             case Reload(): return self.reload()
@@ -5499,6 +6802,11 @@ class Daemon:
             case ScheduleList(): return reads.schedule_list(request, now)
             case ScheduleShow(): return reads.schedule_show(request, now)
             case ScheduleNext(): return reads.schedule_next(request, now)
+            # repository workspaces
+            case WorkspaceList(): return self.workspaces.listing(request)
+            case WorkspaceShow(): return self.workspaces.show(request)
+            case WorkspaceRemove(): return self.workspaces.remove(request, conn)
+            case WorkspaceGc(): return self.workspaces.gc(request, conn)
         raise BadRequest(f"no handler for {type(request).__name__}")  # a request without an arm
 
     def change(self, carry_out, room: int = 65536) -> Any:
@@ -5556,7 +6864,7 @@ class Daemon:
             ("database.path", self.config.database.path, config.database.path)) if old != new]
         if restart:
             log.warning("reload: %s take effect at the next restart", ", ".join(restart))
-        self.config = self.hooks.config = config
+        self.config = self.hooks.config = self.workspaces.config = config
         self.queue.reconfigure(config, scan_scripts(config.script_dirs))
         self._sync_schedules()
         self.pool.reconfigure(config)
@@ -5634,7 +6942,8 @@ class Daemon:
             sync_at = self.journal.sync_deadline()
         next_metrics = self.metrics_file.due(now, self.config,
                                              lambda: self._dispatch(Metrics(), None, now))
-        return [next_snapshot, next_tick, next_wait, sync_at, next_metrics]
+        next_collect = self.workspaces.due(now)
+        return [next_snapshot, next_tick, next_wait, sync_at, next_metrics, next_collect]
 
     def _timer_failed(self, exc: Exception, traceback: bool = False) -> None:
         """Log why a timer turn failed, once until it changes; the turn is retried."""
@@ -5676,7 +6985,7 @@ def gc_freeze() -> None:
 
 
 # ============================================================================
-# 13. main()
+# 14. main()
 # ============================================================================
 
 

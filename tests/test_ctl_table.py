@@ -49,6 +49,11 @@ EXAMPLES = [
     "schedule show nightly", "schedule pause nightly", "schedule resume nightly",
     "schedule rm nightly", "schedule fire nightly",
     "schedule next '*/15 9-17 * * 1-5' --timezone America/New_York -n 5",
+    # repository workspaces
+    "enqueue --tool run-bash --payload make --repo git@github.com:u/r --ref v1.2 "
+    "--workspace worktree",
+    "workspaces --repo https://github.com/u/r", "workspace show 3", "workspace rm 3 --force",
+    "workspace gc --dry-run",
 ]
 
 
