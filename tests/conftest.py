@@ -116,8 +116,13 @@ class Conn:
         self.sock.close()
 
 
+#: What a test daemon's config gets unless it sets `http:` itself: no HTTP listener.
+NO_HTTP = "\nhttp:\n  listen: null\n"
+
+
 class Daemon:
-    """A sparkqd process with its own socket, data directory and optional config."""
+    """A sparkqd process with its own socket, data directory and optional config (which
+    turns the HTTP listener off unless it has an `http:` section)."""
 
     def __init__(self, workdir: Path, config: str | None = None, env: dict | None = None,
                  loop: str = "uvloop"):
@@ -130,8 +135,9 @@ class Daemon:
         self.extra_env = env or {}
         self.proc = None
         self.log = None
-        if config is not None:
-            self.config_path.write_text(config)
+        if "http:" not in (config or ""):  # many daemons run at once: none takes port 8420
+            config = f"{config or ''}{NO_HTTP}"
+        self.config_path.write_text(config)
 
     @property
     def env(self):

@@ -38,6 +38,7 @@ EXAMPLES = [
     "workers", "watch --stream a --session b --task 3 --event task.created", "metrics",
     "history --stream a --session b --status failed --since 30m --limit 5",
     "tasks --stream a --session b --status waiting --limit 5", "purge --older-than 7",
+    "ui --print --new-token",
 ]
 
 
