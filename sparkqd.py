@@ -4865,12 +4865,20 @@ def web_application(web: Web, tornado_web):
     """The tornado application of the listener (tornado is imported only when it starts)."""
     encode = msgspec.json.Encoder().encode
 
+    @tornado_web.stream_request_body  # the checks run before a body is read; none is parsed
     class Base(tornado_web.RequestHandler):
         """Every response: the security headers, JSON errors, and the checks first."""
 
         public = False  #: served without the token (`/health`)
         signs_in = False  #: a page: ``?token=`` sets the cookie
         via = None  #: how the request proved it has the token
+
+        def initialize(self) -> None:
+            self.body = bytearray()
+
+        def data_received(self, chunk: bytes) -> None:
+            if not self._finished:
+                self.body += chunk
 
         def set_default_headers(self) -> None:
             for name, value in SECURITY_HEADERS.items():
@@ -4964,7 +4972,7 @@ def web_application(web: Web, tornado_web):
             await self.answer(lambda: query_request(op, query))
 
         async def post(self, op: str) -> None:
-            body = self.request.body
+            body = bytes(self.body)
             if len(body) > web.codec.max_frame:
                 return self.reply(413, error_reply(None, TooLarge(
                     f"body of {len(body)} bytes exceeds {web.codec.max_frame}")))
