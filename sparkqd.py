@@ -5325,6 +5325,7 @@ PAGE_TEMPLATES = {
 </form>""",
     "sparkline": """<svg class="spark" viewBox="0 0 {{ width }} 24" width="{{ width }}" height="24" role="img" aria-label="{{ total }} finished in the last {{ minutes }} minutes">
 <title>{{ total }} finished in the last {{ minutes }} minutes</title>
+<rect class="axis" x="0" y="23" width="{{ width }}" height="1"></rect>
 {% for x, y, h in bars %}<rect x="{{ x }}" y="{{ y }}" width="2" height="{{ h }}"></rect>{% end %}
 </svg>""",
     "streams": """<section id="streams" class="panel wide" data-live aria-labelledby="streams-h">
@@ -5383,7 +5384,7 @@ PAGE_TEMPLATES = {
 <h2 id="health-h">Journal and snapshot</h2>
 {% set journal, snapshot = status["journal"], status["snapshot"] %}
 <dl class="fields">
-<dt>Journal</dt><dd>{% if journal["failure"] %}<span class="badge failed">failing</span> {{ journal["failure"] }}{% else %}<span class="badge completed">ok</span> record {{ journal["seq"] }}, durable to {{ journal["durable_seq"] }}, fsync {{ journal["fsync"] }}, {{ journal["segments"] }} segments{% end %}</dd>
+<dt>Journal</dt><dd>{% if journal["failure"] %}<span class="badge failed">failing</span> {{ journal["failure"] }}{% else %}<span class="badge completed">ok</span> record {{ journal["seq"] }}, durable to {{ journal["durable_seq"] }}, fsync {{ journal["fsync"] }}, {{ journal["segments"] }} segment{{ "" if journal["segments"] == 1 else "s" }}{% end %}</dd>
 <dt>Snapshot</dt><dd>{% if snapshot.get("error") %}<span class="badge failed">failing</span> {{ snapshot["error"] }}{% elif snapshot.get("at") %}<span class="badge completed">ok</span> at record {{ snapshot["seq"] }}, <time datetime="{{ snapshot['at'] }}">{{ when(snapshot["at"]) }}</time>{% if snapshot.get("seconds") is not None %} in {{ snapshot["seconds"] }} s{% end %}{% else %}none yet{% end %}</dd>
 <dt>Daemon</dt><dd>sparkqd {{ status["version"] }}, pid {{ status["pid"] }}, up {{ int(status["uptime"]) }} s, {{ status["tasks"] }} tasks, {{ status["connections"] }} connections</dd>
 </dl>
@@ -5418,7 +5419,7 @@ PAGE_TEMPLATES = {
 </section>
 """,
     "task_list": """<section id="task-list" class="panel wide" data-live aria-labelledby="list-h">
-<h2 id="list-h">{% if total is not None %}{{ total }} tasks{% else %}Tasks{% end %}{% if filters %} matching{% end %}, newest first</h2>
+<h2 id="list-h">{% if total is not None %}{{ total }} task{{ "" if total == 1 else "s" }}{% else %}Tasks{% end %}{% if filters %} matching{% end %}, newest first</h2>
 {% if problem %}<p class="problem">{{ problem }}</p>{% end %}
 <div class="scroll"><table class="tasks"><thead><tr><th scope="col">Task</th><th scope="col">Status</th><th scope="col">Stream</th><th scope="col">Tool</th><th scope="col">Payload</th><th scope="col" class="num">Attempts</th><th scope="col">Created</th><th scope="col">Summary or reason</th></tr></thead>
 <tbody>{% for t in tasks %}<tr id="task-{{ t['id'] }}"><th scope="row"><a href="/ui/tasks/{{ t['id'] }}">#{{ t["id"] }}</a></th><td><span class="badge {{ t['status'] }}">{{ t["status"] }}</span></td><td>{{ t["stream"] }}</td><td>{{ t["tool"] }}</td><td class="payload">{{ short(t["payload"], 60) }}</td><td class="num">{{ t["attempts"] }}/{{ t["max_attempts"] }}</td><td><time datetime="{{ t['created_at'] }}">{{ when(t["created_at"]) }}</time></td><td>{{ short(t["summary"] or t["reason"] or "", 80) }}</td></tr>{% end %}
@@ -5650,6 +5651,7 @@ thead th { color: var(--muted); font-weight: 600; white-space: nowrap; }
 .reason { color: var(--bad); }
 .problem { color: var(--bad); font-weight: 600; }
 .spark rect { fill: var(--run); }
+.spark rect.axis { fill: var(--line); }
 form.action { display: inline; margin: 0; }
 form.inline label { margin-left: .5rem; }
 .actions { display: flex; flex-wrap: wrap; gap: .5rem; align-items: center; }
