@@ -903,6 +903,8 @@ class Watch(ReadRequest, tag="watch"):
     events: list[str] | None = None
     #: Resume after a reconnect: first the events kept since the one of this ``seq``.
     after_seq: Count | None = None
+    #: The events of one moment as one `changed` message (for a view that refetches).
+    coalesce: bool = False
 
 
 class History(ReadRequest, tag="history"):
@@ -1994,9 +1996,11 @@ class QueueReads:
 def text_in_task(needle: str, task: Task) -> bool:
     """Whether casefolded ``needle`` is in the task's payload (as JSON), summary or reason."""
     payload = task.payload
-    if payload is not None and type(payload) is not str:
-        payload = msgspec.json.encode(payload).decode()
-    return any(needle in text.casefold() for text in (payload, task.summary, task.reason) if text)
+    if type(payload) is not str:
+        payload = "" if payload is None else msgspec.json.encode(payload).decode()
+    summary, reason = task.summary, task.reason
+    return (needle in payload.casefold() or (summary is not None and needle in summary.casefold())
+            or (reason is not None and needle in reason.casefold()))
 
 
 CASCADE_REASON = re.compile(r"dependency (\d+) (failed|cancelled)")
@@ -2024,10 +2028,13 @@ def full_history(task: Task) -> tuple:
 
 class Replies:
     """Results of the core (Structs) turned into what clients see: the one place records
-    are built. Nothing inside the daemon reads a wire record back."""
+    are built. Nothing inside the daemon reads a wire record back, nor changes one."""
 
     def __init__(self, queue: Queue):
         self.queue = queue
+        #: The last task rendered and its record: a change's watch event and its reply show
+        #: the same (immutable) task, so it is rendered once for both.
+        self._last: tuple[Task | None, dict] = (None, {})
 
     def wire(self, value: Any) -> Any:
         kind = type(value)
@@ -2060,6 +2067,8 @@ class Replies:
                 "counts": dict(self.queue.counts[s.name])}
 
     def task(self, t: Task, with_history: bool = False) -> dict:
+        if t is self._last[0] and not with_history:
+            return self._last[1]
         record = {
             "id": t.id, "stream": t.stream, "session": self.queue.streams[t.stream].session,
             "tool": t.tool, "task_class": t.task_class, "payload": t.payload,
@@ -2074,6 +2083,8 @@ class Replies:
         if with_history:
             record["history"] = [{"at": rfc3339(at), "status": status, "by": by, "note": note}
                                  for at, status, by, note in full_history(t)]
+        else:
+            self._last = (t, record)
         return record
 
     def ended(self, task: Task) -> dict:
@@ -3388,6 +3399,7 @@ class Subscription:
         self.tasks = set(req.tasks) if req.tasks else None
         self.events = set(req.events) if req.events else None
         self.narrowed = bool(self.streams or self.sessions or self.tasks)
+        self.coalesce = req.coalesce
 
     def wants(self, kind: str, stream: str | None = None, session: str | None = None,
               task_id: int | None = None) -> bool:
@@ -3415,6 +3427,8 @@ class Watchers:
         self.seq = self.first_seq = int(time.time() * 1e6)  #: the number of the last event
         #: (seq, kind, at, body, stream, session, task id) of the latest events
         self.recent: collections.deque = collections.deque(maxlen=WATCH_KEPT)
+        #: coalescing subscribers with events this loop turn: [last seq, how many]
+        self.changed: dict[Connection, list[int]] = {}
 
     def subscribe(self, conn: Connection, req: Watch) -> dict:
         unknown = set(req.events or ()) - EVENT_TYPES
@@ -3476,17 +3490,36 @@ class Watchers:
         if self.subscriptions:
             self._deliver(entry, self.subscriptions.items())
 
-    @staticmethod
-    def _deliver(entry: tuple, subscribers) -> None:
+    def _deliver(self, entry: tuple, subscribers) -> None:
         """Queue one kept event for those of ``subscribers`` that want it, built only if one does."""
         seq, kind, at, body, stream, session, task_id = entry
         message = None
         for conn, subscription in subscribers:
-            if subscription.wants(kind, stream, session, task_id):
-                if message is None:
-                    message = {"event": kind, "at": rfc3339(at), "seq": seq,
-                               **(body() if callable(body) else body)}
-                conn.publish(message)
+            if not subscription.wants(kind, stream, session, task_id):
+                continue
+            if subscription.coalesce:
+                self._note_change(conn, seq)
+                continue
+            if message is None:
+                message = {"event": kind, "at": rfc3339(at), "seq": seq,
+                           **(body() if callable(body) else body)}
+            conn.publish(message)
+
+    def _note_change(self, conn: Connection, seq: int) -> None:
+        """Count an event for a coalescing subscriber, told once this loop turn ends."""
+        pending = self.changed.get(conn)
+        if pending is not None:
+            pending[0], pending[1] = seq, pending[1] + 1
+            return
+        if not self.changed:
+            asyncio.get_running_loop().call_soon(self._send_changes)
+        self.changed[conn] = [seq, 1]
+
+    def _send_changes(self) -> None:
+        changed, self.changed = self.changed, {}
+        for conn, (seq, count) in changed.items():
+            if conn in self.subscriptions:
+                conn.publish({"event": "changed", "seq": seq, "count": count})
 
 
 class TaskLogs:
@@ -4457,8 +4490,8 @@ class HttpExchange:
     (and answered by ``finish``), and a stream (watch, logs with follow) gets the same
     messages, held back for a slow reader and dropped with a `lagged` past the limit.
 
-    ``sink`` writes: ``send(message, kind)`` returns the bytes it wrote (their flush is
-    reported with ``flushed``), ``streams`` says whether the reply opens a stream.
+    ``sink`` writes: ``send([(message, kind), ...])`` writes messages in one go and
+    returns the bytes written, whose flush it reports with ``flushed``.
     """
 
     def __init__(self, daemon: Daemon, sink):
@@ -4471,6 +4504,7 @@ class HttpExchange:
         self.outbox: collections.deque = collections.deque()  #: (journal seq, message, kind)
         self.awaiting_journal = False
         self.held_events = self.missed = self.unflushed = 0
+        self.delivery_due = False  #: a delivery is scheduled for the next loop turn
         self.finished = asyncio.get_running_loop().create_future()
 
     # -- the handler's side ---------------------------------------------------------
@@ -4580,6 +4614,14 @@ class HttpExchange:
             return
         self.outbox.append((self.journal.last_seq, message, kind))
         self.held_events += kind == STREAM_EVENT
+        if kind != STREAM_EVENT:
+            return self._deliver()
+        if not self.delivery_due:  # the events of many requests answered together: one write
+            self.delivery_due = True
+            asyncio.get_running_loop().call_soon(self._deliver_due)
+
+    def _deliver_due(self) -> None:
+        self.delivery_due = False
         self._deliver()
 
     def _deliver(self) -> None:
@@ -4587,6 +4629,7 @@ class HttpExchange:
         if self.done or self.awaiting_journal or (self.subscriber and self.paused):
             return
         durable, failure = self.journal.durable_seq, self.journal.failure
+        out = []
         while self.outbox and (self.outbox[0][0] <= durable or failure):
             seq, message, kind = self.outbox.popleft()
             self.held_events -= kind == STREAM_EVENT
@@ -4594,7 +4637,9 @@ class HttpExchange:
                 continue
             if seq > durable and kind == REPLY:
                 message = error_reply(message["id"], Unavailable(f"storage failing: {failure}"))
-            self.unflushed += self.sink.send(message, kind)
+            out.append((message, kind))
+        if out:
+            self.unflushed += self.sink.send(out)
         if self.outbox:
             self.awaiting_journal = True
             self.journal.when_durable(self.outbox[-1][0], self._on_durable)
@@ -4996,24 +5041,28 @@ def web_application(web: Web, tornado_web):
             if not self.exchange.lost:
                 self.finish()
 
-        def send(self, message: dict, kind: str) -> int:
-            """Write one message: the whole response, or one message of a stream."""
-            try:
-                data = encode(message)
-            except (TypeError, ValueError, OverflowError, RecursionError) as exc:
-                log.error("cannot encode an HTTP reply: %r", exc)
-                data = encode(error_reply(None, SparkQError(f"internal error: {exc}")))
+        def send(self, messages: list[tuple[dict, str]]) -> int:
+            """Write messages: the whole response, or the next messages of a stream."""
             if not (self.exchange.streaming or self.events):
+                [(message, _)] = messages
                 self.set_status(http_status(message))
                 self.set_header("Content-Type", "application/json")
-                self.write(data)
+                self.write(self.encoded(message))
                 return 0
-            if kind == REPLY:
+            if messages[0][1] == REPLY:
                 self.start_stream()
-            data = self.frame(message, data)
+            data = b"".join(self.frame(message, self.encoded(message)) for message, _ in messages)
             self.write(data)
             self.flush().add_done_callback(lambda done: self.flushed(done, len(data)))
             return len(data)
+
+        @staticmethod
+        def encoded(message: dict) -> bytes:
+            try:
+                return encode(message)
+            except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+                log.error("cannot encode an HTTP reply: %r", exc)
+                return encode(error_reply(None, SparkQError(f"internal error: {exc}")))
 
         def start_stream(self) -> None:
             if self.request.method == "GET":  # EventSource
@@ -5180,7 +5229,7 @@ class Pages:
     def overview(self, nonce: str) -> bytes:
         call, now = self.web.call, time.time()
         return self.layout(
-            nonce, "Overview", "/ui/", API_PREFIX + "watch",
+            nonce, "Overview", "/ui/", API_PREFIX + "watch?coalesce=true",
             self.streams_part(call("stream.list"), now), self.workers_part(call("workers")),
             self.part("locks", locks=call("locks")), self.failures_part(),
             self.part("next_firings", schedules=self.schedule_list()),
@@ -5221,8 +5270,8 @@ class Pages:
     def tasks(self, nonce: str, query: dict[str, str]) -> bytes:
         filters = {k: v for k in ("stream", "session", "status", "tool", "text")
                    if (v := query.get(k, "").strip())}
-        watch = API_PREFIX + "watch" + (f"?streams={urllib.parse.quote(filters['stream'])}"
-                                        if "stream" in filters else "")
+        watch = API_PREFIX + "watch?coalesce=true" + (
+            f"&streams={urllib.parse.quote(filters['stream'])}" if "stream" in filters else "")
         return self.layout(nonce, "Tasks", "/ui/tasks", watch,
                            self.enqueue_part(filters.get("stream")), self.filters_part(filters),
                            self.task_list_part(filters, query.get("before", "")))
@@ -5274,7 +5323,7 @@ class Pages:
         log_text = self.web.call("logs", task=task_id, tail=500)["log"]
         fields = {k: v for k, v in task.items() if k not in TASK_OWN_PLACES}
         return self.layout(
-            nonce, f"Task {task_id}", "/ui/tasks", f"{API_PREFIX}watch?tasks={task_id}",
+            nonce, f"Task {task_id}", "/ui/tasks", f"{API_PREFIX}watch?coalesce=true&tasks={task_id}",
             self.part("task_head", task=task),
             self.part("task_fields", fields=fields, task=task),
             self.part("task_history", history=task.get("history", [])),
@@ -5285,7 +5334,7 @@ class Pages:
     def schedules(self, nonce: str) -> bytes:
         listed = self.schedule_list()
         shown = [self.web.call("schedule.show", name=s["name"]) for s in listed or ()]
-        return self.layout(nonce, "Schedules", "/ui/schedules", API_PREFIX + "watch",
+        return self.layout(nonce, "Schedules", "/ui/schedules", API_PREFIX + "watch?coalesce=true",
                            self.part("schedules", schedules=shown, known=listed is not None))
 
 
@@ -5479,7 +5528,9 @@ APP_JS = r"""'use strict';
 (() => {
   const live = document.getElementById('live');
   const notice = document.getElementById('notice');
-  let fetching = false, again = false, lastFetch = 0;
+  //: Changes that keep coming refresh the page at most this often; the first one at once.
+  const GAP = 1000;
+  let fetching = false, again = false, timer = null, lastFetch = -GAP;
 
   function say(text, link) {
     notice.textContent = text;
@@ -5490,9 +5541,16 @@ APP_JS = r"""'use strict';
     }
   }
 
+  function changed() {
+    if (fetching) { again = true; return; }
+    if (timer !== null) return;
+    const wait = lastFetch + GAP - performance.now();
+    if (wait <= 0) refresh();
+    else timer = setTimeout(() => { timer = null; refresh(); }, wait);
+  }
+
   // Swap in the page's live parts as the server renders them now; focus stays put.
   async function refresh() {
-    if (fetching) { again = true; return; }
     fetching = true; lastFetch = performance.now();
     try {
       const response = await fetch(location.href, {credentials: 'same-origin'});
@@ -5508,7 +5566,7 @@ APP_JS = r"""'use strict';
       }
     } finally {
       fetching = false;
-      if (again) { again = false; setTimeout(refresh, Math.max(0, 250 - (performance.now() - lastFetch))); }
+      if (again) { again = false; changed(); }
     }
   }
 
@@ -5521,7 +5579,7 @@ APP_JS = r"""'use strict';
     events.onmessage = (message) => {
       const data = JSON.parse(message.data);
       if (data.ok === false) { say(data.error.message); events.close(); return; }
-      refresh();  // an event, or the reply: the page may be older than the subscription
+      changed();  // an event, or the reply: the page may be older than the subscription
     };
   }
 
@@ -5579,7 +5637,7 @@ APP_JS = r"""'use strict';
     const task = reply.result && reply.result.id !== undefined && reply.result.status ? reply.result : null;
     if (op === 'enqueue' && task) say(`Enqueued task ${task.id}.`, {href: `/ui/tasks/${task.id}`, text: `Open task ${task.id}`});
     else say(task ? `Task ${task.id}: ${task.status}.` : `${op}: done.`);
-    refresh();
+    changed();
   }
 
   document.addEventListener('submit', (event) => {

@@ -604,3 +604,15 @@ def test_a_body_larger_than_a_frame_is_413_too_large(make_daemon):
     daemon, http = served(make_daemon, "server: {max_frame_bytes: 1024}\n")
     status, reply = http.api("enqueue", tool="agent", payload="x" * 2000)
     assert (status, reply["error"]["code"]) == (413, "too_large")
+
+
+def test_a_coalescing_watch_gets_one_changed_for_requests_answered_together(daemon):
+    """`watch` with coalesce: events of requests answered in one go come as one `changed`."""
+    watcher = daemon.connect()
+    assert watcher.call(op="watch", coalesce=True)["ok"]
+    sender = daemon.connect()
+    sender.send_raw(b"".join(sender.frame({"op": "enqueue", "tool": "llm-haiku"}) for _ in range(3)))
+    replies = [sender.recv() for _ in range(3)]
+    changed = watcher.recv()
+    assert changed == {"event": "changed", "seq": changed["seq"], "count": 3}
+    assert all(reply["ok"] for reply in replies)
