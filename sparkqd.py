@@ -4257,6 +4257,9 @@ SECURITY_HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Resource-Policy": "same-origin",
 }
 COOKIE_DAYS = 30
+#: Bytes of a request body tornado reads at most; past ``server.max_frame_bytes`` (which a
+#: reload may change) they are counted, not kept, and the request gets `too_large`.
+MAX_HTTP_BODY = 1 << 30
 #: Bytes written to a client and not yet flushed past which its stream holds events back.
 HTTP_HIGH_WATER = 256 << 10
 PAGE_SIZE = 50
@@ -4805,7 +4808,7 @@ class Web:
         self.server = self.guard = self.pages = None
         self.url: str | None = None  #: where it listens, once it does
         self.reason = "not started yet"  #: why it does not listen
-        self.codec = JsonLines(daemon.config.server.max_frame_bytes)
+        self.codec = JsonLines(daemon.config.server.max_frame_bytes)  #: decodes POST bodies
         self._openapi: bytes | None = None
 
     def start(self) -> None:
@@ -4831,7 +4834,7 @@ class Web:
         self.guard = Guard(self.tokens, port)
         self.pages = Pages(self, tornado.template)
         self.server = tornado.httpserver.HTTPServer(
-            web_application(self, tornado.web), max_body_size=2 * self.codec.max_frame)
+            web_application(self, tornado.web), max_body_size=MAX_HTTP_BODY)
         self.server.add_sockets(sockets)
         self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
         self.stats.seed(self.daemon.queue, time.time())
@@ -4904,261 +4907,291 @@ class Web:
 
 
 # -- tornado's handlers: thin, over Guard, the requests from HTTP and Pages ----------------------
+#
+# Each is a mixin here and becomes a tornado RequestHandler when the listener starts (tornado
+# is imported only then): ``web_application`` makes the classes, each with ``web`` set.
+
+encode_json = msgspec.json.Encoder().encode
+
+
+class BaseHandler:
+    """Every response: the security headers, JSON errors, and the checks before anything runs;
+    bodies are streamed in (``stream_request_body``), so none is parsed as a form."""
+
+    web: Web
+    public = False  #: served without the token (`/health`)
+    signs_in = False  #: a page: ``?token=`` sets the cookie
+    via = None  #: how the request proved it has the token
+
+    def initialize(self) -> None:
+        self.body = bytearray()
+
+    def data_received(self, chunk: bytes) -> None:
+        if not self._finished and len(self.body) <= self.web.daemon.connections.max_frame:
+            self.body += chunk  # past the limit only its size matters: it is refused
+
+    def set_default_headers(self) -> None:
+        for name, value in SECURITY_HEADERS.items():
+            self.set_header(name, value)
+        self.clear_header("Server")
+
+    def prepare(self) -> None:
+        try:
+            self.admit()
+        except HttpRefusal as refusal:
+            self.refuse(refusal)
+
+    def admit(self) -> None:
+        """Host first, then the token (a page takes it from ``?token=``), then for a cookie
+        the origin, then for a change its JSON body."""
+        headers, guard = self.request.headers, self.web.guard
+        guard.check_host(self.request.host)
+        if self.public:
+            return
+        token = self.signs_in and self.get_query_argument("token", None)
+        if token and self.request.method == "GET" and guard.tokens.matches(token):
+            self.via = "token"
+            return
+        self.via = guard.authenticate(headers.get("Authorization"),
+                                      self.get_cookie(guard.cookie_name))
+        changes = self.request.method not in ("GET", "HEAD")
+        if self.via == "cookie":
+            guard.check_origin(self.request.host, headers.get("Origin"),
+                               headers.get("Sec-Fetch-Site"), changes)
+        if changes:
+            guard.check_json(headers.get("Content-Type"))
+
+    def refuse(self, refusal: HttpRefusal) -> None:
+        if refusal.status in (401, 403):
+            self.web.refusals.note(refusal, f"{self.request.method} {self.request.path} from "
+                                            f"{self.request.remote_ip}")
+        self.reply(refusal.status, refusal.reply(), refusal.headers)
+
+    def reply(self, status: int, body: dict, headers: dict | None = None) -> None:
+        self.set_status(status)
+        for name, value in (headers or {}).items():
+            self.set_header(name, value)
+        self.set_header("Content-Type", "application/json")
+        self.finish(encode_json(body))
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        code = HTTP_CODES.get(status_code, "internal" if status_code >= 500 else "bad_request")
+        self.set_header("Content-Type", "application/json")
+        self.finish(encode_json({"id": None, "ok": False, "error": {
+            "code": code, "message": self._reason}}))
+
+    def sign_in(self) -> None:
+        """``?token=``: the cookie, then the same page without the token in its URL."""
+        self.set_cookie(self.web.guard.cookie_name, self.web.guard.tokens.cookie, httponly=True,
+                        samesite="Strict", max_age=COOKIE_DAYS * 86400)
+        query = [(k, v) for k, vs in self.request.query_arguments.items() if k != "token"
+                 for v in vs]
+        path = "/ui/" if self.request.path == "/" else self.request.path
+        self.redirect(path + (f"?{urllib.parse.urlencode(query, doseq=True)}" if query else ""),
+                      status=303)
+
+
+class HealthHandler(BaseHandler):
+    public = True
+
+    def get(self) -> None:
+        self.reply(200, {"ok": True})
+
+
+class ReadyHandler(BaseHandler):
+    def get(self) -> None:
+        ready, why = self.web.ready()
+        self.reply(200 if ready else 503, {"ready": ready, "reason": why})
+
+
+class MetricsHandler(BaseHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.finish(self.web.metrics())
+
+
+class OpenApiHandler(BaseHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.finish(self.web.openapi())
+
+
+class ApiHandler(BaseHandler):
+    """``/api/v1/<op>``: the op's request from the body (POST) or the query (GET), carried
+    out by an HttpExchange; this handler is its sink, writing what it sends."""
+
+    exchange: HttpExchange | None = None
+
+    async def get(self, op: str) -> None:
+        query = dict(self.request.query_arguments)
+        last_event = self.request.headers.get("Last-Event-ID", "")
+        if op == "watch" and "after_seq" not in query and last_event.isdigit():
+            query["after_seq"] = [last_event.encode()]  # an EventSource reconnecting
+        await self.answer(lambda: query_request(op, query))
+
+    async def post(self, op: str) -> None:
+        body, limit = bytes(self.body), self.web.daemon.connections.max_frame
+        if len(body) > limit:
+            return self.reply(413, error_reply(None, TooLarge(
+                f"body of more than {limit} bytes")))
+        await self.answer(lambda: body_request(op, body, self.web.codec))
+
+    async def answer(self, decode) -> None:
+        #: An EventSource gets events even for a reply that opens no stream.
+        self.events = (self.request.method == "GET" and "text/event-stream"
+                       in self.request.headers.get("Accept", ""))
+        try:
+            request = decode()
+        except HttpRefusal as refusal:
+            return self.refuse(refusal)
+        except BadRequest as exc:
+            return self.reply(400, error_reply(None, exc))
+        self.exchange = HttpExchange(self.web.daemon, self)
+        self.web.exchanges.add(self.exchange)
+        self.exchange.begin(request)
+        await self.exchange.finished
+        self.web.exchanges.discard(self.exchange)
+        if not self.exchange.lost:
+            self.finish()
+
+    def send(self, messages: list[tuple[dict, str]]) -> int:
+        """Write messages: the whole response, or the next messages of a stream."""
+        if not (self.exchange.streaming or self.events):
+            [(message, _)] = messages
+            self.set_status(http_status(message))
+            self.set_header("Content-Type", "application/json")
+            self.write(self.encoded(message))
+            return 0
+        if messages[0][1] == REPLY:
+            self.start_stream()
+        data = b"".join(self.frame(message, self.encoded(message)) for message, _ in messages)
+        self.write(data)
+        self.flush().add_done_callback(lambda done: self.flushed(done, len(data)))
+        return len(data)
+
+    @staticmethod
+    def encoded(message: dict) -> bytes:
+        try:
+            return encode_json(message)
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            log.error("cannot encode an HTTP reply: %r", exc)
+            return encode_json(error_reply(None, SparkQError(f"internal error: {exc}")))
+
+    def start_stream(self) -> None:
+        if self.request.method == "GET":  # EventSource
+            self.set_header("Content-Type", "text/event-stream")
+            self.write(b"retry: 2000\n\n")
+        else:
+            self.set_header("Content-Type", "application/x-ndjson")
+
+    def frame(self, message: dict, data: bytes) -> bytes:
+        """A stream's message: an SSE event (the watch cursor as its id), or a line."""
+        if self.request.method != "GET":
+            return data + b"\n"
+        seq = message.get("seq") or (isinstance(message.get("result"), dict)
+                                     and message["result"].get("seq"))
+        return (b"id: %d\n" % seq if seq else b"") + b"data: " + data + b"\n\n"
+
+    def flushed(self, done, nbytes: int) -> None:
+        done.exception()  # a client gone: on_connection_close says so
+        self.exchange.flushed(nbytes)
+
+    def on_connection_close(self) -> None:
+        if self.exchange is not None:
+            self.exchange.gone()
+
+
+class PageHandler(BaseHandler):
+    """A dashboard page: server-rendered, with a nonce for its one script."""
+
+    signs_in = True
+
+    def get(self, *args) -> None:
+        if self.via == "token":
+            return self.sign_in()
+        nonce = secrets.token_urlsafe(16)
+        self.set_header("Content-Security-Policy", CSP.format(nonce=nonce))
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        try:
+            page = self.render_page(nonce, *args)
+        except SparkQError as exc:
+            self.set_status(HTTP_STATUS.get(exc.code, 500))
+            page = self.web.pages.error(nonce, exc)
+        self.finish(page)
+
+
+class OverviewHandler(PageHandler):
+    def render_page(self, nonce: str) -> bytes:
+        return self.web.pages.overview(nonce)
+
+
+class TasksHandler(PageHandler):
+    def render_page(self, nonce: str) -> bytes:
+        query = {k: self.get_query_argument(k) for k in self.request.query_arguments}
+        return self.web.pages.tasks(nonce, query)
+
+
+class TaskHandler(PageHandler):
+    def render_page(self, nonce: str, task_id: str) -> bytes:
+        return self.web.pages.task(nonce, int(task_id))
+
+
+class SchedulesHandler(PageHandler):
+    def render_page(self, nonce: str) -> bytes:
+        return self.web.pages.schedules(nonce)
+
+
+class AssetHandler(BaseHandler):
+    signs_in = True
+
+    def get(self, name: str) -> None:
+        if self.via == "token":
+            return self.sign_in()
+        kind, text = ASSETS[name]
+        self.set_header("Content-Type", kind)
+        self.set_header("Cache-Control", "no-cache")
+        self.finish(text)
+
+
+class RootHandler(BaseHandler):
+    signs_in = True
+
+    def get(self) -> None:
+        if self.via == "token":
+            return self.sign_in()
+        self.redirect("/ui/", status=303)
+
+
+class UnknownHandler(BaseHandler):
+    def prepare(self) -> None:
+        super().prepare()
+        if not self._finished:
+            self.refuse(HttpRefusal(404, f"no page or API at {self.request.path}"))
+
+
+ROUTES = (
+    (r"/", RootHandler), (r"/health", HealthHandler), (r"/ready", ReadyHandler),
+    (r"/metrics", MetricsHandler), (r"/api/v1/openapi\.json", OpenApiHandler),
+    (r"/api/v1/([a-z][a-z0-9._-]*)", ApiHandler), (r"/ui/", OverviewHandler),
+    (r"/ui/tasks", TasksHandler), (r"/ui/tasks/([0-9]{1,18})", TaskHandler),
+    (r"/ui/schedules", SchedulesHandler), (r"/ui/(app\.js|app\.css)", AssetHandler),
+)
+CSP = ("default-src 'none'; script-src 'nonce-{nonce}'; style-src 'self'; img-src 'self'; "
+       "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
 
 
 def web_application(web: Web, tornado_web):
-    """The tornado application of the listener (tornado is imported only when it starts)."""
-    encode = msgspec.json.Encoder().encode
+    """The tornado application: each handler mixin made a RequestHandler that knows ``web``."""
+    def handler(mixin: type) -> type:
+        made = type(mixin.__name__, (mixin, tornado_web.RequestHandler), {"web": web})
+        return tornado_web.stream_request_body(made)
 
-    @tornado_web.stream_request_body  # the checks run before a body is read; none is parsed
-    class Base(tornado_web.RequestHandler):
-        """Every response: the security headers, JSON errors, and the checks first."""
-
-        public = False  #: served without the token (`/health`)
-        signs_in = False  #: a page: ``?token=`` sets the cookie
-        via = None  #: how the request proved it has the token
-
-        def initialize(self) -> None:
-            self.body = bytearray()
-
-        def data_received(self, chunk: bytes) -> None:
-            if not self._finished:
-                self.body += chunk
-
-        def set_default_headers(self) -> None:
-            for name, value in SECURITY_HEADERS.items():
-                self.set_header(name, value)
-            self.clear_header("Server")
-
-        def prepare(self) -> None:
-            try:
-                self.admit()
-            except HttpRefusal as refusal:
-                self.refuse(refusal)
-
-        def admit(self) -> None:
-            headers, guard = self.request.headers, web.guard
-            guard.check_host(self.request.host)
-            if self.public:
-                return
-            token = self.signs_in and self.get_query_argument("token", None)
-            if token and self.request.method == "GET" and guard.tokens.matches(token):
-                self.via = "token"
-                return
-            self.via = guard.authenticate(headers.get("Authorization"),
-                                          self.get_cookie(guard.cookie_name))
-            changes = self.request.method not in ("GET", "HEAD")
-            if self.via == "cookie":
-                guard.check_origin(self.request.host, headers.get("Origin"),
-                                   headers.get("Sec-Fetch-Site"), changes)
-            if changes:
-                guard.check_json(headers.get("Content-Type"))
-
-        def refuse(self, refusal: HttpRefusal) -> None:
-            if refusal.status in (401, 403):
-                web.refusals.note(refusal, f"{self.request.method} {self.request.path} from "
-                                           f"{self.request.remote_ip}")
-            self.reply(refusal.status, refusal.reply(), refusal.headers)
-
-        def reply(self, status: int, body: dict, headers: dict | None = None) -> None:
-            self.set_status(status)
-            for name, value in (headers or {}).items():
-                self.set_header(name, value)
-            self.set_header("Content-Type", "application/json")
-            self.finish(encode(body))
-
-        def write_error(self, status_code: int, **kwargs) -> None:
-            code = HTTP_CODES.get(status_code, "internal" if status_code >= 500 else "bad_request")
-            self.set_header("Content-Type", "application/json")
-            self.finish(encode({"id": None, "ok": False, "error": {
-                "code": code, "message": self._reason}}))
-
-        def sign_in(self) -> None:
-            """``?token=``: the cookie, then the same page without the token in its URL."""
-            self.set_cookie(web.guard.cookie_name, web.guard.tokens.cookie, httponly=True,
-                            samesite="Strict", max_age=COOKIE_DAYS * 86400)
-            query = [(k, v) for k, vs in self.request.query_arguments.items() if k != "token"
-                     for v in vs]
-            path = "/ui/" if self.request.path == "/" else self.request.path
-            self.redirect(path + (f"?{urllib.parse.urlencode(query, doseq=True)}"
-                                  if query else ""), status=303)
-
-    class Health(Base):
-        public = True
-
-        def get(self) -> None:
-            self.reply(200, {"ok": True})
-
-    class Ready(Base):
-        def get(self) -> None:
-            ready, why = web.ready()
-            self.reply(200 if ready else 503, {"ready": ready, "reason": why})
-
-    class MetricsText(Base):
-        def get(self) -> None:
-            self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-            self.finish(web.metrics())
-
-    class OpenApi(Base):
-        def get(self) -> None:
-            self.set_header("Content-Type", "application/json")
-            self.finish(web.openapi())
-
-    class Api(Base):
-        """``/api/v1/<op>``: the op's request from the body (POST) or query (GET)."""
-
-        exchange: HttpExchange | None = None
-
-        async def get(self, op: str) -> None:
-            query = dict(self.request.query_arguments)
-            last_event = self.request.headers.get("Last-Event-ID", "")
-            if op == "watch" and "after_seq" not in query and last_event.isdigit():
-                query["after_seq"] = [last_event.encode()]  # EventSource reconnecting
-            await self.answer(lambda: query_request(op, query))
-
-        async def post(self, op: str) -> None:
-            body = bytes(self.body)
-            if len(body) > web.codec.max_frame:
-                return self.reply(413, error_reply(None, TooLarge(
-                    f"body of {len(body)} bytes exceeds {web.codec.max_frame}")))
-            await self.answer(lambda: body_request(op, body, web.codec))
-
-        async def answer(self, decode) -> None:
-            #: An EventSource gets events even for a reply that opens no stream.
-            self.events = (self.request.method == "GET" and "text/event-stream"
-                           in self.request.headers.get("Accept", ""))
-            try:
-                request = decode()
-            except HttpRefusal as refusal:
-                return self.refuse(refusal)
-            except BadRequest as exc:
-                return self.reply(400, error_reply(None, exc))
-            self.exchange = HttpExchange(web.daemon, self)
-            web.exchanges.add(self.exchange)
-            self.exchange.begin(request)
-            await self.exchange.finished
-            web.exchanges.discard(self.exchange)
-            if not self.exchange.lost:
-                self.finish()
-
-        def send(self, messages: list[tuple[dict, str]]) -> int:
-            """Write messages: the whole response, or the next messages of a stream."""
-            if not (self.exchange.streaming or self.events):
-                [(message, _)] = messages
-                self.set_status(http_status(message))
-                self.set_header("Content-Type", "application/json")
-                self.write(self.encoded(message))
-                return 0
-            if messages[0][1] == REPLY:
-                self.start_stream()
-            data = b"".join(self.frame(message, self.encoded(message)) for message, _ in messages)
-            self.write(data)
-            self.flush().add_done_callback(lambda done: self.flushed(done, len(data)))
-            return len(data)
-
-        @staticmethod
-        def encoded(message: dict) -> bytes:
-            try:
-                return encode(message)
-            except (TypeError, ValueError, OverflowError, RecursionError) as exc:
-                log.error("cannot encode an HTTP reply: %r", exc)
-                return encode(error_reply(None, SparkQError(f"internal error: {exc}")))
-
-        def start_stream(self) -> None:
-            if self.request.method == "GET":  # EventSource
-                self.set_header("Content-Type", "text/event-stream")
-                self.write(b"retry: 2000\n\n")
-            else:
-                self.set_header("Content-Type", "application/x-ndjson")
-
-        def frame(self, message: dict, data: bytes) -> bytes:
-            """A stream's message: an SSE event (with the watch cursor as its id) or a line."""
-            if self.request.method != "GET":
-                return data + b"\n"
-            seq = message.get("seq") or (isinstance(message.get("result"), dict)
-                                         and message["result"].get("seq"))
-            return (b"id: %d\n" % seq if seq else b"") + b"data: " + data + b"\n\n"
-
-        def flushed(self, done, nbytes: int) -> None:
-            done.exception()  # a client gone: seen by on_connection_close
-            self.exchange.flushed(nbytes)
-
-        def on_connection_close(self) -> None:
-            if self.exchange is not None:
-                self.exchange.gone()
-
-    class Page(Base):
-        """A dashboard page: server-rendered, with a nonce for its one script."""
-
-        signs_in = True
-
-        def get(self, *args) -> None:
-            if self.via == "token":
-                return self.sign_in()
-            nonce = secrets.token_urlsafe(16)
-            self.set_header("Content-Security-Policy", CSP.format(nonce=nonce))
-            self.set_header("Content-Type", "text/html; charset=utf-8")
-            try:
-                page = self.render_page(nonce, *args)
-            except SparkQError as exc:
-                self.set_status(HTTP_STATUS.get(exc.code, 500))
-                page = web.pages.error(nonce, exc)
-            self.finish(page)
-
-    class Overview(Page):
-        def render_page(self, nonce: str) -> bytes:
-            return web.pages.overview(nonce)
-
-    class Tasks(Page):
-        def render_page(self, nonce: str) -> bytes:
-            query = {k: self.get_query_argument(k) for k in self.request.query_arguments}
-            return web.pages.tasks(nonce, query)
-
-    class OneTask(Page):
-        def render_page(self, nonce: str, task_id: str) -> bytes:
-            return web.pages.task(nonce, int(task_id))
-
-    class Schedules(Page):
-        def render_page(self, nonce: str) -> bytes:
-            return web.pages.schedules(nonce)
-
-    class Asset(Base):
-        signs_in = True
-
-        def get(self, name: str) -> None:
-            if self.via == "token":
-                return self.sign_in()
-            kind, text = ASSETS[name]
-            self.set_header("Content-Type", kind)
-            self.set_header("Cache-Control", "no-cache")
-            self.finish(text)
-
-    class Root(Base):
-        signs_in = True
-
-        def get(self) -> None:
-            if self.via == "token":
-                return self.sign_in()
-            self.redirect("/ui/", status=303)
-
-    class Unknown(Base):
-        def prepare(self) -> None:
-            super().prepare()
-            if not self._finished:
-                self.refuse(HttpRefusal(404, f"no page or API at {self.request.path}"))
-
-    return tornado_web.Application([
-        (r"/", Root), (r"/health", Health), (r"/ready", Ready), (r"/metrics", MetricsText),
-        (r"/api/v1/openapi\.json", OpenApi), (r"/api/v1/([a-z][a-z0-9._-]*)", Api),
-        (r"/ui/", Overview), (r"/ui/tasks", Tasks), (r"/ui/tasks/([0-9]{1,18})", OneTask),
-        (r"/ui/schedules", Schedules), (r"/ui/(app\.js|app\.css)", Asset),
-    ], default_handler_class=Unknown, compress_response=False, xsrf_cookies=False,
-        log_function=lambda handler: log.debug("HTTP %d %s %s", handler.get_status(),
-                                               handler.request.method, handler.request.uri))
-
-
-CSP = ("default-src 'none'; script-src 'nonce-{nonce}'; style-src 'self'; img-src 'self'; "
-       "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+    return tornado_web.Application(
+        [(path, handler(mixin)) for path, mixin in ROUTES],
+        default_handler_class=handler(UnknownHandler), compress_response=False,
+        xsrf_cookies=False,  # Guard's checks instead: token, Origin, POST with JSON
+        log_function=lambda h: log.debug("HTTP %d %s %s", h.get_status(), h.request.method,
+                                         h.request.uri))
 
 
 # -- the pages ---------------------------------------------------------------------------------

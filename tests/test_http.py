@@ -616,3 +616,14 @@ def test_a_coalescing_watch_gets_one_changed_for_requests_answered_together(daem
     changed = watcher.recv()
     assert changed == {"event": "changed", "seq": changed["seq"], "count": 3}
     assert all(reply["ok"] for reply in replies)
+
+
+def test_without_tornado_the_queue_runs_and_status_says_why(make_daemon, workdir):
+    """A daemon that cannot import tornado warns and runs without HTTP."""
+    fake = workdir / "no-tornado" / "tornado"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('tornado is missing here')\n")
+    daemon = make_daemon(config=HTTP_ON, env={"PYTHONPATH": str(fake.parent)})
+    assert daemon.ok(op="status")["http"] == {
+        "url": None, "reason": "tornado is not installed (pip install tornado)"}
+    assert "no dashboard or HTTP API" in daemon.logs() and daemon.ok(op="hello")

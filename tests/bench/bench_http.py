@@ -47,12 +47,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "bench")]
+from bench_core import client_pipelined_enqueue  # noqa: E402  (pipelined, as bench_core does)
 from conftest import Daemon, Http  # noqa: E402  (the suite's own daemon and HTTP client)
 from sparkqctl import Client  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-REQUEST = {"op": "enqueue", "tool": "bench", "payload": "make test -k bench_enqueue_case1"}
 
 
 def log(message: str) -> None:
@@ -88,17 +88,7 @@ def pipelined(daemon: Daemon, count: int, batch: int = 1000) -> float:
 
 
 def pipelined_rate(daemon: Daemon, count: int, batch: int) -> float:
-    with Client(str(daemon.socket), timeout=120) as client:
-        started, sent, received = time.perf_counter(), 0, 0
-        while received < count:
-            while sent < count and sent - received < 2 * batch:
-                n = min(batch, count - sent)
-                client.send_many([REQUEST] * n)
-                sent += n
-            for _ in range(min(batch, sent - received)):
-                Client.result(client.receive())
-                received += 1
-        return count / (time.perf_counter() - started)
+    return count / client_pipelined_enqueue(str(daemon.socket), count, batch)[1]
 
 
 def spread(values: list[float]) -> str:
