@@ -403,10 +403,11 @@ def test_a_cookie_post_not_from_the_dashboard_is_403(http, cookie, proof):
     assert status == 403 and error_of(body)["code"] == "forbidden"
 
 
-def test_a_cross_site_get_with_the_cookie_is_403(http, cookie):
-    """A page of another site including our API (script, img, EventSource) is refused."""
-    status, _, _ = http.request("GET", "/api/v1/watch",
-                                headers={"Cookie": cookie, "Sec-Fetch-Site": "same-site"})
+@pytest.mark.parametrize("proof", [{"Sec-Fetch-Site": "same-site"}, {"Sec-Fetch-Site": "cross-site"},
+                                   {"Origin": "http://127.0.0.1:1"}], ids=["same-site", "cross-site", "origin"])
+def test_a_cross_site_get_with_the_cookie_is_403(http, cookie, proof):
+    """Another site's page using our API with the cookie (script, img, EventSource) is refused."""
+    status, _, _ = http.request("GET", "/api/v1/watch", headers={"Cookie": cookie, **proof})
     assert status == 403
 
 
