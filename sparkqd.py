@@ -4386,8 +4386,8 @@ class Guard:
             name, port = split_host(host)
         except ValueError:
             name, port = "", -1
-        if not is_loopback_name(name) or port != (self.port if port is not None or
-                                                  self.port != 80 else None):
+        ports = (self.port, None) if self.port == 80 else (self.port,)  # 80 may go unsaid
+        if not is_loopback_name(name) or port not in ports:
             raise HttpRefusal(403, f"Host {host!r} is not this dashboard's address "
                                    f"(127.0.0.1:{self.port}, localhost:{self.port}): refused "
                                    f"against DNS rebinding")
