@@ -1399,17 +1399,19 @@ class Arg:
     that names the flag. ``default_from`` gives, after parsing, the value of an argument
     not given (an environment default; ``{default}`` in the help shows it). ``complete``
     is what the shells offer for the value: a kind of `__complete` (streams, sessions,
-    tasks, tools, scripts) or "files"; ``choices`` are offered without it.
+    tasks, tools, scripts) or "files"; ``choices`` are offered without it. ``sent=False``:
+    an option of the client's own, read from the parsed arguments, never sent.
     """
 
     def __init__(self, *flags, field=None, load=None, default_from=None, complete=None,
-                 **options):
+                 sent=True, **options):
         self.flags, self.options = flags, options
         self.is_option = flags[0].startswith("-")
         long = next((f[2:] for f in flags if f.startswith("--")), flags[0])
         self.dest = options.get("dest") or long.replace("-", "_")
         self.field = field or self.dest
         self.load, self.default_from, self.complete = load, default_from, complete
+        self.sent = sent
 
     @property
     def words(self):
@@ -1439,7 +1441,7 @@ class Arg:
 
     def fill(self, parser, args, fields: dict) -> None:
         value = getattr(args, self.dest)
-        if value is None or value is False:
+        if value is None or value is False or not self.sent:
             return
         if self.load:
             try:
@@ -1621,6 +1623,31 @@ def logs(command: Command, client: Client, fields: dict, args) -> int:
             print(message["chunk"], end="", flush=True)
         if message.get("end") or "error" in message:
             return EXIT_OK if message.get("end") else EXIT_REFUSED
+
+
+def can_open_browser(env=os.environ) -> bool:
+    """Whether a graphical browser can open here: not over SSH, not without a display."""
+    if sys.platform == "darwin":
+        return "SSH_CONNECTION" not in env
+    return bool(env.get("DISPLAY") or env.get("WAYLAND_DISPLAY"))
+
+
+def ui(command: Command, client: Client, fields: dict, args) -> int:
+    """`ui`: open the dashboard signed in (its URL carries the token), or print that URL."""
+    result = client.call("ui", **fields)
+    if not result["url"]:
+        print(f"sparkqctl: no dashboard: {result['reason']}", file=sys.stderr)
+        return EXIT_REFUSED
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif args.print or not can_open_browser():
+        print(result["url"])
+    else:
+        import webbrowser
+
+        if not webbrowser.open(result["url"]):
+            print(result["url"])
+    return EXIT_OK
 
 
 #: The global options; each command takes them too, after its name.
@@ -1820,6 +1847,12 @@ TABLE = (
             Arg("--task", action="append", dest="tasks", type=int, metavar="ID", complete="tasks"),
             Arg("--event", action="append", dest="events", metavar="TYPE",
                 help="task.created, task.pending, task.claimed, task.completed, ..."), talk=watch),
+    Command("ui", "open the web dashboard in a browser, signed in with its token",
+            Arg("--print", action="store_true", sent=False,
+                help="print the URL instead (it holds the token)"),
+            Arg("--new-token", action="store_true",
+                help="make a new token first: browsers signed in must sign in again"),
+            talk=ui),
     Command("top", "a live view of streams, running tasks, locks, workers and failures", run=top),
     Command("metrics", "print metrics in the Prometheus text format",
             show=lambda text: text.rstrip("\n")),

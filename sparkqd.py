@@ -42,6 +42,11 @@ first byte: ``{`` starts JSON lines, anything else 4-byte big-endian
 length-prefixed msgpack maps. Requests are msgspec Structs tagged by ``op``,
 so validation and the ``schema`` op come from the same definitions.
 
+An optional HTTP listener on loopback (``http.listen``) serves the same
+requests as JSON over HTTP, through the same dispatch, and a dashboard kept
+live by the `watch` stream over Server-Sent Events; it is token-protected the
+way Jupyter is, and tornado is imported only when it starts.
+
 Sections, in the order the data flows:
 
 1. Errors and constants
@@ -56,8 +61,9 @@ Sections, in the order the data flows:
 10. Workspaces (git): shared clones, task worktrees, their collector
 11. Observers: stats, metrics, watchers, task logs, workers, hooks
 12. Server: waiters and connections
-13. Daemon: lifecycle, dispatch, change pipeline, timer, reload
-14. main()
+13. Web: HTTP API and dashboard (optional, on loopback; tornado is imported only for it)
+14. Daemon: lifecycle, dispatch, change pipeline, timer, reload
+15. main()
 """
 
 from __future__ import annotations
@@ -75,12 +81,15 @@ import fcntl
 import functools
 import gc
 import heapq
+import hmac
+import ipaddress
 import itertools
 import logging
 import math
 import os
 import re
 import resource
+import secrets
 import select
 import shlex
 import shutil
@@ -92,6 +101,7 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.parse
 import zlib
 import zoneinfo
 from concurrent.futures import ThreadPoolExecutor
@@ -305,6 +315,36 @@ class HooksConfig(ConfigStruct):
     concurrency: Annotated[int, Meta(ge=1)] = 4
 
 
+# -- the HTTP listener (dashboard and HTTP API) ----------------------------------
+
+#: The dashboard's port is the original SparkQ's.
+DEFAULT_HTTP_LISTEN = "127.0.0.1:8420"
+
+
+class HttpConfig(ConfigStruct):
+    #: host:port on loopback; null turns the listener off; port 0 picks a free one.
+    listen: str | None = DEFAULT_HTTP_LISTEN
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """The (host, port) of an ``http.listen`` value; ValueError unless it is on loopback."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{text!r} is not host:port (like {DEFAULT_HTTP_LISTEN})")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if host == "localhost":
+        host = "127.0.0.1"  # named, not looked up: /etc/hosts could point it elsewhere
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(f"{host or 'every address'} is not a loopback address: the dashboard "
+                         f"listens on 127.0.0.0/8 or ::1 only; to reach it from another "
+                         f"machine use an SSH tunnel (ssh -L 8420:127.0.0.1:8420 HOST)")
+    return host, int(port)
+
+
 class TaskClass(ConfigStruct):
     timeout: Seconds
     max_attempts: Attempts = 1
@@ -434,6 +474,7 @@ class Config(ConfigStruct):
     logs: LogsConfig = field(default_factory=LogsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     script_dirs: list[str] = field(default_factory=list)
     task_classes: dict[str, TaskClass] = field(default_factory=builtin_task_classes)
     tools: dict[str, Tool] = field(default_factory=builtin_tools)
@@ -443,8 +484,10 @@ class Config(ConfigStruct):
 
 #: Keys of the original SparkQ file format that no longer apply, and what replaced them.
 REPLACED_KEYS = {
-    ("server", "port"): "sparkqd listens on a Unix socket; use server.socket",
-    ("server", "host"): "sparkqd listens on a Unix socket; use server.socket",
+    ("server", "port"): "sparkqd listens on a Unix socket; use server.socket "
+                        "(the dashboard's port is http.listen)",
+    ("server", "host"): "sparkqd listens on a Unix socket; use server.socket "
+                        "(the dashboard's address is http.listen)",
 }
 
 
@@ -484,6 +527,11 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         problem = schedule_config_problem(name, spec, config)
         if problem:
             raise ConfigError(f"{source}: $.schedules.{name}{problem}")
+    if config.http.listen is not None:
+        try:
+            listen_address(config.http.listen)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: $.http.listen: {exc}") from None
     return config
 
 
@@ -959,12 +1007,15 @@ class Request(Struct, tag_field="op", forbid_unknown_fields=True, frozen=True, k
     read_only: ClassVar[bool] = False
     #: Journal bytes reserved before it runs (each event also reserves its own).
     journal_room: ClassVar[int] = 65536
+    #: Has no effect at all, only reads: it may come as an HTTP GET.
+    safe: ClassVar[bool] = False
 
 
 class ReadRequest(Request):
     """A request that only reads, or acts outside the queue (reload, shutdown)."""
 
     read_only: ClassVar[bool] = True
+    safe: ClassVar[bool] = True
 
 
 class Hello(ReadRequest, tag="hello"):
@@ -1109,6 +1160,10 @@ class Watch(ReadRequest, tag="watch"):
     sessions: list[str] | None = None
     tasks: list[TaskId] | None = None
     events: list[str] | None = None
+    #: Resume after a reconnect: first the events kept since the one of this ``seq``.
+    after_seq: Count | None = None
+    #: The events of one moment as one `changed` message (for a view that refetches).
+    coalesce: bool = False
 
 
 class History(ReadRequest, tag="history"):
@@ -1146,6 +1201,13 @@ class ListTasks(ReadRequest, tag="tasks"):
     session: str | None = None
     status: Literal[STATUSES] | None = None
     limit: Count | None = None
+    tool: str | None = None
+    #: Case-insensitive text in the payload, summary or reason.
+    text: Annotated[str, Meta(min_length=1)] | None = None
+    #: Only ids in [min_id, max_id]: a page of a million tasks looks at its window alone.
+    min_id: TaskId | None = None
+    max_id: TaskId | None = None
+    newest: bool = False  #: newest first
 
 
 class Purge(Request, tag="purge"):
@@ -1157,11 +1219,11 @@ class Tools(ReadRequest, tag="tools"):
 
 
 class Reload(ReadRequest, tag="reload"):
-    pass
+    safe: ClassVar[bool] = False
 
 
 class Shutdown(ReadRequest, tag="shutdown"):
-    pass
+    safe: ClassVar[bool] = False
 
 
 class Schema(ReadRequest, tag="schema"):
@@ -1236,12 +1298,24 @@ class WorkspaceShow(ReadRequest, tag="workspace.show"):
 
 
 class WorkspaceRemove(ReadRequest, tag="workspace.remove"):
+    safe: ClassVar[bool] = False  # it removes a directory: never by an HTTP GET
     workspace: Annotated[str, Meta(min_length=1)]
     force: bool = False
 
 
 class WorkspaceGc(ReadRequest, tag="workspace.gc"):
+    safe: ClassVar[bool] = False
     dry_run: bool = False
+
+
+# -- the dashboard ------------------------------------------------------------------
+
+
+class Ui(ReadRequest, tag="ui"):
+    """The dashboard's URL with its token (``new_token``: a new token first)."""
+
+    safe: ClassVar[bool] = False
+    new_token: bool = False
 
 
 AnyRequest = Union[Hello, Status, SessionCreate, SessionEnd, SessionList, StreamCreate,
@@ -1250,7 +1324,8 @@ AnyRequest = Union[Hello, Status, SessionCreate, SessionEnd, SessionList, Stream
                    Logs, Scripts, Workers, Watch, History, Metrics, Purge, Tools, Reload,
                    Shutdown, Schema, ScheduleCreate, ScheduleUpdate, ScheduleDelete,
                    SchedulePause, ScheduleResume, ScheduleFire, ScheduleList, ScheduleShow,
-                   ScheduleNext, WorkspaceList, WorkspaceShow, WorkspaceRemove, WorkspaceGc]
+                   ScheduleNext, WorkspaceList, WorkspaceShow, WorkspaceRemove, WorkspaceGc,
+                   Ui]
 OPS = frozenset(cls.__struct_config__.tag for cls in AnyRequest.__args__)
 
 
@@ -2194,20 +2269,49 @@ class QueueReads:
         return TaskDetail(self.queue.task(req.task))
 
     def list_tasks(self, req: ListTasks, now: float) -> list:
+        """The tasks that pass every filter, oldest first (or newest), ``limit`` at most."""
         if req.stream is not None:
             self.queue.stream(req.stream)
         if req.session is not None:
             self.queue.session(req.session)
         limit = req.limit if req.limit is not None else len(self.queue.index.tasks)
-        out = []
-        for task in self.queue.index.tasks.values():
+        matches, out = self.task_filter(req), []
+        for task in self.tasks_in_order(req):
             if len(out) >= limit:
                 break
-            if ((req.status is None or task.status == req.status)
-                    and (req.stream is None or task.stream == req.stream)
-                    and (req.session is None or self.queue.streams[task.stream].session == req.session)):
+            if matches is None or matches(task):
                 out.append(task)
         return out
+
+    def tasks_in_order(self, req: ListTasks):
+        """The tasks a listing looks at: all by id, or those of ids within its bounds (ids
+        are dense, so a bounded window costs its size whatever the number of tasks)."""
+        tasks = self.queue.index.tasks
+        if req.min_id is None and req.max_id is None and not req.newest:
+            return tasks.values()
+        newest_id = self.queue.next_id - 1
+        low = max(req.min_id or 1, next(iter(tasks), newest_id + 1))
+        high = min(req.max_id or newest_id, newest_id)
+        ids = range(high, low - 1, -1) if req.newest else range(low, high + 1)
+        return (task for i in ids if (task := tasks.get(i)) is not None)
+
+    def task_filter(self, req: ListTasks):
+        """A test of one task for the listing's filters, or None when it has none."""
+        tests = []
+        if req.status is not None:
+            tests.append(lambda task, status=req.status: task.status == status)
+        if req.stream is not None:
+            tests.append(lambda task, stream=req.stream: task.stream == stream)
+        if req.session is not None:
+            streams = {s.name for s in self.queue.streams.values() if s.session == req.session}
+            tests.append(lambda task: task.stream in streams)
+        if req.tool is not None:
+            tests.append(lambda task, tool=req.tool: task.tool == tool)
+        if req.text is not None:
+            tests.append(functools.partial(text_in_task, req.text.casefold()))
+        if len(tests) <= 1:
+            return tests[0] if tests else None
+        return lambda task: all(test(task) for test in tests)
 
     def first_unfinished(self, task_ids: list[int]) -> int | None:
         """The first of these tasks that has not ended (purged ones have), or None."""
@@ -2269,6 +2373,16 @@ class QueueReads:
                  "worker": self.queue.index.tasks[task_id].worker,
                  "since": rfc3339(self.queue.index.tasks[task_id].started_at)}
                 for lock, task_id in sorted(self.queue.index.lock_holder.items())]
+
+
+def text_in_task(needle: str, task: Task) -> bool:
+    """Whether casefolded ``needle`` is in the task's payload (as JSON), summary or reason."""
+    payload = task.payload
+    if type(payload) is not str:
+        payload = "" if payload is None else msgspec.json.encode(payload).decode()
+    summary, reason = task.summary, task.reason
+    return (needle in payload.casefold() or (summary is not None and needle in summary.casefold())
+            or (reason is not None and needle in reason.casefold()))
 
 
 CASCADE_REASON = re.compile(r"dependency (\d+) (failed|cancelled)")
@@ -2967,11 +3081,14 @@ class WorkspaceBook:
 
 class Replies:
     """Results of the core (Structs) turned into what clients see: the one place records
-    are built. Nothing inside the daemon reads a wire record back."""
+    are built. Nothing inside the daemon reads a wire record back, nor changes one."""
 
     def __init__(self, queue: Queue):
         self.queue = queue
         self.sizes: dict[str, int] = {}  #: workspace path -> bytes, as last measured (section 10)
+        #: The last task rendered and its record: a change's watch event and its reply show
+        #: the same (immutable) task, so it is rendered once for both.
+        self._last: tuple[Task | None, dict] = (None, {})
 
     def wire(self, value: Any) -> Any:
         kind = type(value)
@@ -3010,6 +3127,8 @@ class Replies:
                 "counts": dict(self.queue.counts[s.name])}
 
     def task(self, t: Task, with_history: bool = False) -> dict:
+        if t is self._last[0] and not with_history:
+            return self._last[1]
         record = {
             "id": t.id, "stream": t.stream, "session": self.queue.streams[t.stream].session,
             "tool": t.tool, "task_class": t.task_class, "payload": t.payload,
@@ -3027,6 +3146,8 @@ class Replies:
         if with_history:
             record["history"] = [{"at": rfc3339(at), "status": status, "by": by, "note": note}
                                  for at, status, by, note in full_history(t)]
+        else:
+            self._last = (t, record)
         return record
 
     def schedule(self, s: Schedule) -> dict:
@@ -5191,6 +5312,7 @@ FSYNC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 DURATION_BUCKETS = (0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 86400.0)
 WATCH_MAX_EVENTS = 1000
 WATCH_MAX_BYTES = 4 << 20
+WATCH_KEPT = 10_000  #: the latest events kept for subscribers that resume
 #: Bytes of replies one connection may have waiting (ours and the transport's) before the
 #: daemon stops answering its further requests until it reads: one client's fixed budget.
 REPLY_BUDGET = 1 << 20
@@ -5353,6 +5475,7 @@ class Subscription:
         self.tasks = set(req.tasks) if req.tasks else None
         self.events = set(req.events) if req.events else None
         self.narrowed = bool(self.streams or self.sessions or self.tasks)
+        self.coalesce = req.coalesce
 
     def wants(self, kind: str, stream: str | None = None, session: str | None = None,
               task_id: int | None = None) -> bool:
@@ -5366,28 +5489,56 @@ class Subscription:
 
 
 class Watchers:
-    """`watch` subscribers: each event they asked for, rendered once for all of them."""
+    """`watch` subscribers: each event they asked for, rendered once for all of them.
+
+    Every event is numbered (``seq``) and the latest are kept, so a subscriber that
+    reconnects with ``after_seq`` gets what it missed. Numbers start at the daemon's
+    start time in microseconds: a cursor from an earlier run is older than everything
+    kept, so it reads as lagged (refetch), never as a resume at the wrong place.
+    """
 
     def __init__(self, replies: Replies):
         self.replies = replies
         self.subscriptions: dict[Connection, Subscription] = {}
+        self.seq = self.first_seq = int(time.time() * 1e6)  #: the number of the last event
+        #: (seq, kind, at, body, stream, session, task id) of the latest events
+        self.recent: collections.deque = collections.deque(maxlen=WATCH_KEPT)
+        #: coalescing subscribers with events this loop turn: [last seq, how many]
+        self.changed: dict[Connection, list[int]] = {}
 
     def subscribe(self, conn: Connection, req: Watch) -> dict:
         unknown = set(req.events or ()) - EVENT_TYPES
         if unknown:
             raise BadRequest(f"unknown event type {sorted(unknown)[0]!r} "
                              f"(known: {', '.join(sorted(EVENT_TYPES))})")
-        self.subscriptions[conn] = Subscription(req)
         conn.stream(req)  # a stream of events from now on
+        if req.after_seq is None:
+            self.subscriptions[conn] = Subscription(req)
+        else:  # after the reply: what it missed, then what comes
+            asyncio.get_running_loop().call_soon(self._resume, conn, req)
         return {"watching": {k: v for k, v in msgspec.structs.asdict(req).items()
-                             if k != "id" and v is not None}}
+                             if k != "id" and v is not None},
+                "seq": self.seq if req.after_seq is None else req.after_seq}
+
+    def _resume(self, conn: Connection, req: Watch) -> None:
+        """Send a resuming subscriber the kept events after its cursor, or `lagged` (with
+        the cursor of now: what it shows must be fetched again) when they are not kept."""
+        if conn.lost:
+            return
+        subscription = self.subscriptions[conn] = Subscription(req)
+        oldest = self.recent[0][0] if self.recent else self.seq + 1
+        if not oldest - 1 <= req.after_seq <= self.seq:
+            missed = oldest - 1 - req.after_seq if req.after_seq >= self.first_seq else None
+            conn.publish({"event": "lagged", "missed": missed, "seq": self.seq})
+            return
+        for entry in itertools.islice(self.recent, len(self.recent) - (self.seq - req.after_seq),
+                                      None):
+            self._deliver(entry, ((conn, subscription),))
 
     def drop(self, conn: Connection) -> None:
         self.subscriptions.pop(conn, None)
 
     def on_commit(self, events: list[Event], queue: Queue) -> None:
-        if not self.subscriptions:
-            return
         for event in events:
             if type(event) in WORKSPACE_WATCH_EVENTS:
                 self.workspace_event(event, queue)
@@ -5405,8 +5556,8 @@ class Watchers:
                 continue
             task = queue.tasks.get(event.id)
             if task is not None:
-                self.send(kind, lambda: {"task": self.replies.task(task)}, event.at, task.stream,
-                          queue.streams[task.stream].session, task.id)
+                self.send(kind, lambda task=task: {"task": self.replies.task(task)}, event.at,
+                          task.stream, queue.streams[task.stream].session, task.id)
 
     def schedule_event(self, kind: str, event: Event, queue: Queue) -> None:
         """A schedule's change or firing; one that was removed is named only."""
@@ -5434,14 +5585,44 @@ class Watchers:
 
     def send(self, kind: str, body, at: float | None = None, stream: str | None = None,
              session: str | None = None, task_id: int | None = None) -> None:
-        """Queue one message for every subscriber that wants it, built only if one does."""
+        """Number and keep one event, and queue it for every subscriber that wants it."""
+        self.seq += 1
+        entry = (self.seq, kind, time.time() if at is None else at, body, stream, session,
+                 task_id)
+        self.recent.append(entry)
+        if self.subscriptions:
+            self._deliver(entry, self.subscriptions.items())
+
+    def _deliver(self, entry: tuple, subscribers) -> None:
+        """Queue one kept event for those of ``subscribers`` that want it, built only if one does."""
+        seq, kind, at, body, stream, session, task_id = entry
         message = None
-        for conn, subscription in self.subscriptions.items():
-            if subscription.wants(kind, stream, session, task_id):
-                if message is None:
-                    message = {"event": kind, "at": rfc3339(time.time() if at is None else at),
-                               **(body() if callable(body) else body)}
-                conn.publish(message)
+        for conn, subscription in subscribers:
+            if not subscription.wants(kind, stream, session, task_id):
+                continue
+            if subscription.coalesce:
+                self._note_change(conn, seq)
+                continue
+            if message is None:
+                message = {"event": kind, "at": rfc3339(at), "seq": seq,
+                           **(body() if callable(body) else body)}
+            conn.publish(message)
+
+    def _note_change(self, conn: Connection, seq: int) -> None:
+        """Count an event for a coalescing subscriber, told once this loop turn ends."""
+        pending = self.changed.get(conn)
+        if pending is not None:
+            pending[0], pending[1] = seq, pending[1] + 1
+            return
+        if not self.changed:
+            asyncio.get_running_loop().call_soon(self._send_changes)
+        self.changed[conn] = [seq, 1]
+
+    def _send_changes(self) -> None:
+        changed, self.changed = self.changed, {}
+        for conn, (seq, count) in changed.items():
+            if conn in self.subscriptions:
+                conn.publish({"event": "changed", "seq": seq, "count": count})
 
 
 class TaskLogs:
@@ -6204,7 +6385,1546 @@ class StartingConnection(asyncio.Protocol):
 
 
 # ============================================================================
-# 13. Daemon: lifecycle, dispatch, change pipeline, timer, reload
+# 13. Web: HTTP API and dashboard
+# ============================================================================
+#
+# An optional listener on loopback (``http.listen``) serving the same requests as the
+# socket, as JSON over HTTP, and a dashboard of server-rendered pages kept live by the
+# `watch` stream over Server-Sent Events. tornado is imported only when the listener
+# starts. Its defences are Jupyter's: a token (Bearer header, or an HttpOnly SameSite
+# cookie set from ``/?token=``), a Host check against DNS rebinding, changes only by POST
+# with a JSON body, same-origin proof for cookie requests, no CORS, a strict CSP.
+# A request reaches the daemon through the one dispatch; ``HttpExchange`` stands where a
+# socket Connection would, so waits, streams and durable replies work as they do there.
+
+API_PREFIX = "/api/v1/"
+#: The HTTP status of each protocol error code; the body is the socket's error reply.
+HTTP_STATUS = {"bad_request": 400, "forbidden": 403, "not_found": 404, "conflict": 409,
+               "too_large": 413, "unavailable": 503, "internal": 500}
+#: Error codes of refusals made before a request reaches the daemon.
+HTTP_CODES = {401: "unauthorized", 403: "forbidden", 404: "not_found",
+              405: "method_not_allowed", 415: "unsupported_media_type", 413: "too_large"}
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer", "Cache-Control": "no-store",
+    "Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Resource-Policy": "same-origin",
+}
+COOKIE_DAYS = 30
+#: Bytes of a request body tornado reads at most; past ``server.max_frame_bytes`` (which a
+#: reload may change) they are counted, not kept, and the request gets `too_large`.
+MAX_HTTP_BODY = 1 << 30
+#: Bytes written to a client and not yet flushed past which its stream holds events back.
+HTTP_HIGH_WATER = 256 << 10
+PAGE_SIZE = 50
+#: Task ids one page of a filtered listing looks at: its cost, whatever the queue holds.
+PAGE_WINDOW = 100_000
+REPLY, MESSAGE, STREAM_EVENT = "reply", "message", "event"  #: kinds of what an exchange sends
+
+
+class HttpRefusal(Exception):
+    """A request refused before it reaches the daemon: an HTTP status and a JSON error."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.headers = status, HTTP_CODES[status], headers or {}
+
+    def reply(self) -> dict:
+        return {"id": None, "ok": False, "error": {"code": self.code, "message": str(self)}}
+
+
+# -- the token ------------------------------------------------------------------------
+
+
+class TokenFile:
+    """The dashboard's secret, ``<data dir>/http-token`` (0600), made at the first start."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.token = ""
+
+    def load(self) -> None:
+        """Read the token, or make one if there is none (or none worth the name)."""
+        try:
+            with open(self.path, encoding="ascii", errors="replace") as f:
+                token = f.read().strip()
+            if os.stat(self.path).st_mode & 0o077:
+                os.chmod(self.path, 0o600)
+                log.warning("%s was readable by others: made it 0600 (rotate it: "
+                            "sparkqctl ui --new-token)", self.path)
+        except FileNotFoundError:
+            token = ""
+        if len(token) < 22:  # fewer than 128 bits of URL-safe base64
+            return self.renew()
+        self.token = token
+
+    def renew(self) -> None:
+        """A new random token of 256 bits, replacing the file durably."""
+        token = secrets.token_urlsafe(32)
+        temp = f"{self.path}.{os.getpid()}.tmp"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, f"{token}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, self.path)
+        fsync_directory(os.path.dirname(self.path))
+        self.token = token
+
+    def matches(self, given: str) -> bool:
+        """Whether ``given`` is the token, compared in constant time."""
+        return bool(self.token) and hmac.compare_digest(given.encode(), self.token.encode())
+
+    @property
+    def cookie(self) -> str:
+        """The cookie's value: derived from the token, so the cookie never holds the token."""
+        return hmac.new(self.token.encode(), b"sparkq dashboard cookie", "sha256").hexdigest()
+
+
+# -- who may use the listener -------------------------------------------------------------
+
+
+def split_host(host: str) -> tuple[str, int | None]:
+    """The name and port of a Host header value (``[::1]:8420``, ``localhost``)."""
+    if host.startswith("["):
+        name, _, rest = host[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else None if not rest else "x"
+    else:
+        name, sep, port = host.rpartition(":")
+        if not sep:
+            name, port = host, None
+    if port is not None and not port.isdigit():
+        raise ValueError(host)
+    return name.lower(), None if port is None else int(port)
+
+
+def is_loopback_name(name: str) -> bool:
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class RefusalLog:
+    """Refused HTTP requests, logged once a minute at most: a scanner cannot flood the log."""
+
+    def __init__(self):
+        self.logged_at = -math.inf
+        self.quiet = 0  #: refusals since the last one logged
+
+    def note(self, refusal: HttpRefusal, what: str) -> None:
+        now = time.monotonic()
+        if now - self.logged_at < 60:
+            self.quiet += 1
+            return
+        more = f" ({self.quiet} more refused since the last report)" if self.quiet else ""
+        log.warning("HTTP %d for %s: %s%s", refusal.status, what, refusal, more)
+        self.logged_at, self.quiet = now, 0
+
+
+class Guard:
+    """The checks before any HTTP request is served, Jupyter's way: the Host header, the
+    token (Bearer header or cookie), and for cookie requests proof they come from the
+    dashboard's own pages (Origin, Sec-Fetch-Site); changes need POST with JSON."""
+
+    def __init__(self, tokens: TokenFile, port: int):
+        self.tokens, self.port = tokens, port
+        self.cookie_name = f"sparkq-{port}"  # cookies ignore ports: one name per listener
+
+    def check_host(self, host: str) -> None:
+        """Refuse a Host that is not a loopback name with our port: DNS rebinding."""
+        try:
+            name, port = split_host(host)
+        except ValueError:
+            name, port = "", -1
+        ports = (self.port, None) if self.port == 80 else (self.port,)  # 80 may go unsaid
+        if not is_loopback_name(name) or port not in ports:
+            raise HttpRefusal(403, f"Host {host!r} is not this dashboard's address "
+                                   f"(127.0.0.1:{self.port}, localhost:{self.port}): refused "
+                                   f"against DNS rebinding")
+
+    def authenticate(self, authorization: str | None, cookie: str | None) -> str:
+        """How the request proves it has the token: "bearer" or "cookie"."""
+        if authorization is not None:
+            scheme, _, given = authorization.partition(" ")
+            if scheme.lower() != "bearer" or not self.tokens.matches(given.strip()):
+                raise HttpRefusal(401, "wrong token in the Authorization header (send "
+                                       "Authorization: Bearer TOKEN; TOKEN is in "
+                                       "<data dir>/http-token)")
+            return "bearer"
+        if cookie and hmac.compare_digest(cookie.encode(), self.tokens.cookie.encode()):
+            return "cookie"
+        raise HttpRefusal(401, "no valid token: open the URL `sparkqctl ui` prints, or send "
+                               "Authorization: Bearer TOKEN (TOKEN is in <data dir>/http-token)")
+
+    def check_origin(self, host: str, origin: str | None, site: str | None,
+                     changes: bool) -> None:
+        """A cookie request must come from our own pages; a change must show it does."""
+        if origin is not None and origin.lower() != f"http://{host}".lower():
+            raise HttpRefusal(403, f"cross-origin request from {origin} refused")
+        if site is not None and site not in ("same-origin", "none"):
+            raise HttpRefusal(403, f"{site} request refused (Sec-Fetch-Site)")
+        if changes and origin is None and site is None:
+            raise HttpRefusal(403, "a POST with the cookie must carry Origin or Sec-Fetch-Site")
+
+    @staticmethod
+    def check_json(content_type: str | None) -> None:
+        if (content_type or "").partition(";")[0].strip().lower() != "application/json":
+            raise HttpRefusal(415, "a POST takes a JSON body: send Content-Type: application/json")
+
+
+# -- requests from HTTP ---------------------------------------------------------------------
+
+REQUEST_TYPES = {cls.__struct_config__.tag: cls for cls in AnyRequest.__args__}
+
+
+def takes(annotation, kind: type) -> bool:
+    """Whether a field's msgspec type accepts values of ``kind`` (list or str)."""
+    wanted = msgspec.inspect.ListType if kind is list else msgspec.inspect.StrType
+    options = annotation.types if isinstance(annotation, msgspec.inspect.UnionType) else (annotation,)
+    return any(isinstance(option, wanted) for option in options)
+
+
+@functools.lru_cache(maxsize=None)
+def query_shapes(kind: type) -> dict[str, tuple[bool, bool]]:
+    """For each field of a request: whether it takes a list, and whether it takes a string."""
+    return {f.name: (takes(f.type, list), takes(f.type, str))
+            for f in msgspec.inspect.type_info(kind).fields}
+
+
+def query_request(op: str, query: dict[str, list[bytes]]) -> Request:
+    """A GET's request from its query parameters, through the same request Structs: a
+    parameter given twice, or for a field that takes only a list, is a list."""
+    kind = request_type(op)
+    if not kind.safe:
+        raise HttpRefusal(405, f"{op} changes state: POST it with Content-Type: application/json",
+                          {"Allow": "POST"})
+    fields = {}
+    for name, raw in query.items():
+        values = [value.decode(errors="replace") for value in raw]
+        listed, text = query_shapes(kind).get(name, (False, True))
+        fields[name] = values if listed and (len(values) > 1 or not text) else values[-1]
+    try:
+        return msgspec.convert({**fields, "op": op}, AnyRequest, strict=False)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(_path_first(str(exc))) from None
+
+
+def body_request(op: str, body: bytes, codec: Codec) -> Request:
+    """A POST's request: its JSON body with the op of the URL, decoded by the socket's decoder."""
+    request_type(op)
+    fields = codec._loose(body) if body.strip() else {}
+    if fields is None:
+        codec.decode(body)  # raises the socket's own "malformed JSON" error
+    if not isinstance(fields, dict):
+        raise BadRequest("the body must be a JSON object of the request's fields")
+    if "op" in fields:
+        raise BadRequest("the op is named by the URL, not the body")
+    rest = body.strip()[1:] if fields or body.strip() else b"}"
+    return codec.decode(b'{"op":%s%s%s' % (msgspec.json.encode(op), b"," if fields else b"", rest))
+
+
+def request_type(op: str) -> type:
+    try:
+        return REQUEST_TYPES[op]
+    except KeyError:
+        raise BadRequest(f"unknown op {op!r}") from None
+
+
+def http_status(reply: dict) -> int:
+    return 200 if reply.get("ok") else HTTP_STATUS.get(reply["error"]["code"], 500)
+
+
+# -- an HTTP request as the daemon's parts see a connection -----------------------------------
+
+
+class HttpExchange:
+    """One HTTP request standing where a socket Connection would: its reply waits until the
+    journal holds what it observed, a request that waits is parked in the same Waiters
+    (and answered by ``finish``), and a stream (watch, logs with follow) gets the same
+    messages, held back for a slow reader and dropped with a `lagged` past the limit.
+
+    ``sink`` writes: ``send([(message, kind), ...])`` writes messages in one go and
+    returns the bytes written, whose flush it reports with ``flushed``.
+    """
+
+    def __init__(self, daemon: Daemon, sink):
+        self.daemon, self.journal, self.sink = daemon, daemon.journal, sink
+        self.blocked: Waiter | Request | None = None  #: a waiting request, or a stream's
+        self.streaming = self.subscriber = False
+        self.lost = False  #: the client went away
+        self.ending = False  #: end once everything queued is sent
+        self.done = False
+        self.outbox: collections.deque = collections.deque()  #: (journal seq, message, kind)
+        self.awaiting_journal = False
+        self.held_events = self.missed = self.unflushed = 0
+        self.delivery_due = False  #: a delivery is scheduled for the next loop turn
+        self.finished = asyncio.get_running_loop().create_future()
+
+    # -- the handler's side ---------------------------------------------------------
+
+    def begin(self, request: Request) -> None:
+        """Hand the request to the daemon's dispatch; its reply is sent when durable."""
+        try:
+            result = self.daemon.handle(request, self)
+        except SparkQError as exc:
+            return self._reply(error_reply(request.id, exc))
+        except Exception as exc:
+            log.exception("internal error answering %s over HTTP", type(request).__name__)
+            return self._reply(error_reply(request.id, SparkQError(f"internal error: {exc!r}")))
+        if result is not WAITING:
+            self._reply(ok_reply(request.id, self.daemon.replies.wire(result)))
+
+    def gone(self) -> None:
+        """The client closed the connection."""
+        self.lost = True
+        self._end()
+
+    def flushed(self, nbytes: int) -> None:
+        """Bytes written reached the socket: a stream held back goes on."""
+        self.unflushed -= nbytes
+        if not self.paused and not self.done:
+            if self.missed:
+                self._queue({"event": "lagged", "missed": self.missed}, STREAM_EVENT)
+                self.missed = 0
+            self._deliver()
+
+    @property
+    def paused(self) -> bool:
+        return self.unflushed > HTTP_HIGH_WATER
+
+    # -- the daemon's side: what Waiters, Watchers and TaskLogs call on a connection ---------
+
+    def can_wait(self) -> bool:
+        return not self.daemon.connections.stopping and not self.lost
+
+    def block(self, waiter: Waiter) -> None:
+        self.blocked = waiter
+
+    def stream(self, request: Request) -> None:
+        self.blocked = request
+        self.streaming, self.subscriber = True, type(request) is Watch
+
+    def finish(self, request_id: Any, result: Any) -> None:
+        self._unblock()
+        self._reply(ok_reply(request_id, self.daemon.replies.wire(result)))
+
+    def finish_error(self, request_id: Any, exc: SparkQError) -> None:
+        self._unblock()
+        self._reply(error_reply(request_id, exc))
+
+    def peer_gone(self) -> bool:
+        return self.lost
+
+    def close(self) -> None:
+        self._end()
+
+    def publish(self, message: dict) -> None:
+        """Queue an event; drop the backlog of a reader that cannot keep up (as a socket's)."""
+        if self.done:
+            return
+        if self.missed:
+            if self.paused:
+                self.missed += 1
+                return
+            self._queue({"event": "lagged", "missed": self.missed}, STREAM_EVENT)
+            self.missed = 0
+        if self.paused and self.held_events >= WATCH_MAX_EVENTS:
+            self.missed = self.held_events + 1
+            self.outbox = collections.deque(e for e in self.outbox if e[2] != STREAM_EVENT)
+            self.held_events = 0
+            return
+        self._queue(message, STREAM_EVENT)
+
+    def push(self, message: dict) -> None:
+        self._queue(message, MESSAGE)
+
+    def end_stream(self, message: dict) -> None:
+        if self.blocked is not None and not self.done:
+            self._unblock()
+            self.ending = True
+            self._queue(message, MESSAGE)
+
+    def stop(self) -> None:
+        """Shutting down: a finish that waits for its next task is answered without one;
+        another waiting request or a stream gets `unavailable`."""
+        waiter = self.blocked
+        if isinstance(waiter, Waiter) and waiter.changed_already:
+            self.finish(waiter.request.id, waiter.expire())
+        elif isinstance(waiter, Waiter):
+            self.finish_error(waiter.request.id, Unavailable("shutting down"))
+        elif waiter is not None:
+            self._unblock()
+            self._reply(error_reply(waiter.id, Unavailable("shutting down")))
+
+    # -- sending ----------------------------------------------------------------------
+
+    def _reply(self, reply: dict) -> None:
+        self.ending = self.blocked is None  # else a stream follows its reply
+        self._queue(reply, REPLY)
+
+    def _queue(self, message: dict, kind: str) -> None:
+        if self.done:
+            return
+        self.outbox.append((self.journal.last_seq, message, kind))
+        self.held_events += kind == STREAM_EVENT
+        if kind != STREAM_EVENT:
+            return self._deliver()
+        if not self.delivery_due:  # the events of many requests answered together: one write
+            self.delivery_due = True
+            asyncio.get_running_loop().call_soon(self._deliver_due)
+
+    def _deliver_due(self) -> None:
+        self.delivery_due = False
+        self._deliver()
+
+    def _deliver(self) -> None:
+        """Send what the journal holds durably; an event it failed to keep never happened."""
+        if self.done or self.awaiting_journal or (self.subscriber and self.paused):
+            return
+        durable, failure = self.journal.durable_seq, self.journal.failure
+        out = []
+        while self.outbox and (self.outbox[0][0] <= durable or failure):
+            seq, message, kind = self.outbox.popleft()
+            self.held_events -= kind == STREAM_EVENT
+            if seq > durable and kind == STREAM_EVENT:
+                continue
+            if seq > durable and kind == REPLY:
+                message = error_reply(message["id"], Unavailable(f"storage failing: {failure}"))
+            out.append((message, kind))
+        if out:
+            self.unflushed += self.sink.send(out)
+        if self.outbox:
+            self.awaiting_journal = True
+            self.journal.when_durable(self.outbox[-1][0], self._on_durable)
+        elif self.ending:
+            self._end()
+
+    def _on_durable(self) -> None:
+        self.awaiting_journal = False
+        self._deliver()
+
+    def _unblock(self) -> None:
+        if isinstance(self.blocked, Waiter):
+            self.blocked.end()
+        self.blocked = None
+
+    def _end(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._unblock()
+        for forget in self.daemon.connections.forgetters:
+            forget(self)
+        if not self.finished.done():
+            self.finished.set_result(None)
+
+
+# -- what the overview counts ----------------------------------------------------------------
+
+
+class DashboardStats:
+    """Tasks finished per stream and minute over the last half hour, and the latest
+    failures: an observer, so the overview costs the same at a million tasks."""
+
+    MINUTES = 30
+
+    def __init__(self):
+        self.finished: dict[str, dict[int, int]] = {}  #: stream -> minute -> tasks
+        self.failures: collections.deque = collections.deque(maxlen=8)  #: task ids, newest last
+
+    def seed(self, queue: Queue, now: float) -> None:
+        """Count what ended in the last half hour, and find the latest failures."""
+        since = now - self.MINUTES * 60
+        for finished_at, task_id in itertools.islice(reversed(queue.index.finish_log), 200_000):
+            task = queue.tasks.get(task_id)
+            if task is None or task.finished_at != finished_at:
+                continue
+            if finished_at >= since and task.status != "cancelled":
+                self._count(task.stream, finished_at)
+            if task.status == "failed" and len(self.failures) < self.failures.maxlen:
+                self.failures.appendleft(task_id)
+            if finished_at < since and len(self.failures) == self.failures.maxlen:
+                break
+
+    def on_commit(self, events: list[Event], queue: Queue) -> None:
+        for event in events:
+            kind = type(event)
+            if kind is TaskCompleted or kind is TaskFailed:
+                task = queue.tasks.get(event.id)
+                if task is not None:
+                    self._count(task.stream, event.at)
+                if kind is TaskFailed:
+                    self.failures.append(event.id)
+
+    def _count(self, stream: str, at: float) -> None:
+        minutes = self.finished.setdefault(stream, {})
+        minute = int(at // 60)
+        minutes[minute] = minutes.get(minute, 0) + 1
+        if len(minutes) > 2 * self.MINUTES:
+            for old in [m for m in minutes if m <= minute - self.MINUTES]:
+                del minutes[old]
+
+    def per_minute(self, stream: str, now: float) -> list[int]:
+        """Tasks finished in each of the last MINUTES minutes, oldest first."""
+        minutes, last = self.finished.get(stream, {}), int(now // 60)
+        return [minutes.get(m, 0) for m in range(last - self.MINUTES + 1, last + 1)]
+
+
+# -- the OpenAPI document ----------------------------------------------------------------------
+
+
+def openapi_document(port: int) -> dict:
+    """OpenAPI 3.1 of the HTTP API, generated from the request Structs: a path per op, its
+    body the request without ``op`` (the URL names it), GET parameters for the safe ones."""
+    _, schemas = msgspec.json.schema_components(AnyRequest.__args__,
+                                                ref_template="#/components/schemas/{name}")
+    schemas.update(OPENAPI_REPLIES)
+    paths = {path: operations for path, operations in OPENAPI_FIXED_PATHS.items()}
+    for cls in AnyRequest.__args__:
+        op, schema = cls.__struct_config__.tag, schemas[cls.__name__]
+        del schema["properties"]["op"]
+        schema["required"] = [name for name in schema.get("required", ()) if name != "op"]
+        paths[API_PREFIX + op] = openapi_operations(cls, schema)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "SparkQ", "version": VERSION,
+                 "description": "The requests of the SparkQ socket protocol over HTTP."},
+        "servers": [{"url": f"http://127.0.0.1:{port}"}],
+        "paths": paths,
+        "components": {"schemas": schemas, "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "cookie": {"type": "apiKey", "in": "cookie", "name": f"sparkq-{port}"}}},
+        "security": [{"bearer": []}, {"cookie": []}],
+    }
+
+
+def openapi_operations(cls: type, schema: dict) -> dict:
+    """The POST (and for a safe op the GET) of one request type."""
+    op, name = cls.__struct_config__.tag, cls.__name__
+    summary = (cls.__doc__ or f"The {op} request.").strip().splitlines()[0]
+    replies = {"200": {"description": "the reply: ok with its result, or an error",
+                       "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Reply"}}}},
+               "default": {"description": "refused", "content": {
+                   "application/json": {"schema": {"$ref": "#/components/schemas/Reply"}}}}}
+    operations = {"post": {"operationId": op, "summary": summary, "responses": replies,
+                           "requestBody": {"required": False, "content": {"application/json": {
+                               "schema": {"$ref": f"#/components/schemas/{name}"}}}}}}
+    if cls.safe:
+        required = set(schema["required"])
+        operations["get"] = {"operationId": f"{op}.get", "summary": summary, "responses": replies,
+                             "parameters": [{"name": field, "in": "query", "schema": prop,
+                                             "required": field in required}
+                                            for field, prop in schema["properties"].items()]}
+    return operations
+
+
+OPENAPI_REPLIES = {
+    "Reply": {"title": "Reply", "type": "object", "required": ["id", "ok"], "properties": {
+        "id": {"description": "the request's id, echoed"}, "ok": {"type": "boolean"},
+        "result": {"description": "the op's result, as over the socket"},
+        "error": {"$ref": "#/components/schemas/Error"}}},
+    "Error": {"title": "Error", "type": "object", "required": ["code", "message"], "properties": {
+        "code": {"enum": sorted({*HTTP_STATUS, *HTTP_CODES.values()})},
+        "message": {"type": "string"}}},
+}
+OPENAPI_FIXED_PATHS = {
+    "/health": {"get": {"operationId": "health", "summary": "Liveness: no token, no data.",
+                        "security": [], "responses": {"200": {"description": "alive"}}}},
+    "/ready": {"get": {"operationId": "ready", "summary": "Recovered, and the journal writable.",
+                       "responses": {"200": {"description": "ready"},
+                                     "503": {"description": "not ready, with the reason"}}}},
+    "/metrics": {"get": {"operationId": "metrics.text", "summary": "Prometheus text format.",
+                         "responses": {"200": {"description": "the metrics", "content": {
+                             "text/plain": {"schema": {"type": "string"}}}}}}},
+    "/api/v1/openapi.json": {"get": {"operationId": "openapi", "summary": "This document.",
+                                     "responses": {"200": {"description": "OpenAPI 3.1"}}}},
+}
+
+
+# -- the listener ---------------------------------------------------------------------------
+
+
+class Web:
+    """The HTTP listener, started after recovery when ``http.listen`` is set. The queue
+    never fails to start because of it: a missing tornado or a port in use is a warning,
+    and `status` says why there is no URL."""
+
+    def __init__(self, daemon: Daemon):
+        self.daemon = daemon
+        self.tokens = TokenFile(os.path.join(daemon.paths.data_dir, "http-token"))
+        self.refusals = RefusalLog()
+        self.stats = DashboardStats()
+        self.exchanges: set[HttpExchange] = set()
+        self.server = self.guard = self.pages = None
+        self.url: str | None = None  #: where it listens, once it does
+        self.reason = "not started yet"  #: why it does not listen
+        self.codec = JsonLines(daemon.config.server.max_frame_bytes)  #: decodes POST bodies
+        self._openapi: bytes | None = None
+
+    def start(self) -> None:
+        """Listen on ``http.listen``, or say why not."""
+        listen = self.daemon.config.http.listen
+        if listen is None:
+            self.reason = "the dashboard is off (http.listen: null)"
+            return
+        try:
+            import tornado.httpserver
+            import tornado.netutil
+            import tornado.template
+            import tornado.web
+        except ImportError:
+            return self._not_listening("tornado is not installed (pip install tornado)")
+        host, port = listen_address(listen)
+        try:
+            sockets = tornado.netutil.bind_sockets(port, host)
+            self.tokens.load()
+        except OSError as exc:
+            return self._not_listening(f"cannot listen on {listen}: {exc.strerror or exc}")
+        port = sockets[0].getsockname()[1]
+        self.guard = Guard(self.tokens, port)
+        self.pages = Pages(self, tornado.template)
+        self.server = tornado.httpserver.HTTPServer(
+            web_application(self, tornado.web), max_body_size=MAX_HTTP_BODY)
+        self.server.add_sockets(sockets)
+        self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+        self.stats.seed(self.daemon.queue, time.time())
+        self.daemon.observers += (self.stats,)
+        log.info("dashboard on %sui/ (`sparkqctl ui` opens it with its token)", self.url)
+
+    def _not_listening(self, reason: str) -> None:
+        self.reason = reason
+        log.warning("no dashboard or HTTP API: %s; the queue runs without them", reason)
+
+    def status(self) -> dict:
+        """What `status` shows: the URL, or why there is none."""
+        return {"url": self.url and self.url + "ui/", "reason": None if self.url else self.reason}
+
+    def ui(self, request: Ui) -> dict:
+        """The `ui` op: the URL that signs the browser in, after a new token if asked."""
+        if self.url is None:
+            return {"url": None, "reason": self.reason, "token_file": None}
+        if request.new_token:
+            self.tokens.renew()
+            log.info("new dashboard token: browsers signed in must open `sparkqctl ui` again")
+        return {"url": f"{self.url}?token={self.tokens.token}", "reason": None,
+                "token_file": self.tokens.path}
+
+    def ready(self) -> tuple[bool, str]:
+        """`/ready`: recovery is done (it listens only after) and the journal takes writes."""
+        journal = self.daemon.journal
+        problem = journal.failure or journal.stalled or (
+            "shutting down" if self.daemon.stopping else None)
+        return problem is None, problem or "ready"
+
+    def openapi(self) -> bytes:
+        if self._openapi is None:
+            self._openapi = msgspec.json.encode(openapi_document(self.guard.port))
+        return self._openapi
+
+    def metrics(self) -> str:
+        return self.daemon.handle(Metrics())
+
+    def call(self, op: str, **fields) -> Any:
+        """A read for a page, through the one dispatch: its result in wire form."""
+        request = self.decode(op, fields)
+        return self.daemon.replies.wire(self.daemon.handle(request))
+
+    @staticmethod
+    def decode(op: str, fields: dict) -> Request:
+        try:
+            return msgspec.convert({**fields, "op": op}, AnyRequest)
+        except msgspec.ValidationError as exc:
+            raise BadRequest(f"unknown op {op!r}" if op not in OPS else _path_first(str(exc))) from None
+
+    # -- stopping -----------------------------------------------------------------------
+
+    def stop_listening(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+    def stop_exchanges(self) -> None:
+        for exchange in list(self.exchanges):
+            exchange.stop()
+
+    async def close(self) -> None:
+        """Close every HTTP connection, those that still wait included, within 5 s."""
+        if self.server is None:
+            return
+        try:
+            await asyncio.wait_for(self.server.close_all_connections(), timeout=5)
+        except TimeoutError:
+            log.warning("HTTP clients did not take their replies; closing them")
+
+
+# -- tornado's handlers: thin, over Guard, the requests from HTTP and Pages ----------------------
+#
+# Each is a mixin here and becomes a tornado RequestHandler when the listener starts (tornado
+# is imported only then): ``web_application`` makes the classes, each with ``web`` set.
+
+encode_json = msgspec.json.Encoder().encode
+
+
+class BaseHandler:
+    """Every response: the security headers, JSON errors, and the checks before anything runs;
+    bodies are streamed in (``stream_request_body``), so none is parsed as a form."""
+
+    web: Web
+    public = False  #: served without the token (`/health`)
+    signs_in = False  #: a page: ``?token=`` sets the cookie
+    via = None  #: how the request proved it has the token
+
+    def initialize(self) -> None:
+        self.body = bytearray()
+
+    def data_received(self, chunk: bytes) -> None:
+        if not self._finished and len(self.body) <= self.web.daemon.connections.max_frame:
+            self.body += chunk  # past the limit only its size matters: it is refused
+
+    def set_default_headers(self) -> None:
+        for name, value in SECURITY_HEADERS.items():
+            self.set_header(name, value)
+        self.clear_header("Server")
+
+    def prepare(self) -> None:
+        try:
+            self.admit()
+        except HttpRefusal as refusal:
+            self.refuse(refusal)
+
+    def admit(self) -> None:
+        """Host first, then the token (a page takes it from ``?token=``), then for a cookie
+        the origin, then for a change its JSON body."""
+        headers, guard = self.request.headers, self.web.guard
+        guard.check_host(self.request.host)
+        if self.public:
+            return
+        token = self.signs_in and self.get_query_argument("token", None)
+        if token and self.request.method == "GET" and guard.tokens.matches(token):
+            self.via = "token"
+            return
+        self.via = guard.authenticate(headers.get("Authorization"),
+                                      self.get_cookie(guard.cookie_name))
+        changes = self.request.method not in ("GET", "HEAD")
+        if self.via == "cookie":
+            guard.check_origin(self.request.host, headers.get("Origin"),
+                               headers.get("Sec-Fetch-Site"), changes)
+        if changes:
+            guard.check_json(headers.get("Content-Type"))
+
+    def refuse(self, refusal: HttpRefusal) -> None:
+        if refusal.status in (401, 403):
+            self.web.refusals.note(refusal, f"{self.request.method} {self.request.path} from "
+                                            f"{self.request.remote_ip}")
+        self.reply(refusal.status, refusal.reply(), refusal.headers)
+
+    def reply(self, status: int, body: dict, headers: dict | None = None) -> None:
+        self.set_status(status)
+        for name, value in (headers or {}).items():
+            self.set_header(name, value)
+        self.set_header("Content-Type", "application/json")
+        self.finish(encode_json(body))
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        code = HTTP_CODES.get(status_code, "internal" if status_code >= 500 else "bad_request")
+        self.set_header("Content-Type", "application/json")
+        self.finish(encode_json({"id": None, "ok": False, "error": {
+            "code": code, "message": self._reason}}))
+
+    def sign_in(self) -> None:
+        """``?token=``: the cookie, then the same page without the token in its URL."""
+        self.set_cookie(self.web.guard.cookie_name, self.web.guard.tokens.cookie, httponly=True,
+                        samesite="Strict", max_age=COOKIE_DAYS * 86400)
+        query = [(k, v) for k, vs in self.request.query_arguments.items() if k != "token"
+                 for v in vs]
+        path = "/ui/" if self.request.path == "/" else self.request.path
+        self.redirect(path + (f"?{urllib.parse.urlencode(query, doseq=True)}" if query else ""),
+                      status=303)
+
+
+class HealthHandler(BaseHandler):
+    public = True
+
+    def get(self) -> None:
+        self.reply(200, {"ok": True})
+
+
+class ReadyHandler(BaseHandler):
+    def get(self) -> None:
+        ready, why = self.web.ready()
+        self.reply(200 if ready else 503, {"ready": ready, "reason": why})
+
+
+class MetricsHandler(BaseHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.finish(self.web.metrics())
+
+
+class OpenApiHandler(BaseHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.finish(self.web.openapi())
+
+
+class ApiHandler(BaseHandler):
+    """``/api/v1/<op>``: the op's request from the body (POST) or the query (GET), carried
+    out by an HttpExchange; this handler is its sink, writing what it sends."""
+
+    exchange: HttpExchange | None = None
+
+    async def get(self, op: str) -> None:
+        query = dict(self.request.query_arguments)
+        last_event = self.request.headers.get("Last-Event-ID", "")
+        if op == "watch" and "after_seq" not in query and last_event.isdigit():
+            query["after_seq"] = [last_event.encode()]  # an EventSource reconnecting
+        await self.answer(lambda: query_request(op, query))
+
+    async def post(self, op: str) -> None:
+        body, limit = bytes(self.body), self.web.daemon.connections.max_frame
+        if len(body) > limit:
+            return self.reply(413, error_reply(None, TooLarge(
+                f"body of more than {limit} bytes")))
+        await self.answer(lambda: body_request(op, body, self.web.codec))
+
+    async def answer(self, decode) -> None:
+        #: An EventSource gets events even for a reply that opens no stream.
+        self.events = (self.request.method == "GET" and "text/event-stream"
+                       in self.request.headers.get("Accept", ""))
+        try:
+            request = decode()
+        except HttpRefusal as refusal:
+            return self.refuse(refusal)
+        except BadRequest as exc:
+            return self.reply(400, error_reply(None, exc))
+        self.exchange = HttpExchange(self.web.daemon, self)
+        self.web.exchanges.add(self.exchange)
+        self.exchange.begin(request)
+        await self.exchange.finished
+        self.web.exchanges.discard(self.exchange)
+        if not self.exchange.lost:
+            self.finish()
+
+    def send(self, messages: list[tuple[dict, str]]) -> int:
+        """Write messages: the whole response, or the next messages of a stream."""
+        if not (self.exchange.streaming or self.events):
+            [(message, _)] = messages
+            self.set_status(http_status(message))
+            self.set_header("Content-Type", "application/json")
+            self.write(self.encoded(message))
+            return 0
+        if messages[0][1] == REPLY:
+            self.start_stream()
+        data = b"".join(self.frame(message, self.encoded(message)) for message, _ in messages)
+        self.write(data)
+        self.flush().add_done_callback(lambda done: self.flushed(done, len(data)))
+        return len(data)
+
+    @staticmethod
+    def encoded(message: dict) -> bytes:
+        try:
+            return encode_json(message)
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            log.error("cannot encode an HTTP reply: %r", exc)
+            return encode_json(error_reply(None, SparkQError(f"internal error: {exc}")))
+
+    def start_stream(self) -> None:
+        if self.request.method == "GET":  # EventSource
+            self.set_header("Content-Type", "text/event-stream")
+            self.write(b"retry: 2000\n\n")
+        else:
+            self.set_header("Content-Type", "application/x-ndjson")
+
+    def frame(self, message: dict, data: bytes) -> bytes:
+        """A stream's message: an SSE event (the watch cursor as its id), or a line."""
+        if self.request.method != "GET":
+            return data + b"\n"
+        seq = message.get("seq") or (isinstance(message.get("result"), dict)
+                                     and message["result"].get("seq"))
+        return (b"id: %d\n" % seq if seq else b"") + b"data: " + data + b"\n\n"
+
+    def flushed(self, done, nbytes: int) -> None:
+        done.exception()  # a client gone: on_connection_close says so
+        self.exchange.flushed(nbytes)
+
+    def on_connection_close(self) -> None:
+        if self.exchange is not None:
+            self.exchange.gone()
+
+
+class PageHandler(BaseHandler):
+    """A dashboard page: server-rendered, with a nonce for its one script."""
+
+    signs_in = True
+
+    def get(self, *args) -> None:
+        if self.via == "token":
+            return self.sign_in()
+        nonce = secrets.token_urlsafe(16)
+        self.set_header("Content-Security-Policy", CSP.format(nonce=nonce))
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        try:
+            page = self.render_page(nonce, *args)
+        except SparkQError as exc:
+            self.set_status(HTTP_STATUS.get(exc.code, 500))
+            page = self.web.pages.error(nonce, exc)
+        self.finish(page)
+
+
+class OverviewHandler(PageHandler):
+    def render_page(self, nonce: str) -> bytes:
+        return self.web.pages.overview(nonce)
+
+
+class TasksHandler(PageHandler):
+    def render_page(self, nonce: str) -> bytes:
+        query = {k: self.get_query_argument(k) for k in self.request.query_arguments}
+        return self.web.pages.tasks(nonce, query)
+
+
+class TaskHandler(PageHandler):
+    def render_page(self, nonce: str, task_id: str) -> bytes:
+        return self.web.pages.task(nonce, int(task_id))
+
+
+class SchedulesHandler(PageHandler):
+    def render_page(self, nonce: str) -> bytes:
+        return self.web.pages.schedules(nonce)
+
+
+class AssetHandler(BaseHandler):
+    signs_in = True
+
+    def get(self, name: str) -> None:
+        if self.via == "token":
+            return self.sign_in()
+        kind, text = ASSETS[name]
+        self.set_header("Content-Type", kind)
+        self.set_header("Cache-Control", "no-cache")
+        self.finish(text)
+
+
+class RootHandler(BaseHandler):
+    signs_in = True
+
+    def get(self) -> None:
+        if self.via == "token":
+            return self.sign_in()
+        self.redirect("/ui/", status=303)
+
+
+class UnknownHandler(BaseHandler):
+    def prepare(self) -> None:
+        super().prepare()
+        if not self._finished:
+            self.refuse(HttpRefusal(404, f"no page or API at {self.request.path}"))
+
+
+ROUTES = (
+    (r"/", RootHandler), (r"/health", HealthHandler), (r"/ready", ReadyHandler),
+    (r"/metrics", MetricsHandler), (r"/api/v1/openapi\.json", OpenApiHandler),
+    (r"/api/v1/([a-z][a-z0-9._-]*)", ApiHandler), (r"/ui/", OverviewHandler),
+    (r"/ui/tasks", TasksHandler), (r"/ui/tasks/([0-9]{1,18})", TaskHandler),
+    (r"/ui/schedules", SchedulesHandler), (r"/ui/(app\.js|app\.css)", AssetHandler),
+)
+CSP = ("default-src 'none'; script-src 'nonce-{nonce}'; style-src 'self'; img-src 'self'; "
+       "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+
+
+def web_application(web: Web, tornado_web):
+    """The tornado application: each handler mixin made a RequestHandler that knows ``web``."""
+    def handler(mixin: type) -> type:
+        made = type(mixin.__name__, (mixin, tornado_web.RequestHandler), {"web": web})
+        return tornado_web.stream_request_body(made)
+
+    return tornado_web.Application(
+        [(path, handler(mixin)) for path, mixin in ROUTES],
+        default_handler_class=handler(UnknownHandler), compress_response=False,
+        xsrf_cookies=False,  # Guard's checks instead: token, Origin, POST with JSON
+        log_function=lambda h: log.debug("HTTP %d %s %s", h.get_status(), h.request.method,
+                                         h.request.uri))
+
+
+# -- the pages ---------------------------------------------------------------------------------
+
+NAV = (("/ui/", "Overview"), ("/ui/tasks", "Tasks"), ("/ui/schedules", "Schedules"))
+#: Fields the task page shows in their own places, not in its table of fields.
+TASK_OWN_PLACES = ("payload", "result", "history")
+
+
+def shown_time(value: str | None) -> str:
+    """An RFC 3339 time as a page shows it: ``2026-11-22 09:15:02Z``."""
+    return f"{value[:10]} {value[11:19]}Z" if value else "–"
+
+
+def shown_value(value: Any, width: int | None = None) -> str:
+    """A field's value as text: strings as they are, anything else as JSON."""
+    text = value if isinstance(value, str) else msgspec.json.encode(value).decode()
+    if width is not None:
+        text = text.splitlines()[0] if text.strip() else text
+        text = text if len(text) <= width else text[:width - 1] + "…"
+    return text
+
+
+def pretty_json(value: Any) -> str:
+    """A payload or result for a page: a string as it is, anything else as indented JSON."""
+    if isinstance(value, str):
+        return value
+    return msgspec.json.format(msgspec.json.encode(value), indent=2).decode()
+
+
+def sparkline_bars(counts: list[int], height: int = 24) -> list[tuple[int, int, int]]:
+    """(x, y, height) of the bars of a sparkline, the highest count filling the height."""
+    top = max(counts, default=0) or 1
+    return [(3 * i, height - h, h) for i, n in enumerate(counts)
+            if (h := max(1, round(n * height / top)) if n else 0)]
+
+
+class Pages:
+    """The dashboard's pages, each composed of small parts rendered by tornado templates
+    that escape every value (``{% raw %}`` only ever takes another template's output).
+    Pages read through ``Web.call``: the same dispatch as every request."""
+
+    def __init__(self, web: Web, template_module):
+        self.web = web
+        self.templates = {name: template_module.Template(text, name=name, whitespace="single")
+                          for name, text in PAGE_TEMPLATES.items()}
+
+    def part(self, name: str, **values) -> bytes:
+        return self.templates[name].generate(
+            when=shown_time, short=shown_value, pretty=pretty_json, quote=urllib.parse.quote,
+            action=self.action, **values)
+
+    def layout(self, nonce: str, title: str, here: str, watch: str, *parts: bytes) -> bytes:
+        return self.part("layout", nonce=nonce, title=title, here=here, nav=NAV, watch=watch,
+                         body=b"".join(parts))
+
+    def action(self, op: str, fields: dict, label: str, confirm: str, ident: str) -> bytes:
+        """A button that carries out ``op`` after the user confirms it."""
+        return self.part("action", op=op, fields=fields, label=label, confirm=confirm,
+                         ident=ident)
+
+    def error(self, nonce: str, exc: SparkQError) -> bytes:
+        return self.layout(nonce, "Not found" if isinstance(exc, NotFound) else "Refused",
+                           "", "", self.part("problem", message=str(exc)))
+
+    # -- overview --------------------------------------------------------------------------
+
+    def overview(self, nonce: str) -> bytes:
+        call, now = self.web.call, time.time()
+        return self.layout(
+            nonce, "Overview", "/ui/", API_PREFIX + "watch?coalesce=true",
+            self.streams_part(call("stream.list"), now), self.workers_part(call("workers")),
+            self.part("locks", locks=call("locks")), self.failures_part(),
+            self.part("next_firings", schedules=self.schedule_list()),
+            self.part("health", status=call("status")))
+
+    def streams_part(self, streams: list[dict], now: float) -> bytes:
+        lines = {s["name"]: self.sparkline(self.web.stats.per_minute(s["name"], now))
+                 for s in streams}
+        return self.part("streams", streams=streams, statuses=STATUSES, sparklines=lines)
+
+    def sparkline(self, counts: list[int]) -> bytes:
+        return self.part("sparkline", bars=sparkline_bars(counts), width=3 * len(counts),
+                         total=sum(counts), minutes=len(counts))
+
+    def workers_part(self, workers: list[dict]) -> bytes:
+        busy = sum(w["state"] == "busy" for w in workers)
+        return self.part("workers", workers=workers, busy=busy,
+                         restarts=sum(w["restarts"] for w in workers))
+
+    def failures_part(self) -> bytes:
+        tasks = []
+        for task_id in reversed(self.web.stats.failures):
+            with contextlib.suppress(NotFound):
+                task = self.web.call("task", task=task_id)
+                if task["status"] == "failed":
+                    tasks.append(task)
+        return self.part("failures", tasks=tasks)
+
+    def schedule_list(self) -> list[dict]:
+        return self.web.call("schedule.list")
+
+    # -- tasks -------------------------------------------------------------------------------
+
+    def tasks(self, nonce: str, query: dict[str, str]) -> bytes:
+        filters = {k: v for k in ("stream", "session", "status", "tool", "text")
+                   if (v := query.get(k, "").strip())}
+        watch = API_PREFIX + "watch?coalesce=true" + (
+            f"&streams={urllib.parse.quote(filters['stream'])}" if "stream" in filters else "")
+        return self.layout(nonce, "Tasks", "/ui/tasks", watch,
+                           self.enqueue_part(filters.get("stream")), self.filters_part(filters),
+                           self.task_list_part(filters, query.get("before", "")))
+
+    def enqueue_part(self, stream: str | None) -> bytes:
+        tools = self.web.call("tools")["tools"]
+        streams = [s["name"] for s in self.web.call("stream.list") if s["status"] != "ended"]
+        return self.part("enqueue", tools=tools, streams=streams, chosen=stream or DEFAULT)
+
+    def filters_part(self, filters: dict) -> bytes:
+        return self.part("filters", filters=filters, statuses=STATUSES,
+                         streams=[s["name"] for s in self.web.call("stream.list")],
+                         sessions=[s["name"] for s in self.web.call("session.list")],
+                         tools=sorted(self.web.call("tools")["tools"]))
+
+    def task_list_part(self, filters: dict, before: str) -> bytes:
+        """One page of tasks, newest first, looking at PAGE_WINDOW ids at most."""
+        queue = self.web.daemon.queue
+        high = int(before) - 1 if before.isdigit() and int(before) > 0 else queue.next_id - 1
+        low = max(1, high - PAGE_WINDOW + 1)
+        try:
+            tasks = self.web.call("tasks", newest=True, min_id=low, max_id=max(high, 1),
+                                  limit=PAGE_SIZE + 1, **filters)
+        except SparkQError as exc:
+            return self.part("task_list", tasks=[], problem=str(exc), older=None,
+                             searched=None, total=None, filters=filters, before=before)
+        older = searched = None
+        if len(tasks) > PAGE_SIZE:
+            tasks, older = tasks[:PAGE_SIZE], tasks[PAGE_SIZE - 1]["id"]
+        elif low > next(iter(queue.tasks), low):
+            older, searched = low, (low, high)  # the window ran out: offer the next one
+        return self.part("task_list", tasks=tasks, problem=None, older=older, searched=searched,
+                         total=self.matching_count(filters), filters=filters, before=before)
+
+    def matching_count(self, filters: dict) -> int | None:
+        """How many tasks match, where the counts kept per stream say (not for tool or text)."""
+        if filters.keys() - {"stream", "session", "status"}:
+            return None
+        streams = [s for s in self.web.call("stream.list")
+                   if filters.get("stream", s["name"]) == s["name"]
+                   and filters.get("session", s["session"]) == s["session"]]
+        status = filters.get("status")
+        return sum(n for s in streams for k, n in s["counts"].items() if status in (None, k))
+
+    # -- one task ------------------------------------------------------------------------------
+
+    def task(self, nonce: str, task_id: int) -> bytes:
+        task = self.web.call("task", task=task_id)
+        log_text = self.web.call("logs", task=task_id, tail=500)["log"]
+        fields = {k: v for k, v in task.items() if k not in TASK_OWN_PLACES}
+        return self.layout(
+            nonce, f"Task {task_id}", "/ui/tasks", f"{API_PREFIX}watch?coalesce=true&tasks={task_id}",
+            self.part("task_head", task=task),
+            self.part("task_fields", fields=fields, task=task),
+            self.part("task_history", history=task.get("history", [])),
+            self.part("task_log", task=task, log=log_text))
+
+    # -- schedules -----------------------------------------------------------------------------
+
+    def schedules(self, nonce: str) -> bytes:
+        listed = self.schedule_list()
+        shown = [self.web.call("schedule.show", name=s["name"]) for s in listed]
+        return self.layout(nonce, "Schedules", "/ui/schedules", API_PREFIX + "watch?coalesce=true",
+                           self.part("schedules", schedules=shown))
+
+
+#: The page parts, tornado templates: ``{{ }}`` escapes, ``{% raw %}`` takes another part.
+PAGE_TEMPLATES = {
+    "layout": """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<title>{{ title }} · SparkQ</title>
+<link rel="stylesheet" href="/ui/app.css">
+<script nonce="{{ nonce }}" src="/ui/app.js" defer></script>
+</head>
+<body data-watch="{{ watch }}">
+<a class="skip" href="#main">Skip to the content</a>
+<header class="top">
+<nav aria-label="Dashboard">
+<a class="brand" href="/ui/">SparkQ</a>
+{% for href, label in nav %}<a href="{{ href }}"{% if href == here %} aria-current="page"{% end %}>{{ label }}</a>{% end %}
+</nav>
+<p id="live" class="live" role="status">not live</p>
+</header>
+<main id="main" tabindex="-1">
+<h1>{{ title }}</h1>
+<p id="notice" class="notice" role="status" aria-live="polite"></p>
+{% raw body %}
+</main>
+</body>
+</html>
+""",
+    "problem": """<p class="problem">{{ message }}</p>""",
+    "action": """<form class="action" data-op="{{ op }}" data-confirm="{{ confirm }}">
+{% for name, value in fields.items() %}<input type="hidden" name="{{ name }}" value="{{ value }}"{% if type(value) is int %} data-type="int"{% end %}>{% end %}
+<button type="submit" id="{{ ident }}">{{ label }}</button>
+</form>""",
+    "sparkline": """<svg class="spark" viewBox="0 0 {{ width }} 24" width="{{ width }}" height="24" role="img" aria-label="{{ total }} finished in the last {{ minutes }} minutes">
+<title>{{ total }} finished in the last {{ minutes }} minutes</title>
+<rect class="axis" x="0" y="23" width="{{ width }}" height="1"></rect>
+{% for x, y, h in bars %}<rect x="{{ x }}" y="{{ y }}" width="2" height="{{ h }}"></rect>{% end %}
+</svg>""",
+    "streams": """<section id="streams" class="panel wide" data-live aria-labelledby="streams-h">
+<h2 id="streams-h">Streams</h2>
+<div class="scroll"><table>
+<thead><tr><th scope="col">Stream</th><th scope="col">Session</th><th scope="col">State</th>
+{% for status in statuses %}<th scope="col" class="num">{{ status }}</th>{% end %}
+<th scope="col">Finished per minute</th><th scope="col"><span class="sr">Actions</span></th></tr></thead>
+<tbody>
+{% for s in streams %}{% set state = "ended" if s["status"] == "ended" else "paused" if s["paused"] else "active" %}
+<tr><th scope="row"><a href="/ui/tasks?stream={{ quote(s['name']) }}">{{ s["name"] }}</a></th>
+<td>{{ s["session"] }}</td><td><span class="badge {{ state }}">{{ state }}</span></td>
+{% for status in statuses %}<td class="num">{% if s["counts"].get(status) %}<a href="/ui/tasks?stream={{ quote(s['name']) }}&amp;status={{ status }}">{{ s["counts"][status] }}</a>{% else %}<span class="zero">0</span>{% end %}</td>{% end %}
+<td>{% raw sparklines[s["name"]] %}</td>
+<td>{% if state == "paused" %}{% raw action("stream.resume", {"name": s["name"]}, "Resume", "Resume stream " + s["name"] + "?", "resume-" + s["name"]) %}{% elif state == "active" %}{% raw action("stream.pause", {"name": s["name"]}, "Pause", "Pause stream " + s["name"] + "? Claims skip it; enqueue still works.", "pause-" + s["name"]) %}{% end %}</td></tr>
+{% end %}
+</tbody></table></div>
+</section>
+""",
+    "workers": """<section id="workers" class="panel" data-live aria-labelledby="workers-h">
+<h2 id="workers-h">Workers</h2>
+{% if workers %}<p>{{ busy }} busy, {{ len(workers) - busy }} idle or failed, {{ restarts }} restarts</p>
+<div class="scroll"><table><thead><tr><th scope="col">Worker</th><th scope="col">Kind</th><th scope="col">State</th><th scope="col">Task</th><th scope="col" class="num">Done</th><th scope="col" class="num">Restarts</th></tr></thead><tbody>
+{% for w in workers %}<tr><th scope="row">{{ w["name"] }}</th><td>{{ w["kind"] }}</td>
+<td><span class="badge {{ w['state'] }}">{{ w["state"] }}</span>{% if w.get("error") %} <span class="reason">{{ w["error"] }}</span>{% end %}</td>
+<td>{% if w["task"] %}<a href="/ui/tasks/{{ w['task'] }}">#{{ w["task"] }}</a>{% else %}–{% end %}</td>
+<td class="num">{{ w["done"] }}</td><td class="num">{{ w["restarts"] }}</td></tr>{% end %}
+</tbody></table></div>
+{% else %}<p class="empty">No workers: the daemon runs none (workers.count: 0) and no agent claimed in the last hour.</p>{% end %}
+</section>
+""",
+    "locks": """<section id="locks" class="panel" data-live aria-labelledby="locks-h">
+<h2 id="locks-h">Held locks</h2>
+{% if locks %}<div class="scroll"><table><thead><tr><th scope="col">Lock</th><th scope="col">Task</th><th scope="col">Stream</th><th scope="col">Since</th></tr></thead><tbody>
+{% for lock in locks %}<tr><th scope="row">{{ lock["lock"] }}</th><td><a href="/ui/tasks/{{ lock['task'] }}">#{{ lock["task"] }}</a></td><td>{{ lock["stream"] }}</td><td><time datetime="{{ lock['since'] }}">{{ when(lock["since"]) }}</time></td></tr>{% end %}
+</tbody></table></div>
+{% else %}<p class="empty">No lock is held.</p>{% end %}
+</section>
+""",
+    "failures": """<section id="failures" class="panel" data-live aria-labelledby="failures-h">
+<h2 id="failures-h">Latest failures</h2>
+{% if tasks %}<ul class="failures">
+{% for t in tasks %}<li><a href="/ui/tasks/{{ t['id'] }}">#{{ t["id"] }}</a> {{ t["tool"] }} in {{ t["stream"] }}, <time datetime="{{ t['finished_at'] }}">{{ when(t["finished_at"]) }}</time>: <span class="reason">{{ short(t["reason"] or "", 160) }}</span></li>{% end %}
+</ul>{% else %}<p class="empty">No task failed lately.</p>{% end %}
+</section>
+""",
+    "next_firings": """<section id="next-firings" class="panel" data-live aria-labelledby="next-h">
+<h2 id="next-h">Next schedule firings</h2>
+{% set coming = sorted([s for s in schedules if s.get("next_at") and not s.get("paused")], key=lambda s: s["next_at"])[:5] %}
+{% if coming %}<ul>{% for s in coming %}<li><a href="/ui/schedules#schedule-{{ s['name'] }}">{{ s["name"] }}</a> at <time datetime="{{ s['next_at'] }}">{{ when(s["next_at"]) }}</time></li>{% end %}</ul>
+{% elif not schedules %}<p class="empty">No schedules yet (<code>sparkqctl schedule add</code>).</p>
+{% else %}<p class="empty">No schedule is due to fire.</p>{% end %}
+</section>
+""",
+    "health": """<section id="health" class="panel" data-live aria-labelledby="health-h">
+<h2 id="health-h">Journal and snapshot</h2>
+{% set journal, snapshot = status["journal"], status["snapshot"] %}
+<dl class="fields">
+<dt>Journal</dt><dd>{% if journal["failure"] %}<span class="badge failed">failing</span> {{ journal["failure"] }}{% else %}<span class="badge completed">ok</span> record {{ journal["seq"] }}, durable to {{ journal["durable_seq"] }}, fsync {{ journal["fsync"] }}, {{ journal["segments"] }} segment{{ "" if journal["segments"] == 1 else "s" }}{% end %}</dd>
+<dt>Snapshot</dt><dd>{% if snapshot.get("error") %}<span class="badge failed">failing</span> {{ snapshot["error"] }}{% elif snapshot.get("at") %}<span class="badge completed">ok</span> at record {{ snapshot["seq"] }}, <time datetime="{{ snapshot['at'] }}">{{ when(snapshot["at"]) }}</time>{% if snapshot.get("seconds") is not None %} in {{ snapshot["seconds"] }} s{% end %}{% else %}none yet{% end %}</dd>
+<dt>Daemon</dt><dd>sparkqd {{ status["version"] }}, pid {{ status["pid"] }}, up {{ int(status["uptime"]) }} s, {{ status["tasks"] }} tasks, {{ status["connections"] }} connections</dd>
+</dl>
+</section>
+""",
+    "enqueue": """<section id="enqueue" class="panel" aria-labelledby="enqueue-h">
+<details><summary><h2 id="enqueue-h">Enqueue a task</h2></summary>
+<form class="action grid" data-op="enqueue" data-confirm="Enqueue this task?">
+<label>Tool <select name="tool" id="enqueue-tool">{% for name, tool in tools.items() %}<option value="{{ name }}">{{ name }}{% if tool["description"] %} – {{ tool["description"] }}{% end %}</option>{% end %}</select></label>
+<label>Stream <select name="stream" id="enqueue-stream">{% for name in streams %}<option{% if name == chosen %} selected{% end %}>{{ name }}</option>{% end %}</select></label>
+<label class="full">Payload <textarea name="payload" id="enqueue-payload" rows="3" data-type="payload"></textarea></label>
+<label class="check"><input type="checkbox" name="payload_is_json" data-type="skip"> the payload is JSON</label>
+<label>Priority <input name="priority" type="number" step="1" data-type="int" placeholder="0"></label>
+<label>Delay (s) <input name="delay" type="number" min="0" step="any" data-type="float"></label>
+<label>Timeout (s) <input name="timeout" type="number" min="0" step="any" data-type="float"></label>
+<label>Max attempts <input name="max_attempts" type="number" min="1" step="1" data-type="int"></label>
+<label>After (ids) <input name="after" data-type="ids" placeholder="3, 4"></label>
+<label>Unique key <input name="key"></label>
+<label>Lock <input name="lock"></label>
+<p class="full"><button type="submit" id="enqueue-submit">Enqueue</button></p>
+</form></details>
+</section>
+""",
+    "filters": """<section id="filters" class="panel" aria-labelledby="filters-h">
+<h2 id="filters-h" class="sr">Filter tasks</h2>
+<form class="grid" method="get" action="/ui/tasks" role="search">
+{% for name, label, options in (("stream", "Stream", streams), ("session", "Session", sessions), ("status", "Status", statuses), ("tool", "Tool", tools)) %}
+<label>{{ label }} <select name="{{ name }}"><option value="">any</option>{% for option in options %}<option{% if filters.get(name) == option %} selected{% end %}>{{ option }}</option>{% end %}</select></label>{% end %}
+<label>Text <input type="search" name="text" value="{{ filters.get('text', '') }}" placeholder="in payload, summary or reason"></label>
+<p><button type="submit">Filter</button> <a href="/ui/tasks">Clear</a></p>
+</form>
+</section>
+""",
+    "task_list": """<section id="task-list" class="panel wide" data-live aria-labelledby="list-h">
+<h2 id="list-h">{% if total is not None %}{{ total }} task{{ "" if total == 1 else "s" }}{% else %}Tasks{% end %}{% if filters %} matching{% end %}, newest first</h2>
+{% if problem %}<p class="problem">{{ problem }}</p>{% end %}
+<div class="scroll"><table class="tasks"><thead><tr><th scope="col">Task</th><th scope="col">Status</th><th scope="col">Stream</th><th scope="col">Tool</th><th scope="col">Payload</th><th scope="col" class="num">Attempts</th><th scope="col">Created</th><th scope="col">Summary or reason</th></tr></thead>
+<tbody>{% for t in tasks %}<tr id="task-{{ t['id'] }}"><th scope="row"><a href="/ui/tasks/{{ t['id'] }}">#{{ t["id"] }}</a></th><td><span class="badge {{ t['status'] }}">{{ t["status"] }}</span></td><td>{{ t["stream"] }}</td><td>{{ t["tool"] }}</td><td class="payload">{{ short(t["payload"], 60) }}</td><td class="num">{{ t["attempts"] }}/{{ t["max_attempts"] }}</td><td><time datetime="{{ t['created_at'] }}">{{ when(t["created_at"]) }}</time></td><td>{{ short(t["summary"] or t["reason"] or "", 80) }}</td></tr>{% end %}
+</tbody></table></div>
+{% if not tasks and not problem %}<p class="empty">No task{% if searched %} among tasks #{{ searched[0] }} to #{{ searched[1] }}{% end %} matches.</p>{% end %}
+<nav class="pager" aria-label="Pages of tasks">{% if before %}<a href="/ui/tasks?{{ "&".join(quote(k) + "=" + quote(v) for k, v in filters.items()) }}">Newest</a>{% end %}
+{% if older %}<a href="/ui/tasks?{{ "&".join(quote(k) + "=" + quote(v) for k, v in filters.items()) }}&amp;before={{ older }}">{% if searched %}Search older tasks{% else %}Older{% end %}</a>{% end %}</nav>
+</section>
+""",
+    "task_head": """<section id="task-head" class="panel wide" data-live aria-label="State and actions">
+<p class="state"><span class="badge {{ task['status'] }}">{{ task["status"] }}</span> {{ task["tool"] }} in stream <a href="/ui/tasks?stream={{ quote(task['stream']) }}">{{ task["stream"] }}</a>, attempt {{ task["attempts"] }} of {{ task["max_attempts"] }}</p>
+<div class="actions">
+{% if task["status"] not in ("completed", "failed", "cancelled") %}{% raw action("cancel", {"task": task["id"]}, "Cancel", "Cancel task " + str(task["id"]) + "?", "cancel-task") %}{% end %}
+{% if task["status"] in ("running", "failed", "cancelled") %}{% raw action("requeue", {"task": task["id"]}, "Requeue", "Requeue task " + str(task["id"]) + " with a fresh attempt budget?", "requeue-task") %}{% end %}
+{% if task["status"] == "running" %}<form class="action inline" data-op="fail" data-confirm="Fail this attempt of task {{ task['id'] }}?"><input type="hidden" name="task" value="{{ task['id'] }}" data-type="int"><label>Reason <input name="reason" required></label> <button type="submit" id="fail-task">Fail</button></form>{% end %}
+</div>
+</section>
+""",
+    "task_fields": """<section id="task-fields" class="panel" data-live aria-labelledby="fields-h">
+<h2 id="fields-h">Fields</h2>
+<dl class="fields">{% for name, value in fields.items() %}<dt>{{ name }}</dt><dd>{% if value is None %}–{% elif name.endswith("_at") and isinstance(value, str) %}<time datetime="{{ value }}">{{ when(value) }}</time>{% else %}{{ short(value) }}{% end %}</dd>{% end %}</dl>
+<h2>Payload</h2><pre class="json" tabindex="0">{{ pretty(task["payload"]) }}</pre>
+<h2>Result</h2>{% if task["result"] is None %}<p class="empty">No result.</p>{% else %}<pre class="json" tabindex="0">{{ pretty(task["result"]) }}</pre>{% end %}
+</section>
+""",
+    "task_history": """<section id="task-history" class="panel" data-live aria-labelledby="history-h">
+<h2 id="history-h">History</h2>
+<ol class="timeline">{% for entry in history %}<li><time datetime="{{ entry['at'] }}">{{ when(entry["at"]) }}</time> <span class="badge {{ entry['status'] }}">{{ entry["status"] }}</span>{% if entry["by"] %} by {{ entry["by"] }}{% end %}{% if entry["note"] %}: {{ entry["note"] }}{% end %}</li>{% end %}</ol>
+</section>
+""",
+    "task_log": """<section id="task-log" class="panel wide" aria-labelledby="log-h">
+<h2 id="log-h">Log <span id="log-state" class="live"></span></h2>
+<pre id="log" class="log" tabindex="0" data-follow="/api/v1/logs?task={{ task['id'] }}&amp;tail=500&amp;follow=true">{{ log }}</pre>
+</section>
+""",
+    "schedules": """<section id="schedule-list" class="wide" data-live aria-label="Schedules">
+{% if not schedules %}<p class="empty">No schedules yet (<code>sparkqctl schedule add</code>).</p>{% end %}
+{% for s in schedules %}<article class="panel" id="schedule-{{ s['name'] }}" aria-labelledby="schedule-{{ s['name'] }}-h">
+<h2 id="schedule-{{ s['name'] }}-h">{{ s["name"] }} {% if s.get("paused") %}<span class="badge paused">paused</span>{% else %}<span class="badge active">active</span>{% end %}</h2>
+<div class="actions">{% if s.get("paused") %}{% raw action("schedule.resume", {"name": s["name"]}, "Resume", "Resume schedule " + s["name"] + "?", "resume-schedule-" + s["name"]) %}{% else %}{% raw action("schedule.pause", {"name": s["name"]}, "Pause", "Pause schedule " + s["name"] + "?", "pause-schedule-" + s["name"]) %}{% end %}
+{% raw action("schedule.fire", {"name": s["name"]}, "Fire now", "Fire schedule " + s["name"] + " now?", "fire-schedule-" + s["name"]) %}</div>
+<dl class="fields">{% for key in ("stream", "tool", "script", "cron", "every", "at", "timezone", "overlap", "catch_up", "source", "last_outcome") %}{% if s.get(key) is not None %}<dt>{{ key }}</dt><dd>{{ short(s[key]) }}</dd>{% end %}{% end %}</dl>
+<h3>Next fire times</h3>{% if s.get("next") %}<ol>{% for at in s["next"] %}<li><time datetime="{{ at }}">{{ when(at) }}</time></li>{% end %}</ol>{% else %}<p class="empty">None coming.</p>{% end %}
+<h3>Last firings</h3>{% if s.get("firings") %}<div class="scroll"><table><thead><tr><th scope="col">Slot</th><th scope="col">Fired</th><th scope="col">Task</th><th scope="col">Outcome</th></tr></thead><tbody>
+{% for f in s["firings"] %}<tr><td>{{ short(f.get("slot")) }}</td><td><time datetime="{{ f.get('at') or '' }}">{{ when(f.get("at")) }}</time></td><td>{% if f.get("task") %}<a href="/ui/tasks/{{ f['task'] }}">#{{ f["task"] }}</a>{% else %}–{% end %}</td><td>{{ short(f.get("outcome")) }}</td></tr>{% end %}
+</tbody></table></div>{% else %}<p class="empty">Not fired yet.</p>{% end %}
+</article>{% end %}
+</section>
+""",
+}
+
+
+#: The dashboard's one script: live parts, actions, the log. No timer polls: a part is
+#: refetched when an event says it changed, at most one fetch at a time.
+APP_JS = r"""'use strict';
+(() => {
+  const live = document.getElementById('live');
+  const notice = document.getElementById('notice');
+  //: Changes that keep coming refresh the page at most this often; the first one at once.
+  const GAP = 1000;
+  let fetching = false, again = false, timer = null, lastFetch = -GAP;
+
+  function say(text, link) {
+    notice.textContent = text;
+    if (link) {
+      const a = document.createElement('a');
+      a.href = link.href; a.textContent = link.text;
+      notice.append(' ', a);
+    }
+  }
+
+  function changed() {
+    if (fetching) { again = true; return; }
+    if (timer !== null) return;
+    const wait = lastFetch + GAP - performance.now();
+    if (wait <= 0) refresh();
+    else timer = setTimeout(() => { timer = null; refresh(); }, wait);
+  }
+
+  // Swap in the page's live parts as the server renders them now; focus stays put.
+  async function refresh() {
+    fetching = true; lastFetch = performance.now();
+    try {
+      const response = await fetch(location.href, {credentials: 'same-origin'});
+      if (response.ok) {
+        const fresh = new DOMParser().parseFromString(await response.text(), 'text/html');
+        const focused = document.activeElement && document.activeElement.id;
+        for (const part of document.querySelectorAll('[data-live]')) {
+          const next = fresh.getElementById(part.id);
+          if (next) part.replaceWith(document.importNode(next, true));
+        }
+        if (focused && document.getElementById(focused)) document.getElementById(focused).focus();
+        document.dispatchEvent(new CustomEvent('sparkq:refreshed'));
+      }
+    } finally {
+      fetching = false;
+      if (again) { again = false; changed(); }
+    }
+  }
+
+  // The page's events: any of them may change what it shows.
+  function watch(url) {
+    if (!url) return;
+    const events = new EventSource(url);
+    events.onopen = () => { live.textContent = 'live'; live.className = 'live on'; };
+    events.onerror = () => { live.textContent = 'reconnecting…'; live.className = 'live off'; };
+    events.onmessage = (message) => {
+      const data = JSON.parse(message.data);
+      if (data.ok === false) { say(data.error.message); events.close(); return; }
+      changed();  // an event, or the reply: the page may be older than the subscription
+    };
+  }
+
+  // A task's log: the tail, then each chunk as the task writes it.
+  function followLog(pre) {
+    const state = document.getElementById('log-state');
+    const stream = new EventSource(pre.dataset.follow);
+    stream.onmessage = (message) => {
+      const data = JSON.parse(message.data);
+      if (data.ok !== undefined) {
+        if (data.ok) pre.textContent = data.result.log;
+        const over = !data.ok || (!data.result.running && ['completed', 'failed', 'cancelled'].includes(data.result.status));
+        state.textContent = over ? '' : '(live)';
+        if (over) stream.close();
+      } else if (data.chunk !== undefined) {
+        const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+        pre.append(data.chunk);
+        if (atEnd) pre.scrollTop = pre.scrollHeight;
+      } else if (data.end) {
+        state.textContent = ''; stream.close();
+      }
+    };
+  }
+
+  function value(element, form) {
+    const text = element.value.trim();
+    switch (element.dataset.type) {
+      case 'skip': return undefined;
+      case 'int': return text === '' ? undefined : parseInt(text, 10);
+      case 'float': return text === '' ? undefined : Number(text);
+      case 'ids': return text === '' ? undefined : text.split(/[\s,]+/).filter(Boolean).map(Number);
+      case 'payload':
+        if (element.value === '') return undefined;
+        return form.elements.payload_is_json && form.elements.payload_is_json.checked ? JSON.parse(element.value) : element.value;
+      default: return text === '' ? undefined : text;
+    }
+  }
+
+  // An action: confirmed, then POSTed as JSON to the API; the reply is said in #notice.
+  async function act(form) {
+    if (form.dataset.confirm && !window.confirm(form.dataset.confirm)) return;
+    const op = form.dataset.op, fields = {};
+    try {
+      for (const element of form.elements) {
+        if (!element.name) continue;
+        const v = value(element, form);
+        if (v !== undefined) fields[element.name] = v;
+      }
+    } catch (error) { say(`Not sent: ${error.message}`); return; }
+    const response = await fetch(`/api/v1/${op}`, {
+      method: 'POST', credentials: 'same-origin',
+      headers: {'Content-Type': 'application/json'}, body: JSON.stringify(fields)});
+    const reply = await response.json();
+    if (!reply.ok) { say(`${op} refused: ${reply.error.message}`); return; }
+    const task = reply.result && reply.result.id !== undefined && reply.result.status ? reply.result : null;
+    if (op === 'enqueue' && task) say(`Enqueued task ${task.id}.`, {href: `/ui/tasks/${task.id}`, text: `Open task ${task.id}`});
+    else say(task ? `Task ${task.id}: ${task.status}.` : `${op}: done.`);
+    changed();
+  }
+
+  document.addEventListener('submit', (event) => {
+    const form = event.target.closest('form[data-op]');
+    if (!form) return;
+    event.preventDefault();
+    act(form).catch((error) => say(`Failed: ${error.message}`));
+  });
+  watch(document.body.dataset.watch);
+  const log = document.getElementById('log');
+  if (log && log.dataset.follow) followLog(log);
+})();
+"""
+
+APP_CSS = """:root {
+  --bg: #f7f7f5; --panel: #ffffff; --text: #1d1f21; --muted: #5c6166; --line: #d9dbde;
+  --link: #0b57d0; --focus: #b35c00;
+  --ok: #1a7f37; --ok-bg: #dcf3e3; --bad: #b42318; --bad-bg: #fde2df;
+  --run: #0b57d0; --run-bg: #dde8fb; --wait: #8a5a00; --wait-bg: #fbefd5; --idle-bg: #ececec;
+  font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; line-height: 1.45;
+}
+@media (prefers-color-scheme: dark) {
+  :root {
+    --bg: #15171a; --panel: #1e2126; --text: #e6e7e9; --muted: #a4a9b0; --line: #363b42;
+    --link: #8ab4f8; --focus: #ffb866;
+    --ok: #7ee2a0; --ok-bg: #173a24; --bad: #ffaba3; --bad-bg: #4a1d1a;
+    --run: #a8c7fa; --run-bg: #1d3357; --wait: #f3cd7a; --wait-bg: #46361a; --idle-bg: #30343a;
+  }
+}
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--bg); color: var(--text); }
+a { color: var(--link); }
+:focus-visible { outline: 3px solid var(--focus); outline-offset: 2px; }
+.skip { position: absolute; left: -100vw; }
+.skip:focus { left: 1rem; top: 1rem; background: var(--panel); padding: .5rem; z-index: 2; }
+.sr { position: absolute; width: 1px; height: 1px; overflow: hidden; clip: rect(0 0 0 0); }
+header.top { display: flex; flex-wrap: wrap; align-items: center; justify-content: space-between;
+  gap: .5rem 1rem; padding: .6rem 1rem; background: var(--panel); border-bottom: 1px solid var(--line); }
+header nav { display: flex; flex-wrap: wrap; gap: .25rem 1rem; align-items: center; }
+header nav a { text-decoration: none; padding: .2rem .1rem; }
+header nav a[aria-current="page"] { font-weight: 600; border-bottom: 2px solid var(--link); }
+.brand { font-weight: 700; color: var(--text) !important; }
+.live { margin: 0; font-size: .85rem; color: var(--muted); }
+.live.on::before { content: "● "; color: var(--ok); }
+.live.off::before { content: "● "; color: var(--bad); }
+main { display: grid; grid-template-columns: repeat(auto-fit, minmax(min(100%, 26rem), 1fr));
+  gap: 1rem; padding: 1rem; max-width: 90rem; margin: 0 auto; }
+main > h1, main > .notice, .wide { grid-column: 1 / -1; }
+h1 { margin: .2rem 0 0; font-size: 1.5rem; }
+h2 { font-size: 1.1rem; margin: 0 0 .6rem; }
+h3 { font-size: 1rem; margin: .8rem 0 .4rem; }
+.notice:empty { display: none; }
+.notice { margin: 0; padding: .5rem .8rem; background: var(--run-bg); border-radius: 6px; }
+.panel { background: var(--panel); border: 1px solid var(--line); border-radius: 8px; padding: .9rem 1rem;
+  min-width: 0; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; width: 100%; font-size: .92rem; }
+th, td { text-align: left; padding: .35rem .5rem; border-bottom: 1px solid var(--line); vertical-align: top; }
+thead th { color: var(--muted); font-weight: 600; white-space: nowrap; }
+.num { text-align: right; font-variant-numeric: tabular-nums; }
+.zero, .empty { color: var(--muted); }
+.payload { font-family: ui-monospace, monospace; font-size: .85rem; max-width: 28rem; overflow-wrap: anywhere; }
+.badge { display: inline-block; padding: 0 .45rem; border-radius: 99px; font-size: .8rem;
+  background: var(--idle-bg); white-space: nowrap; }
+.badge.completed, .badge.active, .badge.idle { background: var(--ok-bg); color: var(--ok); }
+.badge.failed, .badge.cancelled, .badge.ended { background: var(--bad-bg); color: var(--bad); }
+.badge.running, .badge.busy { background: var(--run-bg); color: var(--run); }
+.badge.pending, .badge.waiting, .badge.paused { background: var(--wait-bg); color: var(--wait); }
+.reason { color: var(--bad); }
+.problem { color: var(--bad); font-weight: 600; }
+.spark rect { fill: var(--run); }
+.spark rect.axis { fill: var(--line); }
+form.action { display: inline; margin: 0; }
+form.inline label { margin-left: .5rem; }
+.actions { display: flex; flex-wrap: wrap; gap: .5rem; align-items: center; }
+form.grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(12rem, 1fr)); gap: .6rem 1rem; align-items: end; }
+form.grid .full { grid-column: 1 / -1; margin: 0; }
+label { display: flex; flex-direction: column; gap: .2rem; font-size: .9rem; }
+label.check { flex-direction: row; align-items: center; gap: .4rem; }
+input, select, textarea, button { font: inherit; color: inherit; background: var(--bg);
+  border: 1px solid var(--line); border-radius: 6px; padding: .35rem .5rem; }
+textarea { font-family: ui-monospace, monospace; width: 100%; }
+button { background: var(--link); color: var(--panel); border-color: var(--link); cursor: pointer; padding: .3rem .8rem; }
+button:hover { filter: brightness(1.1); }
+details > summary { cursor: pointer; }
+details > summary h2 { display: inline; }
+dl.fields { display: grid; grid-template-columns: max-content 1fr; gap: .2rem 1rem; margin: 0; }
+dl.fields dt { color: var(--muted); }
+dl.fields dd { margin: 0; overflow-wrap: anywhere; }
+pre { background: var(--bg); border: 1px solid var(--line); border-radius: 6px; padding: .6rem;
+  overflow: auto; max-height: 30rem; font-size: .85rem; white-space: pre-wrap; overflow-wrap: anywhere; }
+ol.timeline { list-style: none; padding: 0; margin: 0; border-left: 2px solid var(--line); }
+ol.timeline li { padding: .2rem 0 .5rem .8rem; position: relative; }
+ol.timeline li::before { content: ""; position: absolute; left: -6px; top: .55rem; width: 10px; height: 10px;
+  border-radius: 50%; background: var(--link); }
+ul.failures { padding-left: 1.1rem; margin: 0; }
+.pager { display: flex; gap: 1rem; margin-top: .6rem; }
+.state { font-size: 1.05rem; }
+"""
+
+ASSETS = {"app.js": ("text/javascript; charset=utf-8", APP_JS),
+          "app.css": ("text/css; charset=utf-8", APP_CSS)}
+
+
+# ============================================================================
+# 14. Daemon: lifecycle, dispatch, change pipeline, timer, reload
 # ============================================================================
 
 
@@ -6403,7 +8123,7 @@ async def serve(sock: socket.socket, make_connection, connections: Connections):
 
 
 def status_view(paths: Paths, queue: Queue, journal: Journal, snapshots: Snapshots, pool: Pool,
-                connections: int, started: float) -> dict:
+                connections: int, started: float, http: dict) -> dict:
     """The `status` reply."""
     repo = queue.config.project.repo_path
     return {
@@ -6419,6 +8139,7 @@ def status_view(paths: Paths, queue: Queue, journal: Journal, snapshots: Snapsho
                     "fsync": journal.policy, "segments": len(journal.sealed) + 1,
                     "failure": journal.failure or journal.stalled},
         "snapshot": dict(snapshots.last),
+        "http": http,
     }
 
 
@@ -6633,6 +8354,7 @@ class Daemon:
         self.timer_deadline = 0.0
         self.timer_trouble: str | None = None  #: why the last timer turn failed, logged once
         self.metrics_file = MetricsFile(self.executor)
+        self.web = Web(self)
         self._lock_fd: int | None = None
         self._socket_inode: int | None = None
         self.recovery = Recovery()
@@ -6658,6 +8380,7 @@ class Daemon:
             self._sync_schedules()
             if activated:  # clients wait in the backlog, as a service manager's socket promises
                 await self._serve(sock)
+            self.web.start()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
@@ -6706,10 +8429,12 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         self.server.close()
+        self.web.stop_listening()
         await self.pool.stop()
         await self.workspaces.stop()
         for conn in list(self.connections.open):
             conn.stop()
+        self.web.stop_exchanges()
         if self.connections.open:
             try:
                 await asyncio.wait_for(self.connections.all_closed.wait(), timeout=5)
@@ -6718,6 +8443,7 @@ class Daemon:
                             len(self.connections.open))
         for conn in list(self.connections.open):
             conn.transport.abort()
+        await self.web.close()
         try:
             self.journal.sync_now()
         except Unavailable as exc:
@@ -6760,7 +8486,8 @@ class Daemon:
             case Hello(): return {"version": VERSION, "protocol": PROTOCOL}
             case Status(): return {**status_view(
                 self.paths, queue, self.journal, self.snapshots, self.pool,
-                len(self.connections.open), self.started), "workspaces": self.workspaces.summary()}
+                len(self.connections.open), self.started, self.web.status()),
+                "workspaces": self.workspaces.summary()}
             case SessionCreate(): return queue.session_create(request, now)
             case SessionEnd(): return queue.session_end(request, now)
             case SessionList(): return reads.session_list(request, now)
@@ -6807,6 +8534,7 @@ class Daemon:
             case WorkspaceShow(): return self.workspaces.show(request)
             case WorkspaceRemove(): return self.workspaces.remove(request, conn)
             case WorkspaceGc(): return self.workspaces.gc(request, conn)
+            case Ui(): return self.web.ui(request)
         raise BadRequest(f"no handler for {type(request).__name__}")  # a request without an arm
 
     def change(self, carry_out, room: int = 65536) -> Any:
@@ -6861,7 +8589,8 @@ class Daemon:
             raise BadRequest(f"configuration refused, the old one stays in force: {exc}") from None
         restart = [key for key, old, new in (
             ("server.socket", self.config.server.socket, config.server.socket),
-            ("database.path", self.config.database.path, config.database.path)) if old != new]
+            ("database.path", self.config.database.path, config.database.path),
+            ("http.listen", self.config.http.listen, config.http.listen)) if old != new]
         if restart:
             log.warning("reload: %s take effect at the next restart", ", ".join(restart))
         self.config = self.hooks.config = self.workspaces.config = config
@@ -6985,7 +8714,7 @@ def gc_freeze() -> None:
 
 
 # ============================================================================
-# 14. main()
+# 15. main()
 # ============================================================================
 
 

@@ -5,6 +5,7 @@ it over its Unix socket or through ``sparkqctl``, and poll with a timeout
 instead of sleeping.
 """
 
+import http.client
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 import msgspec
@@ -116,8 +118,13 @@ class Conn:
         self.sock.close()
 
 
+#: What a test daemon's config gets unless it sets `http:` itself: no HTTP listener.
+NO_HTTP = "\nhttp:\n  listen: null\n"
+
+
 class Daemon:
-    """A sparkqd process with its own socket, data directory and optional config."""
+    """A sparkqd process with its own socket, data directory and optional config (which
+    turns the HTTP listener off unless it has an `http:` section)."""
 
     def __init__(self, workdir: Path, config: str | None = None, env: dict | None = None,
                  loop: str = "uvloop"):
@@ -130,8 +137,9 @@ class Daemon:
         self.extra_env = env or {}
         self.proc = None
         self.log = None
-        if config is not None:
-            self.config_path.write_text(config)
+        if "http:" not in (config or ""):  # many daemons run at once: none takes port 8420
+            config = f"{config or ''}{NO_HTTP}"
+        self.config_path.write_text(config)
 
     @property
     def env(self):
@@ -226,6 +234,49 @@ class Daemon:
 
     def journal_segments(self) -> list[Path]:
         return sorted((self.data_dir / "journal").glob("*.journal"))
+
+
+#: A config section for a daemon that serves HTTP, on a free loopback port.
+HTTP_ON = "\nhttp:\n  listen: 127.0.0.1:0\n"
+
+
+class Http:
+    """A client of a daemon's HTTP listener: ``api(op, **fields)`` with the Bearer token,
+    ``request(method, path, ...)`` for anything else. Replies are (status, headers, body)."""
+
+    def __init__(self, daemon: Daemon):
+        url = wait_until(lambda: daemon.ok(op="status")["http"]["url"], message="the listener")
+        self.host, _, rest = url.removeprefix("http://").partition("/")
+        self.port = int(self.host.rpartition(":")[2])
+        self.token = (daemon.data_dir / "http-token").read_text().strip()
+        self.auth = {"Authorization": f"Bearer {self.token}"}
+
+    def connect(self, timeout=10.0) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def request(self, method, path, body=None, headers=None, timeout=10.0):
+        conn = self.connect(timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, response.headers, response.read()
+        finally:
+            conn.close()
+
+    def api(self, op, method="POST", **fields):
+        """One op with the token: (HTTP status, the reply object)."""
+        if method == "GET":
+            query = urllib.parse.urlencode(fields, doseq=True)
+            status, _, body = self.request("GET", f"/api/v1/{op}?{query}", headers=self.auth)
+        else:
+            status, _, body = self.request("POST", f"/api/v1/{op}", json.dumps(fields),
+                                           {**self.auth, "Content-Type": "application/json"})
+        return status, json.loads(body)
+
+    def ok(self, op, **fields):
+        status, reply = self.api(op, **fields)
+        assert (status, reply["ok"]) == (200, True), reply
+        return reply["result"]
 
 
 @pytest.fixture

@@ -54,6 +54,7 @@ EXAMPLES = [
     "--workspace worktree",
     "workspaces --repo https://github.com/u/r", "workspace show 3", "workspace rm 3 --force",
     "workspace gc --dry-run",
+    "ui --print --new-token",
 ]
 
 

@@ -353,8 +353,9 @@ LIFE_WITH_A_RETRY = [
 
 
 def shaped(message: dict, body: str) -> bool:
-    """Whether an event message is exactly {event, at (RFC 3339 UTC, ms), ``body``}."""
-    return message.keys() == {"event", "at", body} and bool(RFC3339_MS.fullmatch(message["at"]))
+    """Whether an event message is exactly {event, at (RFC 3339 UTC, ms), seq, ``body``}."""
+    return (message.keys() == {"event", "at", "seq", body} and isinstance(message["seq"], int)
+            and bool(RFC3339_MS.fullmatch(message["at"])))
 
 
 def test_watch_full_task_life_with_a_retry_in_order(make_daemon):

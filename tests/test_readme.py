@@ -131,7 +131,8 @@ def test_readme_test_command_is_what_ci_runs():
 
 #: A configuration of each mistake the README shows, in the README's order.
 MISTAKES = ["databse: {}", "database: {fsync: sometimes}",
-            "tools: {deploy: {task_class: SLOW}}", "server: {port: 8420}"]
+            "tools: {deploy: {task_class: SLOW}}", "server: {port: 8420}",
+            "http: {listen: '0.0.0.0:8420'}"]
 
 
 def test_readme_config_error_examples_are_the_real_messages():

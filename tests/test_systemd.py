@@ -24,7 +24,7 @@ import pytest
 
 import sparkqctl
 import sparkqd
-from conftest import ROOT, SPARKQCTL, SPARKQD, Conn, wait_until
+from conftest import NO_HTTP, ROOT, SPARKQCTL, SPARKQD, Conn, wait_until
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
@@ -300,8 +300,11 @@ def activate(workdir):
     """Start sparkqd as a .socket unit would: `systemd-socket-activate -l SOCK sparkqd ...`."""
     started = []
 
-    def start(config="/dev/null", env=None):
+    def start(config=None, env=None):
         sock, log = workdir / "activated.sock", open(workdir / "activated.log", "ab")
+        if config is None:  # defaults, but no HTTP listener: other tests' daemons run too
+            config = workdir / "activated.yml"
+            config.write_text(NO_HTTP)
         proc = subprocess.Popen(
             [SOCKET_ACTIVATE, "-l", str(sock), *SPARKQD, "--data-dir", str(workdir / "data"),
              "--config", str(config)],
@@ -347,7 +350,7 @@ def test_socket_activation_stop_leaves_socket_file(activate, stop):
 @needs_activate
 def test_socket_activation_tasks_do_not_inherit_service_variables(activate, manager, workdir):
     """A task the pool runs sees no LISTEN_PID, LISTEN_FDS, NOTIFY_SOCKET or WATCHDOG_USEC."""
-    (workdir / "sparkq.yml").write_text("workers:\n  count: 1\n")
+    (workdir / "sparkq.yml").write_text("workers:\n  count: 1\n" + NO_HTTP)
     _, sock = activate(workdir / "sparkq.yml", {"NOTIFY_SOCKET": manager.notify_socket,
                                                 "WATCHDOG_USEC": "30000000"})
     conn = Conn(sock)
