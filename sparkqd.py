@@ -1002,7 +1002,9 @@ AnyEvent = Union[SessionCreated, SessionEnded, StreamCreated, StreamEnded, Strea
 class Request(Struct, tag_field="op", forbid_unknown_fields=True, frozen=True, kw_only=True):
     """Base of every request; ``id`` is echoed back in the reply."""
 
-    id: Any = None
+    #: Kept as the client encoded it and echoed byte for byte: a value of any type comes
+    #: back exactly (a msgpack timestamp with nanoseconds too, which a datetime would round).
+    id: msgspec.Raw = None
     #: Changes nothing in the queue: no journal room is reserved for it.
     read_only: ClassVar[bool] = False
     #: Journal bytes reserved before it runs (each event also reserves its own).
@@ -1334,6 +1336,12 @@ def request_schema() -> dict:
     return msgspec.json.schema(AnyRequest)
 
 
+class FrameId(Struct):
+    """The ``id`` of a frame that is no valid request: all of it that is read."""
+
+    id: msgspec.Raw = None
+
+
 class Codec:
     """One connection's framing: JSON lines or length-prefixed msgpack."""
 
@@ -1351,10 +1359,12 @@ class Codec:
         except RecursionError:
             raise BadRequest(f"malformed {self.name}: nested too deeply") from None
 
-    def request_id(self, frame: bytes) -> Any:
+    def request_id(self, frame: bytes) -> msgspec.Raw | None:
         """The ``id`` of a frame that failed validation, if it has one."""
-        value = self._loose(frame)
-        return value.get("id") if isinstance(value, dict) else None
+        try:
+            return self.ids.decode(frame).id
+        except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
+            return None
 
     def _loose(self, frame: bytes) -> Any:
         try:
@@ -1374,6 +1384,7 @@ class Codec:
 class JsonLines(Codec):
     name = "JSON"
     decoder = msgspec.json.Decoder(AnyRequest)
+    ids = msgspec.json.Decoder(FrameId)
     loose = msgspec.json.Decoder()
     _encode = msgspec.json.Encoder().encode
 
@@ -1400,6 +1411,7 @@ class JsonLines(Codec):
 class MsgpackFrames(Codec):
     name = "msgpack"
     decoder = msgspec.msgpack.Decoder(AnyRequest)
+    ids = msgspec.msgpack.Decoder(FrameId)
     loose = msgspec.msgpack.Decoder()
     _encode = msgspec.msgpack.Encoder().encode
     _header = struct.Struct(">I")

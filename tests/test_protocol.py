@@ -202,6 +202,30 @@ def test_reply_shapes_success_and_error(shared, framing):
     assert error["error"]["code"] == "not_found" and "999" in error["error"]["message"]
 
 
+#: ids whose bytes a decode and re-encode would change: a msgpack timestamp with
+#: nanoseconds (a datetime holds microseconds), JSON numbers in another spelling.
+EXACT_IDS = [
+    ("msgpack", b"\xd7\xff\xed\x40\x03\xa0\x4e\xc6\x42\x5e"),
+    ("json", b"1.50e2"), ("json", b'{"b": 1, "a": [1.0, -0]}'),
+]
+
+
+@pytest.mark.parametrize("framing, raw_id", EXACT_IDS)
+def test_reply_echoes_id_byte_for_byte(shared, framing, raw_id):
+    """The `id` comes back exactly as the client encoded it, valid request or not."""
+    conn = shared.connect(framing)
+    for op in (b"hello", b"frobnicate"):
+        if framing == "json":
+            conn.send_raw(b'{"op": "' + op + b'", "id": ' + raw_id + b"}\n")
+            line = conn.sock.makefile("rb").readline()
+            assert line.startswith(b'{"id":' + raw_id + b',"ok":'), line
+        else:
+            body = b"\x82\xa2op" + bytes([0xa0 | len(op)]) + op + b"\xa2id" + raw_id
+            conn.send_raw(struct.pack(">I", len(body)) + body)
+            reply = conn.sock.recv(65536)
+            assert reply[4:].startswith(b"\x83\xa2id" + raw_id), reply
+
+
 def test_reply_echoes_id_of_invalid_request(shared):
     """A request refused by validation still gets its own id back."""
     reply = shared.call(op="task", task="5", id="mine")
