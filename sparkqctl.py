@@ -1676,6 +1676,13 @@ WHEN = Group(Arg("--delay", type=duration, metavar="DURATION",
                  help="wait first: 90s, 5m, 2h, 1d or plain seconds"),
              Arg("--at", type=moment, metavar="TIME",
                  help="wait until TIME: RFC 3339, or local 'YYYY-MM-DD HH:MM'"))
+#: A task's repository workspace: enqueue's options, and a schedule's for its tasks.
+WORKSPACE_OPTIONS = (
+    Arg("--repo", load=repo_arg, metavar="URL|PATH",
+        help="the repository of its workspace (a local path is made absolute)"),
+    Arg("--ref", metavar="REF", help="branch, tag or commit (default: the default branch)"),
+    Arg("--workspace", choices=["shared", "worktree", "none"],
+        help="run in the repository's shared clone, a worktree of its own, or as it is"))
 ENQUEUE = (
     Arg("--stream", default_from=default_stream, complete="streams"),
     Group(Arg("--tool", complete="tools"),
@@ -1689,12 +1696,7 @@ ENQUEUE = (
     Arg("--key", help="unique key: an existing task with it is returned instead"),
     Arg("--lock", help="at most one running task per lock (a repository URL is normalised)"),
     Arg("--max-attempts", type=int, metavar="N", help="attempts before it fails"),
-    # repository workspaces
-    Arg("--repo", load=repo_arg, metavar="URL|PATH",
-        help="the repository of its workspace (a local path is made absolute)"),
-    Arg("--ref", metavar="REF", help="branch, tag or commit (default: the default branch)"),
-    Arg("--workspace", choices=["shared", "worktree", "none"],
-        help="run in the repository's shared clone, a worktree of its own, or as it is"))
+    *WORKSPACE_OPTIONS)
 
 # -- schedules --
 
@@ -1736,6 +1738,7 @@ SCHEDULE_OPTIONS = (
     Arg("--max-attempts", type=int, metavar="N", help="attempts before a task fails"),
     Arg("--lock", help="at most one running task per lock"),
     Arg("--key-prefix", metavar="PREFIX", help="task key before the slot (default schedule:NAME:)"),
+    *WORKSPACE_OPTIONS,
     Arg("--timezone", metavar="TZ", help="IANA zone of --cron (default: this machine's)"),
     Arg("--start-at", type=moment, metavar="TIME", help="no slot before TIME (anchors --every)"),
     Arg("--end-at", type=moment, metavar="TIME", help="no slot after TIME"),

@@ -392,6 +392,9 @@ class ScheduleSpec(ConfigStruct):
     max_attempts: Attempts | None = None
     lock: NonEmpty | None = None
     key_prefix: NonEmpty | None = None
+    repo: NonEmpty | None = None
+    ref: NonEmpty | None = None
+    workspace: Literal["shared", "worktree", "none"] | None = None
     cron: NonEmpty | None = None
     timezone: NonEmpty | None = None
     every: NonEmpty | Seconds | None = None
@@ -2510,13 +2513,24 @@ class Timing:
                 slot = self.anchor + (k + 1) * self.every
         else:
             slot = self._cron_after(t)
-        return None if slot is None or (self.end is not None and slot > self.end) else slot
+        if slot is None or slot >= LAST_TIME or (self.end is not None and slot > self.end):
+            return None  # no slot left, or none before year 10000
+        return slot
 
     def _cron_after(self, t: float) -> float:
         # From the second pass of an hour the clocks repeat, cronsim starts at the first
         # pass's match: earlier than t, so such matches are passed over.
+        moments = self._cron_from(t)
+        return next((slot for slot in moments if slot > t), None)
+
+    def _cron_from(self, t: float):
+        """The cron matches from ``t`` on, as epoch seconds, ending before year 10000."""
         moments = cronsim.CronSim(self.cron, datetime.datetime.fromtimestamp(max(t, 0.0), self.zone))
-        return next(slot for moment in moments if (slot := moment.timestamp()) > t)
+        try:
+            for moment in moments:
+                yield moment.timestamp()
+        except (OverflowError, ValueError):  # cronsim stepping past year 9999
+            return
 
     def passed_surely(self, first: float, before: float, keep: int) -> tuple[int, float]:
         """How many slots from ``first`` on are earlier than ``before`` by more than ``keep``
@@ -2542,9 +2556,8 @@ class Timing:
             return
         yield first
         last = first
-        for moment in cronsim.CronSim(self.cron, datetime.datetime.fromtimestamp(first, self.zone)):
-            slot = moment.timestamp()
-            if self.end is not None and slot > self.end:
+        for slot in self._cron_from(first):
+            if slot >= LAST_TIME or (self.end is not None and slot > self.end):
                 return
             if slot > last:  # see _cron_after: a repeated hour may give an earlier match
                 yield slot
@@ -2629,17 +2642,26 @@ class Schedules:
         if spec.cron is not None and spec.timezone is None:
             spec = msgspec.structs.replace(spec, timezone=self.local_zone)
         Timing(spec, created_at)
-        self.queue.stream(spec.stream)
-        request = self._enqueue_request(name, spec, created_at)
-        self.queue._what_to_run(request)
-        self.queue._check_something_to_run(request)
+        self._enqueueable(name, spec, created_at)
         return spec
 
     def _enqueue_request(self, name: str, spec: ScheduleSpec, slot: float) -> Enqueue:
         prefix = spec.key_prefix or f"schedule:{name}:"
         return Enqueue(tool=spec.tool, script=spec.script, args=spec.args, stream=spec.stream,
                        payload=spec.payload, timeout=spec.timeout, priority=spec.priority,
-                       lock=spec.lock, max_attempts=spec.max_attempts, key=prefix + rfc3339(slot))
+                       lock=spec.lock, max_attempts=spec.max_attempts, key=prefix + rfc3339(slot),
+                       repo=spec.repo, ref=spec.ref, workspace=spec.workspace)
+
+    def _enqueueable(self, name: str, spec: ScheduleSpec, slot: float) -> Enqueue:
+        """The enqueue of a firing, once every rule the core applies to it has let it pass:
+        a firing refused for it changes nothing (no cancel under overlap: replace)."""
+        request = self._enqueue_request(name, spec, slot)
+        if self.queue.stream(spec.stream).status == "ended":
+            raise Conflict(f"stream {spec.stream!r} has ended and takes no new tasks")
+        tool_name, _ = self.queue._what_to_run(request)
+        self.queue._check_something_to_run(request)
+        self.queue.workspaces.task_fields(request, tool_name)
+        return request
 
     # -- handlers -------------------------------------------------------------
 
@@ -2698,8 +2720,9 @@ class Schedules:
         if not schedule.paused:
             raise Conflict(f"schedule {req.name!r} is not paused")
         timing = self.timing(schedule)
-        passed, count, last = schedule.next_slot, 0, None
-        for slot in timing.slots_from(schedule.next_slot):
+        passed, last = schedule.next_slot, None
+        count, start = timing.passed_surely(schedule.next_slot, now, keep=2)
+        for slot in timing.slots_from(start):
             if slot > now:
                 break
             count, last = count + 1, slot
@@ -2713,6 +2736,7 @@ class Schedules:
     def fire(self, req: ScheduleFire, now: float) -> TaskResult:
         """Fire once now, outside the clock; the slots to come stay as they were."""
         schedule = self.get(req.name)
+        self._enqueueable(req.name, schedule.spec, now)
         busy = self._busy_task(schedule)
         if busy is not None and schedule.spec.overlap == "skip":
             raise Conflict(f"schedule {req.name!r}: task {busy.id} of its last firing is "
@@ -2814,16 +2838,16 @@ class Schedules:
             emit(ScheduleSkipped(at=now, name=name, slot=slot, next_slot=next_slot,
                                  why=f"overlap: task {busy.id} of the last firing is {busy.status}"))
             return
-        if busy is not None and schedule.spec.overlap == "replace":
-            emit(TaskCancelled(at=now, id=busy.id, by=f"schedule:{name}"))
-            self.queue._settle_dependents(busy.id, now)
         try:
-            result = self.queue.enqueue(self._enqueue_request(name, schedule.spec, slot), now,
-                                        origin=(name, slot))
+            request = self._enqueueable(name, schedule.spec, slot)
         except (BadRequest, NotFound, Conflict) as exc:
             emit(ScheduleSkipped(at=now, name=name, slot=slot, next_slot=next_slot,
                                  why=f"error: {exc}"))
             return
+        if busy is not None and schedule.spec.overlap == "replace":
+            emit(TaskCancelled(at=now, id=busy.id, by=f"schedule:{name}"))
+            self.queue._settle_dependents(busy.id, now)
+        result = self.queue.enqueue(request, now, origin=(name, slot))
         emit(ScheduleFired(at=now, name=name, slot=slot, task=result.task.id,
                            next_slot=next_slot, existing=result.extra["existing"], manual=manual))
 
@@ -3757,7 +3781,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     started_at REAL, finished_at REAL, worker TEXT, summary TEXT, result TEXT, reason TEXT,
     max_attempts INTEGER NOT NULL DEFAULT 1, waiting_for TEXT, ready_at REAL,
     after_ids TEXT, key TEXT, lock TEXT, lease TEXT, lease_expires_at REAL,
-    run_pid INTEGER, run_start INTEGER, repo TEXT, ref TEXT, workspace TEXT);
+    run_pid INTEGER, run_start INTEGER, schedule TEXT, slot REAL, repo TEXT, ref TEXT,
+    workspace TEXT);
 CREATE TABLE IF NOT EXISTS task_history (
     task_id INTEGER NOT NULL, n INTEGER NOT NULL, at REAL NOT NULL, status TEXT NOT NULL,
     by TEXT, note TEXT, PRIMARY KEY (task_id, n)) WITHOUT ROWID;

@@ -44,6 +44,8 @@ EXAMPLES = [
     "--key-prefix nb- --start-at 2030-01-01T00:00:00+00:00 --end-at 2031-01-01T00:00:00+00:00 "
     "--jitter 30 --overlap replace --catch-up all --grace 5m",
     "schedule add hourly --every 1h --script deploy -- --fast",
+    "schedule add fixes --every 1d --tool agent --repo git@github.com:u/r --ref main "
+    "--workspace worktree",
     "schedule add once --at 2030-01-01T00:00:00+00:00 --tool llm-haiku --payload-json '[1]'",
     "schedule change nightly --every 2h --overlap allow", "schedule list --stream w1",
     "schedule show nightly", "schedule pause nightly", "schedule resume nightly",

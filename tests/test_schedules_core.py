@@ -868,3 +868,86 @@ def test_replay_reproduces_every_schedule_and_task_field():
     assert restarted.queue.schedules.by_name == core.queue.schedules.by_name
     assert restarted.queue.tasks == core.queue.tasks
     assert restarted.queue.next_deadline() == core.queue.next_deadline()
+
+
+# -- what a firing would be refused for, refused before anything changes --------------------
+
+WORKTREE_TOOL = sparkqd.parse_config("""
+tools:
+  agent: {task_class: FAST_SCRIPT, workspace: worktree}
+  fixer: {task_class: FAST_SCRIPT}
+""")
+
+
+def test_a_schedule_whose_firings_would_be_refused_is_refused_at_create():
+    """A tool that needs a repo it does not get, or an ended stream: bad_request at create."""
+    core = Core(config=WORKTREE_TOOL)
+    with pytest.raises(BadRequest, match="workspace worktree needs a repo"):
+        core.send("schedule.create", name="s", tool="agent", every="1h")
+    core.send("stream.create", name="gone", session="default")
+    core.queue.stream_end(request("stream.end", name="gone"), T0)
+    with pytest.raises(Conflict, match="has ended"):
+        core.send("schedule.create", name="t", tool="fixer", every="1h", stream="gone")
+    assert not core.queue.schedules.by_name
+
+
+def test_a_schedule_takes_a_repository_workspace_for_its_tasks():
+    """repo and workspace of a schedule go to every task it fires."""
+    core = Core(config=WORKTREE_TOOL)
+    core.create(tool="agent", every="1h", repo="https://github.com/u/r.git", ref="main")
+    core.tick_at(T0 + H)
+    task = core.queue.tasks[core.schedule().last_task]
+    assert (task.repo, task.ref, task.workspace) == ("https://github.com/u/r.git", "main",
+                                                     "worktree")
+
+
+def test_manual_fire_refused_for_an_ended_stream_changes_nothing():
+    """schedule.fire that cannot enqueue is refused, and records no skip and cancels nothing."""
+    core = Core()
+    core.send("stream.create", name="w", session="default")
+    core.create(every="1h", stream="w", overlap="replace")
+    core.send("schedule.fire", name="s")
+    first = core.schedule().last_task
+    core.take()
+    core.queue.stream_end(request("stream.end", name="w"), T0)
+    core.take()
+    with pytest.raises(Conflict, match="has ended"):
+        core.send("schedule.fire", name="s")
+    assert core.take() == [] and core.queue.tasks[first].status == "pending"
+
+
+def test_replace_keeps_the_running_task_when_the_new_one_cannot_be_enqueued():
+    """Under overlap: replace, a firing whose enqueue is refused skips and cancels nothing."""
+    core = Core()
+    core.send("stream.create", name="w", session="default")
+    core.create(every="1h", stream="w", overlap="replace")
+    core.tick_at(T0 + H)
+    first = core.schedule().last_task
+    core.queue.stream_end(request("stream.end", name="w"), T0 + H)
+    events = core.tick_at(T0 + 2 * H)
+    assert [(e.why.partition(":")[0]) for e in events if type(e) is ScheduleSkipped] == ["error"]
+    assert core.queue.tasks[first].status == "pending"
+
+
+def test_slots_end_before_year_10000():
+    """A schedule whose slots run past year 9999 ends there: show and next answer, no error."""
+    core = Core()
+    core.create(cron="59 23 31 12 *", timezone="UTC", start_at="9999-12-31T00:00:00Z")
+    shown = core.send("schedule.show", name="s")
+    assert shown["next"] == ["9999-12-31T23:59:00.000Z"]
+    assert core.send("schedule.next", cron="* * * * *", timezone="UTC", count=1000,
+                     after="9999-12-31T23:58:00Z") == [
+        {"at": "9999-12-31T23:59:00.000Z", "local": "9999-12-31T23:59:00+00:00"}]
+    core.tick_at(sparkqd.LAST_TIME - 1)
+    assert core.schedule().next_slot is None
+
+
+def test_resume_after_a_long_pause_counts_the_slots_it_skips():
+    """Resumed after 30 days paused, an every-second schedule skips them in one counted run."""
+    core = Core()
+    core.create(every="1s")
+    core.send("schedule.pause", name="s")
+    core.send("schedule.resume", name="s", when=T0 + 30 * DAY)
+    (skip,) = [e for e in core.take() if type(e) is ScheduleSkipped]
+    assert (skip.why, skip.slot, skip.last_slot, skip.count) == (
+        "paused", T0 + 1, T0 + 30 * DAY, 30 * DAY)
