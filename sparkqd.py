@@ -4155,7 +4155,7 @@ class Pool:
     """
 
     def __init__(self, config: Config, queue: Queue, handle, change, logs: TaskLogs,
-                 watchers: Watchers, socket_path: str, workspaces: Workspaces | None = None):
+                 watchers: Watchers, socket_path: str, workspaces: Workspaces):
         self.config = config
         self.workspaces = workspaces  #: prepares a run's workspace (section 10)
         self.queue = queue
@@ -4341,7 +4341,7 @@ class Pool:
 
     async def _prepare(self, run: Run) -> bool:
         """Prepare the workspace a task asks for; a failure fails the attempt with git's reason."""
-        if run.task.workspace is None or self.workspaces is None:
+        if run.task.workspace is None:
             return True
         try:
             run.workspace = await self.workspaces.prepare(run.task, run.log.write)
@@ -5885,7 +5885,7 @@ class Waiters:
     """
 
     def __init__(self, queue: Queue, change, workers: WorkerRegistry, rearm,
-                 workspaces: Workspaces | None = None):
+                 workspaces: Workspaces):
         self.queue, self.reads = queue, QueueReads(queue)
         self.workspaces = workspaces  #: prepares a claimed task's workspace before the reply
         self.change = change  #: the daemon's change pipeline: a retried claim changes state
@@ -5944,7 +5944,7 @@ class Waiters:
     def prepared(self, conn: Connection | None, request: Request, task: Task | None,
                  result) -> Any:
         """A claim's result; for a task that asks for a workspace, WAITING until it is ready."""
-        if task is None or task.workspace is None or conn is None or self.workspaces is None:
+        if task is None or task.workspace is None or conn is None:
             return result(task)
         return self.workspaces.answer_claim(conn, request, task, result)
 
