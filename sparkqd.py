@@ -258,6 +258,42 @@ def check_json_value(value: Any, name: str) -> None:
         raise ValueError(f"must be a JSON value: {problem} - at `$.{name}`")
 
 
+def fsync_directory(path: str) -> None:
+    """Make a new or removed directory entry durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_write(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old file or the new one, whole.
+
+    Each failure is an OSError naming the step that failed; the temporary file goes with it.
+    """
+    temp = f"{path}.{os.getpid()}.tmp"
+    step = f"create {temp}"
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        try:
+            step, rest = f"write {temp}", memoryview(data)
+            while rest:  # a write may take only part of a large patch
+                rest = rest[os.write(fd, rest):]
+            step = f"fsync {temp}"
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        step = f"rename {temp} to {path}"
+        os.replace(temp, path)
+        step = f"fsync the directory of {path}"
+        fsync_directory(os.path.dirname(os.path.abspath(path)))
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise OSError(exc.errno, f"{step}: {exc.strerror}") from None
+
+
 # ============================================================================
 # 2. Configuration
 # ============================================================================
@@ -3326,15 +3362,6 @@ def cut_tail(path: str, size: int) -> None:
         os.close(fd)
 
 
-def fsync_directory(path: str) -> None:
-    """Make a new or removed directory entry durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Journal:
     """Append-only segments of CRC-checked msgpack events, with group commit.
 
@@ -4144,6 +4171,15 @@ class Slot:
         self.last_seen = time.time()
 
 
+def interrupt_attempt(change, queue: Queue, task: Task, reason: str) -> None:
+    """Fail an attempt the daemon could not carry through (a worker that crashed, a workspace
+    not delivered), if that attempt still holds the task; ``change`` is the daemon's."""
+    try:
+        change(lambda: queue.interrupt(task.id, reason, time.time(), task.lease), 4096)
+    except Unavailable as exc:
+        log.error("task %d: cannot record its failed attempt: %s", task.id, exc)
+
+
 class Pool:
     """The daemon's worker slots: claim runnable tasks through the core and run them.
 
@@ -4310,16 +4346,9 @@ class Pool:
         try:
             await self._run_claimed(slot, task)
         except Exception as exc:
-            self._interrupt(task, f"worker {slot.name} crashed: {exc!r}")
+            interrupt_attempt(self.change, self.queue, task,
+                              f"worker {slot.name} crashed: {exc!r}")
             raise  # the supervisor counts it and restarts the loop
-
-    def _interrupt(self, task: Task, reason: str) -> None:
-        """Fail the attempt a worker could not finish, if that attempt still holds the task."""
-        try:
-            self.change(lambda: self.queue.interrupt(task.id, reason, time.time(), task.lease),
-                        4096)
-        except Unavailable as exc:
-            log.error("task %d: cannot record its failed attempt: %s", task.id, exc)
 
     async def _run_claimed(self, slot: Slot, task: Task) -> None:
         """Run one claimed task to its outcome; the core records what became of it."""
@@ -4351,7 +4380,7 @@ class Pool:
             self._record(run, None, f"workspace not prepared: {exc}")
             run.log.write(f"sparkqd: workspace not prepared: {exc}\n".encode())
         except asyncio.CancelledError:
-            self._interrupt(run.task, "interrupted by shutdown")
+            interrupt_attempt(self.change, self.queue, run.task, "interrupted by shutdown")
             raise
         return False
 
@@ -4581,19 +4610,6 @@ def scan_workspaces(root: str, known: set[str]) -> tuple[list[str], list[str]]:
         dirs[:] = sorted(d for d in dirs if not (repo_level and d == "saved")
                          and not d.startswith(TRASH_PREFIX))
     return unrecorded, trash
-
-
-def write_file(path: str, data: bytes) -> None:
-    """Write a saved patch whole: to a temporary name, fsynced, then renamed into place."""
-    temp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, path)
-    fsync_directory(os.path.dirname(path))
 
 
 def remove_empty_up_to(path: str, root: str) -> None:
@@ -4944,14 +4960,16 @@ class Workspaces:
         except Unavailable as exc:  # (the journal's too: the attempt cannot be bound)
             error = exc
         except asyncio.CancelledError:
-            self._interrupt(task, "interrupted by shutdown while its workspace was prepared")
+            interrupt_attempt(self.change, self.queue, task,
+                              "interrupted by shutdown while its workspace was prepared")
             raise
         finally:
             log_file.close()
         if error is not None:
-            self._interrupt(task, f"workspace not prepared: {error}")
+            interrupt_attempt(self.change, self.queue, task, f"workspace not prepared: {error}")
         elif not waiter.active:
-            self._interrupt(task, "its claimer went away while its workspace was prepared")
+            interrupt_attempt(self.change, self.queue, task,
+                              "its claimer went away while its workspace was prepared")
         if not waiter.active:
             return
         if error is None:
@@ -4962,14 +4980,6 @@ class Workspaces:
             waiter.conn.finish_error(waiter.request.id, WorkspaceFailed(
                 f"task {task.id} claimed, but its workspace cannot be prepared: {error}; the "
                 f"attempt failed (retried if attempts remain): claim again"))
-
-    def _interrupt(self, task: Task, reason: str) -> None:
-        """Fail the attempt whose workspace was not delivered, if it still holds the task."""
-        try:
-            self.change(lambda: self.queue.interrupt(task.id, reason, time.time(), task.lease),
-                        4096)
-        except Unavailable as exc:
-            log.error("task %d: cannot record its failed attempt: %s", task.id, exc)
 
     def later(self, conn: Connection | None, request: Request, work) -> object:
         """Answer ``request`` with what ``work`` (a coroutine) returns; its connection waits."""
@@ -5034,11 +5044,15 @@ class Workspaces:
         worktree: all since its base commit, committed or not) and, for a shared clone, a
         bundle of its stashes and the commits no remote has. Where, or None if nothing."""
         saved = os.path.join(self.home(ws.repo), "saved")
-        os.makedirs(saved, mode=0o700, exist_ok=True)
         name = ws.id if ws.kind == "worktree" else "main-" + time.strftime("%Y%m%dT%H%M%S")
-        paths = [await self._save_patch(ws, os.path.join(saved, f"{name}.patch"))]
-        if ws.kind == "shared":
-            paths.append(await self._save_bundle(ws, os.path.join(saved, f"{name}.bundle")))
+        try:
+            os.makedirs(saved, mode=0o700, exist_ok=True)
+            paths = [await self._save_patch(ws, os.path.join(saved, f"{name}.patch"))]
+            if ws.kind == "shared":
+                paths.append(await self._save_bundle(ws, os.path.join(saved, f"{name}.bundle")))
+        except OSError as exc:  # kept, then: nothing is removed that was not saved
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise WorkspaceFailed(f"its changes cannot be saved: {exc.strerror}{where}") from None
         return ", ".join(p for p in paths if p) or None
 
     async def _save_patch(self, ws: Workspace, path: str) -> str | None:
@@ -5056,7 +5070,7 @@ class Workspaces:
                   f"ref {ws.ref}) at {rfc3339(time.time())}\n# every change since {base}, "
                   f"committed or not; apply onto it with: git apply {os.path.basename(path)}\n"
                   + commits)
-        await self._thread(write_file, path, header.encode() + diff)
+        await self._thread(durable_write, path, header.encode() + diff)
         return path
 
     async def _save_bundle(self, ws: Workspace, path: str) -> str | None:
@@ -5304,7 +5318,8 @@ class Workspaces:
         stuck = [t for t in self.queue.tasks.values() if t.status == "running" and t.workspace
                  and getattr(self.book.of_task(t), "state", None) != "active"]
         for task in stuck:
-            self._interrupt(task, "interrupted: daemon stopped while its workspace was prepared")
+            interrupt_attempt(self.change, self.queue, task,
+                              "interrupted: daemon stopped while its workspace was prepared")
         self._spawn(self.measure([ws.path for ws in self.book.records.values()]))
 
     async def stop(self) -> None:
@@ -6472,15 +6487,7 @@ class TokenFile:
     def renew(self) -> None:
         """A new random token of 256 bits, replacing the file durably."""
         token = secrets.token_urlsafe(32)
-        temp = f"{self.path}.{os.getpid()}.tmp"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, f"{token}\n".encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, self.path)
-        fsync_directory(os.path.dirname(self.path))
+        durable_write(self.path, f"{token}\n".encode(), 0o600)
         self.token = token
 
     def matches(self, given: str) -> bool:

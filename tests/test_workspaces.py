@@ -10,6 +10,7 @@ import json
 import os
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import msgspec
@@ -512,3 +513,27 @@ def test_replaying_the_journal_gives_the_same_workspace_records():
     for event in events:
         replayed.apply(decode(msgspec.msgpack.encode(event)))
     assert replayed.workspaces.records == book.records
+
+
+def test_a_saved_patch_is_written_whole_or_not_at_all(workdir):
+    """durable_write keeps writing what a write left over; where the file cannot grow (here
+    RLIMIT_FSIZE) it fails naming the step, and no partial file is left in place."""
+    target = workdir / "big.patch"
+    script = f"""
+import resource, signal, sys
+sys.path.insert(0, {str(sparkqd.__file__.rsplit('/', 1)[0])!r})
+import sparkqd
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+sparkqd.durable_write({str(workdir / 'small.patch')!r}, b"x" * 100_000)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+try:
+    sparkqd.durable_write({str(target)!r}, b"y" * (3 << 20))
+except OSError as exc:
+    print(exc.strerror)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"write {target}.") and "File too large" in done.stdout
+    assert not target.exists() and os.listdir(workdir) == ["small.patch"]
+    assert (workdir / "small.patch").stat().st_mode & 0o777 == 0o600
