@@ -1494,11 +1494,14 @@ def ready_key(task: Task) -> int:
 
 
 def normalise_lock(key: str) -> str:
-    """One lock per repository however its URL is written; other keys stay as given."""
+    """One lock per repository however its URL is written; other keys stay as given. A
+    file:// URL names the local path it is, ``.git`` and all: /srv/app.git is not /srv/app."""
     text = key.strip()
     if "://" in text:
         scheme, _, rest = text.partition("://")
         host, _, path = rest.partition("/")
+        if scheme.lower() == "file":  # (its host can only be this one: empty or localhost)
+            return os.path.normpath("/" + path.lstrip("/"))
     elif re.match(r"^[\w.-]+@[\w.-]+:", text):  # scp-like: git@github.com:user/repo
         host, _, path = text.partition(":")
     else:
@@ -2931,7 +2934,10 @@ def is_url(repo: str) -> bool:
 
 def repo_key(repo: str) -> str:
     """A repository's one name however it is written: the lock key of its URL, a local
-    path taken as the file:// URL it is (``github.com/u/r``, ``/srv/git/app``)."""
+    path taken as the file:// URL it is (``github.com/u/r``, ``/srv/git/app.git``).
+
+    A host's URLs drop ``.git`` (github.com serves both); a local path keeps it, since
+    /srv/app and /srv/app.git are two directories, two repositories."""
     return normalise_lock(repo if is_url(repo) else "file://" + os.path.normpath(repo))
 
 

@@ -180,7 +180,7 @@ def test_two_shared_tasks_never_run_at_once_but_two_worktree_tasks_do(start, wor
 def test_a_shared_task_takes_its_repositorys_lock_and_no_other(start, origin):
     """A shared task's lock is its repository's key; asking for another lock is refused."""
     d = start()
-    assert d.ok(op="enqueue", tool="shared", payload="true")["lock"] == str(origin.bare)[:-4]
+    assert d.ok(op="enqueue", tool="shared", payload="true")["lock"] == str(origin.bare)
     reply = d.call(op="enqueue", tool="shared", payload="true", lock="deploy")
     assert reply["error"]["code"] == "bad_request" and "lock" in reply["error"]["message"]
 
@@ -196,7 +196,7 @@ def test_a_claim_over_the_socket_returns_the_prepared_worktree(start, run_git):
     task_id, lease, path = claimed_worktree(d)
     record = d.ok(op="task", task=task_id)["workspace"]
     assert (record["branch"], record["ref"], record["state"]) == (f"sparkq/{task_id}", "main", "active")
-    assert path == d.data_dir / "workspaces" / str(d.workdir)[1:] / "origin" / "tasks" / str(task_id)
+    assert path == d.data_dir / "workspaces" / str(d.workdir)[1:] / "origin.git" / "tasks" / str(task_id)
     assert run_git(path, "rev-parse", "--abbrev-ref", "HEAD") == f"sparkq/{task_id}"
     assert (path / "README").read_text() == "hello\n"
     d.ok(op="complete", task=task_id, lease=lease)
@@ -249,7 +249,7 @@ def test_a_retry_gets_the_worktree_its_earlier_attempt_left(start):
                                        "else touch mark; exit 1; fi"))
     assert (task["status"], task["attempts"]) == ("completed", 2), task
     assert task["summary"].startswith("again in /") and task["summary"].endswith(
-        f"/origin/tasks/{task['id']}")  # (the collector may have removed it since)
+        f"/origin.git/tasks/{task['id']}")  # (the collector may have removed it since)
 
 
 def test_a_script_header_names_its_repository_workspace_and_setup(start, workdir, origin):
@@ -280,7 +280,7 @@ def test_sparkqctl_work_runs_each_command_in_its_tasks_workspace(start, workdir)
         worker.wait(10)
     assert task["status"] == "completed", task
     where, branch = out.read_text().split()
-    assert where.endswith(f"/origin/tasks/{task['id']}") and branch == f"sparkq/{task['id']}"
+    assert where.endswith(f"/origin.git/tasks/{task['id']}") and branch == f"sparkq/{task['id']}"
 
 
 def test_submodules_are_initialised_in_a_worktree(start, workdir, run_git):
@@ -339,7 +339,7 @@ def test_workspace_records_are_in_the_snapshot(start, origin):
     db = sqlite3.connect(f"file:{d.data_dir / 'sparkq.db'}?mode=ro", uri=True)
     rows = db.execute("SELECT id, kind, task, branch, state, path FROM workspaces ORDER BY kind")
     assert list(rows) == [
-        (str(origin.bare)[:-4], "shared", None, None, "idle", str(path.parent.parent / "main")),
+        (str(origin.bare), "shared", None, None, "idle", str(path.parent.parent / "main")),
         (str(task_id), "worktree", task_id, f"sparkq/{task_id}", "active", str(path))]
     assert db.execute("SELECT workspace FROM tasks WHERE id = ?", (task_id,)).fetchone() == (
         "worktree",)
@@ -487,7 +487,7 @@ def test_sparkqctl_enqueue_makes_a_local_repo_path_absolute(start, origin):
                           "--json"], cwd=origin.bare.parent, env=d.env, capture_output=True,
                          text=True, check=True)
     task = json.loads(out.stdout)
-    assert (task["repo"], task["lock"]) == (str(origin.bare), str(origin.bare)[:-4])
+    assert (task["repo"], task["lock"]) == (str(origin.bare), str(origin.bare))
 
 
 # -- the core alone ---------------------------------------------------------------------------
@@ -537,3 +537,25 @@ except OSError as exc:
     assert done.stdout.startswith(f"write {target}.") and "File too large" in done.stdout
     assert not target.exists() and os.listdir(workdir) == ["small.patch"]
     assert (workdir / "small.patch").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("repo, key", [
+    ("/srv/app", "/srv/app"), ("/srv/app.git", "/srv/app.git"), ("/srv//app.git/", "/srv/app.git"),
+    ("file:///srv/app.git", "/srv/app.git"), ("file://localhost/srv/app", "/srv/app"),
+    ("https://github.com/u/r.git", "github.com/u/r"), ("git@github.com:u/r", "github.com/u/r"),
+    ("ssh://git@GitHub.com/u/r.git/", "github.com/u/r"),
+])
+def test_a_local_repository_keeps_its_git_suffix_a_hosted_one_drops_it(repo, key):
+    """/srv/app and /srv/app.git are two repositories (two clones, two locks); a host's URLs
+    of one repository, with .git or without, are one."""
+    assert sparkqd.repo_key(repo) == key
+
+
+def test_a_shared_task_on_a_local_path_locks_that_path_git_suffix_and_all(shared, workdir):
+    """Shared tasks on /x/app and /x/app.git take two locks; a `lock` of the file:// URL of
+    /x/app.git is the same lock as its shared task's."""
+    app, bare = str(workdir / "app"), str(workdir / "app.git")
+    locks = [shared.ok(op="enqueue", tool="llm-haiku", payload="x", repo=repo,
+                       workspace="shared")["lock"] for repo in (app, bare)]
+    plain = shared.ok(op="enqueue", tool="llm-haiku", payload="x", lock=f"file://{bare}")
+    assert locks == [app, bare] and plain["lock"] == bare
