@@ -1019,6 +1019,7 @@ class WorkspaceRemoved(Event, tag="workspace.removed"):
     workspace: str
     reason: str = ""
     patch: str | None = None  #: where its changes were saved first
+    task: int | None = None  #: a worktree's task, so those watching that task hear of it
 
 
 AnyEvent = Union[SessionCreated, SessionEnded, StreamCreated, StreamEnded, StreamPaused,
@@ -3087,8 +3088,10 @@ class WorkspaceBook:
 
     def removed(self, ws_id: str, reason: str, patch: str | None, now: float) -> None:
         """The directory is gone (the edge decided it could go, or found it gone)."""
-        if ws_id in self.records:
-            self.queue._emit(WorkspaceRemoved(at=now, workspace=ws_id, reason=reason, patch=patch))
+        ws = self.records.get(ws_id)
+        if ws is not None:
+            self.queue._emit(WorkspaceRemoved(at=now, workspace=ws_id, reason=reason, patch=patch,
+                                              task=ws.task if ws.kind == "worktree" else None))
 
     def attempt_ended(self, event: Event) -> None:
         """An attempt ended: release the workspace it was (being) made ready for."""
@@ -5608,8 +5611,8 @@ class Watchers:
         ws = queue.workspaces.records.get(event.workspace)
         task = queue.tasks.get(getattr(event, "task", None) or (ws and ws.task) or 0)
         body = {"workspace": self.replies.workspace(ws) if ws else {
-            "id": event.workspace, "state": "removed", "reason": event.reason,
-            "patch": event.patch}}
+            "id": event.workspace, "task": event.task, "state": "removed",
+            "reason": event.reason, "patch": event.patch}}
         self.send(WORKSPACE_WATCH_EVENTS[type(event)], body, event.at, task and task.stream,
                   task and queue.streams[task.stream].session, task and task.id)
 

@@ -559,3 +559,18 @@ def test_a_shared_task_on_a_local_path_locks_that_path_git_suffix_and_all(shared
                        workspace="shared")["lock"] for repo in (app, bare)]
     plain = shared.ok(op="enqueue", tool="llm-haiku", payload="x", lock=f"file://{bare}")
     assert locks == [app, bare] and plain["lock"] == bare
+
+
+def test_watching_a_task_sees_its_worktree_removed(start):
+    """`watch tasks=ID` follows the task's worktree to its end: workspace.removed names it."""
+    d = start()
+    task_id, lease, _ = claimed_worktree(d)
+    watcher = d.connect()
+    watcher.ok(op="watch", tasks=[task_id])
+    d.ok(op="complete", task=task_id, lease=lease)
+    seen = [watcher.recv() for _ in range(3)]
+    assert [e["event"] for e in seen] == ["task.completed", "workspace.released",
+                                          "workspace.removed"]
+    removed = seen[2]
+    assert removed["workspace"]["id"] == str(task_id) and removed["workspace"]["task"] == task_id
+    assert removed["workspace"]["state"] == "removed" and "clean" in removed["workspace"]["reason"]
