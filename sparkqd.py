@@ -3055,11 +3055,13 @@ class WorkspaceBook:
         return [ws for ws in self.records.values() if ws.repo == key]
 
     def holder(self, ws: Workspace) -> Task | None:
-        """The task that keeps a workspace from being removed: one not yet ended."""
+        """The task that keeps a workspace from being removed: one not yet ended that works
+        in it, or (a worktree) will work in it again. An ended task holds nothing, whatever
+        state the record was left in."""
         task = self.queue.index.tasks.get(ws.task) if ws.task is not None else None
-        if ws.state != "idle" or (ws.kind == "worktree" and task and task.status not in TERMINAL):
-            return task
-        return None
+        if task is None or task.status in TERMINAL:
+            return None
+        return task if ws.state != "idle" or ws.kind == "worktree" else None
 
     # -- what the edge reports ------------------------------------------------------------
 
@@ -3092,6 +3094,15 @@ class WorkspaceBook:
         if ws is not None:
             self.queue._emit(WorkspaceRemoved(at=now, workspace=ws_id, reason=reason, patch=patch,
                                               task=ws.task if ws.kind == "worktree" else None))
+
+    def abandoned(self, ws_id: str, task_id: int, now: float) -> None:
+        """Release a workspace left preparing or active for ``task_id`` once that task is no
+        longer running: its attempt ended before the record existed (so ``attempt_ended``
+        found none), or a crash came between them."""
+        ws, task = self.records.get(ws_id), self.queue.index.tasks.get(task_id)
+        if (ws is not None and ws.state != "idle" and ws.task == task_id
+                and (task is None or task.status != "running")):
+            self.queue._emit(WorkspaceReleased(at=now, workspace=ws_id, task=task_id))
 
     def attempt_ended(self, event: Event) -> None:
         """An attempt ended: release the workspace it was (being) made ready for."""
@@ -4532,6 +4543,11 @@ def workspace_environment(ws: Workspace, task: Task) -> dict[str, str]:
             "SPARKQ_REF": ws.ref or "", "SPARKQ_BRANCH": ws.branch or ""}
 
 
+def workspace_id(task: Task) -> str:
+    """The id of the workspace a task asks for: its own worktree's, or its repository's clone."""
+    return str(task.id) if task.workspace == "worktree" else repo_key(task.repo)
+
+
 def repo_dir(key: str) -> str:
     """A repository's directory under workspaces/, made of its key: safe as a path."""
     parts = [re.sub(r"[^\w.@+-]", "_", part) for part in key.split("/")
@@ -4700,14 +4716,26 @@ class Workspaces:
         """Hand what git made to the core, through the change pipeline."""
         return self.change(fn, room)
 
+    def _release_abandoned(self, bindings: list[tuple[str, int]]) -> None:
+        """Release each (workspace, task) whose task no longer runs (see ``abandoned``)."""
+        def release() -> None:
+            for ws_id, task_id in bindings:
+                self.book.abandoned(ws_id, task_id, time.time())
+        try:
+            self._report(release, 1024 * len(bindings))
+        except Unavailable as exc:
+            log.error("cannot record workspaces released: %s; the next start does", exc)
+
     # -- preparing a claimed task's workspace ----------------------------------------------
 
     async def prepare(self, task: Task, log_write) -> Workspace:
         """Make the workspace a claimed task asks for ready, and bind it to that attempt.
 
         Raises WorkspaceFailed with the reason (git's words, the budget, a setup that
-        failed): the caller fails the attempt with it.
+        failed): the caller fails the attempt with it. A workspace made for an attempt that
+        ended meanwhile is released here: that attempt's end came before its record.
         """
+        bound = False
         try:
             async with self._lock(repo_key(task.repo)):
                 ws, fields = await self._make_ready(task, log_write)
@@ -4717,6 +4745,9 @@ class Workspaces:
             raise WorkspaceFailed(f"{exc.filename or 'workspace'}: {exc.strerror}") from None
         except SparkQError as exc:
             raise exc if isinstance(exc, Unavailable) else WorkspaceFailed(str(exc)) from None
+        finally:
+            if not bound:
+                self._release_abandoned([(workspace_id(task), task.id)])
         if not bound:
             raise WorkspaceFailed(f"task {task.id} moved on while its workspace was prepared")
         self._spawn(self.measure([ws.path, self.main_path(ws.repo)]))
@@ -5329,6 +5360,9 @@ class Workspaces:
         for task in stuck:
             interrupt_attempt(self.change, self.queue, task,
                               "interrupted: daemon stopped while its workspace was prepared")
+        left = [(ws.id, ws.task) for ws in self.book.records.values() if ws.state != "idle"]
+        if left:  # (only those whose task no longer runs are released)
+            self._release_abandoned(left)
         self._spawn(self.measure([ws.path for ws in self.book.records.values()]))
 
     async def stop(self) -> None:

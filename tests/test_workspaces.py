@@ -357,6 +357,47 @@ def test_a_checkout_without_a_record_is_reported_and_never_removed(start):
     assert (stray / ".git").is_dir()
 
 
+def slow_fetches(daemon, run_git, seconds=2) -> None:
+    """Make every later fetch of the shared clone take ``seconds`` first (a slow network)."""
+    run_git(shared_clone(daemon)["path"], "config", "remote.origin.uploadpack",
+            f"sleep {seconds}; git-upload-pack")
+
+
+def test_a_task_cancelled_while_git_prepares_its_worktree_leaves_it_collectable(start, run_git):
+    """A task cancelled during its fetch: the worktree made after that is released, not left
+    preparing for ever, so the collector removes it (clean, at its base)."""
+    d = start()
+    claimed_worktree(d)  # the shared clone exists from now on
+    slow_fetches(d, run_git)
+    task_id = enqueue(d, "agent", "work")
+    claimer = d.connect()
+    claimer.send(op="claim", tool="agent")
+    wait_until(lambda: d.ok(op="task", task=task_id)["status"] == "running", message="claimed")
+    d.ok(op="cancel", task=task_id)
+    assert "moved on while its workspace was prepared" in claimer.recv()["error"]["message"]
+    wait_until(lambda: str(task_id) not in workspaces(d), message="the worktree collected")
+
+
+def test_a_workspace_left_preparing_by_a_crash_is_released_at_start(start, run_git):
+    """A worktree still being set up for a task cancelled meanwhile when the daemon was
+    killed is released at the next start, and `workspace rm --force` removes it (its setup,
+    which outlived the daemon, may still be in it)."""
+    d = start(extra="""
+  slow-agent: {{task_class: quick, workspace: worktree, repo: "{url}", setup: [sleep, "5"]}}
+""")
+    claimed_worktree(d)
+    slow_fetches(d, run_git)
+    task_id = enqueue(d, "slow-agent", "work")
+    d.connect().send(op="claim", tool="slow-agent")
+    wait_until(lambda: d.ok(op="task", task=task_id)["status"] == "running", message="claimed")
+    d.ok(op="cancel", task=task_id)
+    wait_until(lambda: workspaces(d).get(str(task_id)), message="the worktree being set up")
+    d.kill()
+    d.start()
+    assert workspaces(d)[str(task_id)]["state"] == "idle"
+    assert d.ctl_json("workspace", "rm", task_id, "--force")["removed"] == str(task_id)
+
+
 # -- the collector --------------------------------------------------------------------------
 
 
@@ -491,6 +532,31 @@ def test_sparkqctl_enqueue_makes_a_local_repo_path_absolute(start, origin):
 
 
 # -- the core alone ---------------------------------------------------------------------------
+
+
+def test_a_workspace_of_an_ended_task_is_held_by_nobody_whatever_its_state():
+    """A record made for an attempt that ended first is no task's (holder None), and
+    ``abandoned`` releases it; a running task's own is released only with its attempt."""
+    queue = sparkqd.Queue(sparkqd.parse_config(TOOLS.format(url="/srv/app.git")))
+    queue.record = lambda event: None
+    queue.bootstrap(1.0)
+    book, ids = queue.workspaces, []
+    for now in (2.0, 3.0):
+        ids.append(queue.enqueue(sparkqd.Enqueue(tool="agent", payload="x"), now).task.id)
+        queue.claim(sparkqd.Claim(tool="agent"), now)
+    queue.cancel(sparkqd.Cancel(task=ids[0]), 4.0)
+    for task_id in ids:
+        book.created(str(task_id), "/srv/app.git", "worktree", f"/w/tasks/{task_id}",
+                     "/srv/app.git", 5.0, task=task_id, branch=f"sparkq/{task_id}")
+        book.abandoned(str(task_id), task_id, 6.0)
+    book.created("/srv/app.git", "/srv/app.git", "shared", "/w/main", "/srv/app.git", 5.0,
+                 task=ids[0])  # a first clone, for a shared task that ended during it
+    book.abandoned("/srv/app.git", ids[0], 6.0)
+    gone, running = (book.records[str(i)] for i in ids)
+    assert (gone.state, book.holder(gone)) == ("idle", None)
+    assert book.records["/srv/app.git"].state == "idle"
+    assert running.state == "preparing" and book.holder(running).id == ids[1]
+    assert book.holder(msgspec.structs.replace(gone, state="active")) is None
 
 
 def test_replaying_the_journal_gives_the_same_workspace_records():
