@@ -7413,7 +7413,9 @@ def web_application(web: Web, tornado_web):
 
 NAV = (("/ui/", "Overview"), ("/ui/tasks", "Tasks"), ("/ui/schedules", "Schedules"))
 #: Fields the task page shows in their own places, not in its table of fields.
-TASK_OWN_PLACES = ("payload", "result", "history")
+TASK_OWN_PLACES = ("payload", "result", "history", "workspace")
+#: A task's workspace as its page shows it, field by field.
+TASK_WORKSPACE_FIELDS = ("kind", "path", "branch", "ref", "commit", "state")
 
 
 def shown_time(value: str | None) -> str:
@@ -7428,6 +7430,27 @@ def shown_value(value: Any, width: int | None = None) -> str:
         text = text.splitlines()[0] if text.strip() else text
         text = text if len(text) <= width else text[:width - 1] + "…"
     return text
+
+
+def shown_size(nbytes: int | None) -> str:
+    """Bytes as people read them: 912K, 40M, 1.2G (as `sparkqctl workspaces` shows them)."""
+    if nbytes is None:
+        return "–"
+    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if nbytes >= 10 * scale:
+            return f"{nbytes // scale}{unit}"
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f}{unit}"
+    return f"{nbytes}B"
+
+
+def shown_age(seconds: float | None) -> str:
+    """A duration at a glance: 45s, 12m, 30h."""
+    if seconds is None:
+        return "–"
+    seconds = max(0, int(seconds))
+    return f"{seconds}s" if seconds < 120 else f"{seconds // 60}m" if seconds < 7200 else \
+        f"{seconds // 3600}h"
 
 
 def pretty_json(value: Any) -> str:
@@ -7457,7 +7480,7 @@ class Pages:
     def part(self, name: str, **values) -> bytes:
         return self.templates[name].generate(
             when=shown_time, short=shown_value, pretty=pretty_json, quote=urllib.parse.quote,
-            action=self.action, **values)
+            size=shown_size, age=shown_age, action=self.action, **values)
 
     def layout(self, nonce: str, title: str, here: str, watch: str, *parts: bytes) -> bytes:
         return self.part("layout", nonce=nonce, title=title, here=here, nav=NAV, watch=watch,
@@ -7479,7 +7502,8 @@ class Pages:
         return self.layout(
             nonce, "Overview", "/ui/", API_PREFIX + "watch?coalesce=true",
             self.streams_part(call("stream.list"), now), self.workers_part(call("workers")),
-            self.part("locks", locks=call("locks")), self.failures_part(),
+            self.part("locks", locks=call("locks")),
+            self.part("workspaces", workspaces=call("workspace.list")), self.failures_part(),
             self.part("next_firings", schedules=self.schedule_list()),
             self.part("health", status=call("status")))
 
@@ -7569,7 +7593,8 @@ class Pages:
         return self.layout(
             nonce, f"Task {task_id}", "/ui/tasks", f"{API_PREFIX}watch?coalesce=true&tasks={task_id}",
             self.part("task_head", task=task),
-            self.part("task_fields", fields=fields, task=task),
+            self.part("task_fields", fields=fields, task=task,
+                      workspace_fields=TASK_WORKSPACE_FIELDS),
             self.part("task_history", history=task.get("history", [])),
             self.part("task_log", task=task, log=log_text))
 
@@ -7658,6 +7683,17 @@ PAGE_TEMPLATES = {
 {% else %}<p class="empty">No lock is held.</p>{% end %}
 </section>
 """,
+    "workspaces": """<section id="workspaces" class="panel wide" data-live aria-labelledby="workspaces-h">
+<h2 id="workspaces-h">Repository workspaces</h2>
+{% if workspaces %}<div class="scroll"><table><thead><tr><th scope="col">Repository</th><th scope="col">Kind</th><th scope="col">Task</th><th scope="col">Branch</th><th scope="col" class="num">Size</th><th scope="col">State</th><th scope="col" class="num">Idle</th></tr></thead><tbody>
+{% for w in workspaces %}<tr><th scope="row" title="{{ w['path'] }}">{{ w["repo"] }}</th><td>{{ w["kind"] }}</td>
+<td>{% if w["task"] %}<a href="/ui/tasks/{{ w['task'] }}">#{{ w["task"] }}</a>{% if w["task_status"] %} <span class="badge {{ w['task_status'] }}">{{ w["task_status"] }}</span>{% end %}{% else %}–{% end %}</td>
+<td>{{ w["branch"] or "–" }}</td><td class="num">{{ size(w["bytes"]) }}</td>
+<td><span class="badge {{ w['state'] }}">{{ w["state"] }}</span></td><td class="num">{{ age(w["idle"]) }}</td></tr>{% end %}
+</tbody></table></div>
+{% else %}<p class="empty">No repository workspaces: a task asks for one with <code>--workspace shared</code> or <code>worktree</code>.</p>{% end %}
+</section>
+""",
     "failures": """<section id="failures" class="panel" data-live aria-labelledby="failures-h">
 <h2 id="failures-h">Latest failures</h2>
 {% if tasks %}<ul class="failures">
@@ -7734,6 +7770,8 @@ PAGE_TEMPLATES = {
     "task_fields": """<section id="task-fields" class="panel" data-live aria-labelledby="fields-h">
 <h2 id="fields-h">Fields</h2>
 <dl class="fields">{% for name, value in fields.items() %}<dt>{{ name }}</dt><dd>{% if value is None %}–{% elif name.endswith("_at") and isinstance(value, str) %}<time datetime="{{ value }}">{{ when(value) }}</time>{% else %}{{ short(value) }}{% end %}</dd>{% end %}</dl>
+{% if task.get("workspace") %}<h2 id="workspace-h">Workspace</h2>
+<dl class="fields" id="task-workspace" aria-labelledby="workspace-h">{% for name in workspace_fields %}<dt>{{ name }}</dt><dd>{% if task["workspace"].get(name) is None %}–{% else %}{{ short(task["workspace"][name]) }}{% end %}</dd>{% end %}</dl>{% end %}
 <h2>Payload</h2><pre class="json" tabindex="0">{{ pretty(task["payload"]) }}</pre>
 <h2>Result</h2>{% if task["result"] is None %}<p class="empty">No result.</p>{% else %}<pre class="json" tabindex="0">{{ pretty(task["result"]) }}</pre>{% end %}
 </section>
@@ -7948,7 +7986,7 @@ thead th { color: var(--muted); font-weight: 600; white-space: nowrap; }
 .badge.completed, .badge.active, .badge.idle { background: var(--ok-bg); color: var(--ok); }
 .badge.failed, .badge.cancelled, .badge.ended { background: var(--bad-bg); color: var(--bad); }
 .badge.running, .badge.busy { background: var(--run-bg); color: var(--run); }
-.badge.pending, .badge.waiting, .badge.paused { background: var(--wait-bg); color: var(--wait); }
+.badge.pending, .badge.waiting, .badge.paused, .badge.preparing { background: var(--wait-bg); color: var(--wait); }
 .reason { color: var(--bad); }
 .problem { color: var(--bad); font-weight: 600; }
 .spark rect { fill: var(--run); }

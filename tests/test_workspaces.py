@@ -17,7 +17,7 @@ import msgspec
 import pytest
 
 import sparkqd
-from conftest import SPARKQCTL, wait_until
+from conftest import HTTP_ON, SPARKQCTL, Http, wait_until
 
 ENDED = ("completed", "failed", "cancelled")
 #: The tools of every test's daemon, on the repository URL: `agent` is claimed over the
@@ -518,6 +518,36 @@ def test_sparkqctl_lists_and_shows_workspaces(start):
     assert "kept worktree" in d.ctl_ok("workspace", "gc", "--dry-run")
     metrics = d.ok(op="metrics")
     assert 'sparkq_workspaces{kind="worktree",state="active"} 1' in metrics
+
+
+def test_the_dashboard_lists_workspaces_and_a_task_page_shows_its_own(start, workdir, run_git):
+    """The overview's workspaces panel has what `sparkqctl workspaces` has, every value
+    escaped; a task's page shows its workspace field by field, not as JSON."""
+    markup = Origin(workdir, run_git, "x<i>y")
+    d = start(url=markup.url, extra=HTTP_ON)
+    task_id, _, path = claimed_worktree(d)
+    http = Http(d)
+    overview = http.request("GET", "/ui/", headers=http.auth)[2].decode()
+    panel = overview.partition('<section id="workspaces"')[2].partition("</section>")[0]
+    assert "x&lt;i&gt;y.git" in panel and "<i>" not in panel
+    assert f'<a href="/ui/tasks/{task_id}">#{task_id}</a>' in panel
+    assert f"sparkq/{task_id}" in panel and ">worktree<" in panel and ">active<" in panel
+    page = http.request("GET", f"/ui/tasks/{task_id}", headers=http.auth)[2].decode()
+    shown = page.partition('id="task-workspace"')[2].partition("</dl>")[0]
+    assert f"<dt>path</dt><dd>{path}</dd>" in shown and "<dt>state</dt><dd>active</dd>" in shown
+    assert f"<dt>branch</dt><dd>sparkq/{task_id}</dd>" in shown and '{&quot;kind&quot;' not in page
+
+
+def test_the_dashboards_live_stream_hears_a_change_that_is_only_a_workspaces(start):
+    """The overview's `watch coalesce=true` is told of the collector removing a worktree
+    (no task changed), so its workspaces panel is fetched again."""
+    d = start()
+    task_id, lease, _ = claimed_worktree(d)
+    d.ok(op="complete", task=task_id, lease=lease)
+    watcher = d.connect()
+    watcher.ok(op="watch", coalesce=True)
+    assert watcher.recv()["event"] == "changed"
+    assert str(task_id) not in workspaces(d)
 
 
 def test_sparkqctl_enqueue_makes_a_local_repo_path_absolute(start, origin):
