@@ -494,7 +494,6 @@ def probe(path: str) -> str | None:
 def await_daemon(proc, path: str, log_path: str, offset: int) -> str | None:
     """Wait until the started sparkqd answers on ``path``, for as long as it says it is
     starting: None then, else why not."""
-    import re
     import time
 
     launched = time.monotonic()

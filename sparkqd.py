@@ -258,6 +258,42 @@ def check_json_value(value: Any, name: str) -> None:
         raise ValueError(f"must be a JSON value: {problem} - at `$.{name}`")
 
 
+def fsync_directory(path: str) -> None:
+    """Make a new or removed directory entry durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_write(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old file or the new one, whole.
+
+    Each failure is an OSError naming the step that failed; the temporary file goes with it.
+    """
+    temp = f"{path}.{os.getpid()}.tmp"
+    step = f"create {temp}"
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        try:
+            step, rest = f"write {temp}", memoryview(data)
+            while rest:  # a write may take only part of a large patch
+                rest = rest[os.write(fd, rest):]
+            step = f"fsync {temp}"
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        step = f"rename {temp} to {path}"
+        os.replace(temp, path)
+        step = f"fsync the directory of {path}"
+        fsync_directory(os.path.dirname(os.path.abspath(path)))
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise OSError(exc.errno, f"{step}: {exc.strerror}") from None
+
+
 # ============================================================================
 # 2. Configuration
 # ============================================================================
@@ -986,6 +1022,7 @@ class WorkspaceRemoved(Event, tag="workspace.removed"):
     workspace: str
     reason: str = ""
     patch: str | None = None  #: where its changes were saved first
+    task: int | None = None  #: a worktree's task, so those watching that task hear of it
 
 
 AnyEvent = Union[SessionCreated, SessionEnded, StreamCreated, StreamEnded, StreamPaused,
@@ -1461,11 +1498,14 @@ def ready_key(task: Task) -> int:
 
 
 def normalise_lock(key: str) -> str:
-    """One lock per repository however its URL is written; other keys stay as given."""
+    """One lock per repository however its URL is written; other keys stay as given. A
+    file:// URL names the local path it is, ``.git`` and all: /srv/app.git is not /srv/app."""
     text = key.strip()
     if "://" in text:
         scheme, _, rest = text.partition("://")
         host, _, path = rest.partition("/")
+        if scheme.lower() == "file":  # (its host can only be this one: empty or localhost)
+            return os.path.normpath("/" + path.lstrip("/"))
     elif re.match(r"^[\w.-]+@[\w.-]+:", text):  # scp-like: git@github.com:user/repo
         host, _, path = text.partition(":")
     else:
@@ -2919,7 +2959,10 @@ def is_url(repo: str) -> bool:
 
 def repo_key(repo: str) -> str:
     """A repository's one name however it is written: the lock key of its URL, a local
-    path taken as the file:// URL it is (``github.com/u/r``, ``/srv/git/app``)."""
+    path taken as the file:// URL it is (``github.com/u/r``, ``/srv/git/app.git``).
+
+    A host's URLs drop ``.git`` (github.com serves both); a local path keeps it, since
+    /srv/app and /srv/app.git are two directories, two repositories."""
     return normalise_lock(repo if is_url(repo) else "file://" + os.path.normpath(repo))
 
 
@@ -3036,11 +3079,13 @@ class WorkspaceBook:
         return [ws for ws in self.records.values() if ws.repo == key]
 
     def holder(self, ws: Workspace) -> Task | None:
-        """The task that keeps a workspace from being removed: one not yet ended."""
+        """The task that keeps a workspace from being removed: one not yet ended that works
+        in it, or (a worktree) will work in it again. An ended task holds nothing, whatever
+        state the record was left in."""
         task = self.queue.index.tasks.get(ws.task) if ws.task is not None else None
-        if ws.state != "idle" or (ws.kind == "worktree" and task and task.status not in TERMINAL):
-            return task
-        return None
+        if task is None or task.status in TERMINAL:
+            return None
+        return task if ws.state != "idle" or ws.kind == "worktree" else None
 
     # -- what the edge reports ------------------------------------------------------------
 
@@ -3069,8 +3114,19 @@ class WorkspaceBook:
 
     def removed(self, ws_id: str, reason: str, patch: str | None, now: float) -> None:
         """The directory is gone (the edge decided it could go, or found it gone)."""
-        if ws_id in self.records:
-            self.queue._emit(WorkspaceRemoved(at=now, workspace=ws_id, reason=reason, patch=patch))
+        ws = self.records.get(ws_id)
+        if ws is not None:
+            self.queue._emit(WorkspaceRemoved(at=now, workspace=ws_id, reason=reason, patch=patch,
+                                              task=ws.task if ws.kind == "worktree" else None))
+
+    def abandoned(self, ws_id: str, task_id: int, now: float) -> None:
+        """Release a workspace left preparing or active for ``task_id`` once that task is no
+        longer running: its attempt ended before the record existed (so ``attempt_ended``
+        found none), or a crash came between them."""
+        ws, task = self.records.get(ws_id), self.queue.index.tasks.get(task_id)
+        if (ws is not None and ws.state != "idle" and ws.task == task_id
+                and (task is None or task.status != "running")):
+            self.queue._emit(WorkspaceReleased(at=now, workspace=ws_id, task=task_id))
 
     def attempt_ended(self, event: Event) -> None:
         """An attempt ended: release the workspace it was (being) made ready for."""
@@ -3345,15 +3401,6 @@ def cut_tail(path: str, size: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         os.ftruncate(fd, size)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_directory(path: str) -> None:
-    """Make a new or removed directory entry durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -4169,6 +4216,15 @@ class Slot:
         self.last_seen = time.time()
 
 
+def interrupt_attempt(change, queue: Queue, task: Task, reason: str) -> None:
+    """Fail an attempt the daemon could not carry through (a worker that crashed, a workspace
+    not delivered), if that attempt still holds the task; ``change`` is the daemon's."""
+    try:
+        change(lambda: queue.interrupt(task.id, reason, time.time(), task.lease), 4096)
+    except Unavailable as exc:
+        log.error("task %d: cannot record its failed attempt: %s", task.id, exc)
+
+
 class Pool:
     """The daemon's worker slots: claim runnable tasks through the core and run them.
 
@@ -4180,7 +4236,7 @@ class Pool:
     """
 
     def __init__(self, config: Config, queue: Queue, handle, change, logs: TaskLogs,
-                 watchers: Watchers, socket_path: str, workspaces: Workspaces | None = None):
+                 watchers: Watchers, socket_path: str, workspaces: Workspaces):
         self.config = config
         self.workspaces = workspaces  #: prepares a run's workspace (section 10)
         self.queue = queue
@@ -4335,16 +4391,9 @@ class Pool:
         try:
             await self._run_claimed(slot, task)
         except Exception as exc:
-            self._interrupt(task, f"worker {slot.name} crashed: {exc!r}")
+            interrupt_attempt(self.change, self.queue, task,
+                              f"worker {slot.name} crashed: {exc!r}")
             raise  # the supervisor counts it and restarts the loop
-
-    def _interrupt(self, task: Task, reason: str) -> None:
-        """Fail the attempt a worker could not finish, if that attempt still holds the task."""
-        try:
-            self.change(lambda: self.queue.interrupt(task.id, reason, time.time(), task.lease),
-                        4096)
-        except Unavailable as exc:
-            log.error("task %d: cannot record its failed attempt: %s", task.id, exc)
 
     async def _run_claimed(self, slot: Slot, task: Task) -> None:
         """Run one claimed task to its outcome; the core records what became of it."""
@@ -4366,7 +4415,7 @@ class Pool:
 
     async def _prepare(self, run: Run) -> bool:
         """Prepare the workspace a task asks for; a failure fails the attempt with git's reason."""
-        if run.task.workspace is None or self.workspaces is None:
+        if run.task.workspace is None:
             return True
         try:
             run.workspace = await self.workspaces.prepare(run.task, run.log.write)
@@ -4376,7 +4425,7 @@ class Pool:
             self._record(run, None, f"workspace not prepared: {exc}")
             run.log.write(f"sparkqd: workspace not prepared: {exc}\n".encode())
         except asyncio.CancelledError:
-            self._interrupt(run.task, "interrupted by shutdown")
+            interrupt_attempt(self.change, self.queue, run.task, "interrupted by shutdown")
             raise
         return False
 
@@ -4519,6 +4568,11 @@ def workspace_environment(ws: Workspace, task: Task) -> dict[str, str]:
             "SPARKQ_REF": ws.ref or "", "SPARKQ_BRANCH": ws.branch or ""}
 
 
+def workspace_id(task: Task) -> str:
+    """The id of the workspace a task asks for: its own worktree's, or its repository's clone."""
+    return str(task.id) if task.workspace == "worktree" else repo_key(task.repo)
+
+
 def repo_dir(key: str) -> str:
     """A repository's directory under workspaces/, made of its key: safe as a path."""
     parts = [re.sub(r"[^\w.@+-]", "_", part) for part in key.split("/")
@@ -4608,19 +4662,6 @@ def scan_workspaces(root: str, known: set[str]) -> tuple[list[str], list[str]]:
     return unrecorded, trash
 
 
-def write_file(path: str, data: bytes) -> None:
-    """Write a saved patch whole: to a temporary name, fsynced, then renamed into place."""
-    temp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, path)
-    fsync_directory(os.path.dirname(path))
-
-
 def remove_empty_up_to(path: str, root: str) -> None:
     """Remove ``path`` and its parents while they are empty, up to ``root`` (in a thread)."""
     while path.startswith(root + "/"):
@@ -4700,14 +4741,26 @@ class Workspaces:
         """Hand what git made to the core, through the change pipeline."""
         return self.change(fn, room)
 
+    def _release_abandoned(self, bindings: list[tuple[str, int]]) -> None:
+        """Release each (workspace, task) whose task no longer runs (see ``abandoned``)."""
+        def release() -> None:
+            for ws_id, task_id in bindings:
+                self.book.abandoned(ws_id, task_id, time.time())
+        try:
+            self._report(release, 1024 * len(bindings))
+        except Unavailable as exc:
+            log.error("cannot record workspaces released: %s; the next start does", exc)
+
     # -- preparing a claimed task's workspace ----------------------------------------------
 
     async def prepare(self, task: Task, log_write) -> Workspace:
         """Make the workspace a claimed task asks for ready, and bind it to that attempt.
 
         Raises WorkspaceFailed with the reason (git's words, the budget, a setup that
-        failed): the caller fails the attempt with it.
+        failed): the caller fails the attempt with it. A workspace made for an attempt that
+        ended meanwhile is released here: that attempt's end came before its record.
         """
+        bound = False
         try:
             async with self._lock(repo_key(task.repo)):
                 ws, fields = await self._make_ready(task, log_write)
@@ -4717,6 +4770,9 @@ class Workspaces:
             raise WorkspaceFailed(f"{exc.filename or 'workspace'}: {exc.strerror}") from None
         except SparkQError as exc:
             raise exc if isinstance(exc, Unavailable) else WorkspaceFailed(str(exc)) from None
+        finally:
+            if not bound:
+                self._release_abandoned([(workspace_id(task), task.id)])
         if not bound:
             raise WorkspaceFailed(f"task {task.id} moved on while its workspace was prepared")
         self._spawn(self.measure([ws.path, self.main_path(ws.repo)]))
@@ -4969,14 +5025,16 @@ class Workspaces:
         except Unavailable as exc:  # (the journal's too: the attempt cannot be bound)
             error = exc
         except asyncio.CancelledError:
-            self._interrupt(task, "interrupted by shutdown while its workspace was prepared")
+            interrupt_attempt(self.change, self.queue, task,
+                              "interrupted by shutdown while its workspace was prepared")
             raise
         finally:
             log_file.close()
         if error is not None:
-            self._interrupt(task, f"workspace not prepared: {error}")
+            interrupt_attempt(self.change, self.queue, task, f"workspace not prepared: {error}")
         elif not waiter.active:
-            self._interrupt(task, "its claimer went away while its workspace was prepared")
+            interrupt_attempt(self.change, self.queue, task,
+                              "its claimer went away while its workspace was prepared")
         if not waiter.active:
             return
         if error is None:
@@ -4987,14 +5045,6 @@ class Workspaces:
             waiter.conn.finish_error(waiter.request.id, WorkspaceFailed(
                 f"task {task.id} claimed, but its workspace cannot be prepared: {error}; the "
                 f"attempt failed (retried if attempts remain): claim again"))
-
-    def _interrupt(self, task: Task, reason: str) -> None:
-        """Fail the attempt whose workspace was not delivered, if it still holds the task."""
-        try:
-            self.change(lambda: self.queue.interrupt(task.id, reason, time.time(), task.lease),
-                        4096)
-        except Unavailable as exc:
-            log.error("task %d: cannot record its failed attempt: %s", task.id, exc)
 
     def later(self, conn: Connection | None, request: Request, work) -> object:
         """Answer ``request`` with what ``work`` (a coroutine) returns; its connection waits."""
@@ -5059,11 +5109,15 @@ class Workspaces:
         worktree: all since its base commit, committed or not) and, for a shared clone, a
         bundle of its stashes and the commits no remote has. Where, or None if nothing."""
         saved = os.path.join(self.home(ws.repo), "saved")
-        os.makedirs(saved, mode=0o700, exist_ok=True)
         name = ws.id if ws.kind == "worktree" else "main-" + time.strftime("%Y%m%dT%H%M%S")
-        paths = [await self._save_patch(ws, os.path.join(saved, f"{name}.patch"))]
-        if ws.kind == "shared":
-            paths.append(await self._save_bundle(ws, os.path.join(saved, f"{name}.bundle")))
+        try:
+            os.makedirs(saved, mode=0o700, exist_ok=True)
+            paths = [await self._save_patch(ws, os.path.join(saved, f"{name}.patch"))]
+            if ws.kind == "shared":
+                paths.append(await self._save_bundle(ws, os.path.join(saved, f"{name}.bundle")))
+        except OSError as exc:  # kept, then: nothing is removed that was not saved
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise WorkspaceFailed(f"its changes cannot be saved: {exc.strerror}{where}") from None
         return ", ".join(p for p in paths if p) or None
 
     async def _save_patch(self, ws: Workspace, path: str) -> str | None:
@@ -5081,7 +5135,7 @@ class Workspaces:
                   f"ref {ws.ref}) at {rfc3339(time.time())}\n# every change since {base}, "
                   f"committed or not; apply onto it with: git apply {os.path.basename(path)}\n"
                   + commits)
-        await self._thread(write_file, path, header.encode() + diff)
+        await self._thread(durable_write, path, header.encode() + diff)
         return path
 
     async def _save_bundle(self, ws: Workspace, path: str) -> str | None:
@@ -5329,7 +5383,11 @@ class Workspaces:
         stuck = [t for t in self.queue.tasks.values() if t.status == "running" and t.workspace
                  and getattr(self.book.of_task(t), "state", None) != "active"]
         for task in stuck:
-            self._interrupt(task, "interrupted: daemon stopped while its workspace was prepared")
+            interrupt_attempt(self.change, self.queue, task,
+                              "interrupted: daemon stopped while its workspace was prepared")
+        left = [(ws.id, ws.task) for ws in self.book.records.values() if ws.state != "idle"]
+        if left:  # (only those whose task no longer runs are released)
+            self._release_abandoned(left)
         self._spawn(self.measure([ws.path for ws in self.book.records.values()]))
 
     async def stop(self) -> None:
@@ -5612,8 +5670,8 @@ class Watchers:
         ws = queue.workspaces.records.get(event.workspace)
         task = queue.tasks.get(getattr(event, "task", None) or (ws and ws.task) or 0)
         body = {"workspace": self.replies.workspace(ws) if ws else {
-            "id": event.workspace, "state": "removed", "reason": event.reason,
-            "patch": event.patch}}
+            "id": event.workspace, "task": event.task, "state": "removed",
+            "reason": event.reason, "patch": event.patch}}
         self.send(WORKSPACE_WATCH_EVENTS[type(event)], body, event.at, task and task.stream,
                   task and queue.streams[task.stream].session, task and task.id)
 
@@ -5910,7 +5968,7 @@ class Waiters:
     """
 
     def __init__(self, queue: Queue, change, workers: WorkerRegistry, rearm,
-                 workspaces: Workspaces | None = None):
+                 workspaces: Workspaces):
         self.queue, self.reads = queue, QueueReads(queue)
         self.workspaces = workspaces  #: prepares a claimed task's workspace before the reply
         self.change = change  #: the daemon's change pipeline: a retried claim changes state
@@ -5969,7 +6027,7 @@ class Waiters:
     def prepared(self, conn: Connection | None, request: Request, task: Task | None,
                  result) -> Any:
         """A claim's result; for a task that asks for a workspace, WAITING until it is ready."""
-        if task is None or task.workspace is None or conn is None or self.workspaces is None:
+        if task is None or task.workspace is None or conn is None:
             return result(task)
         return self.workspaces.answer_claim(conn, request, task, result)
 
@@ -6497,15 +6555,7 @@ class TokenFile:
     def renew(self) -> None:
         """A new random token of 256 bits, replacing the file durably."""
         token = secrets.token_urlsafe(32)
-        temp = f"{self.path}.{os.getpid()}.tmp"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, f"{token}\n".encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, self.path)
-        fsync_directory(os.path.dirname(self.path))
+        durable_write(self.path, f"{token}\n".encode(), 0o600)
         self.token = token
 
     def matches(self, given: str) -> bool:
@@ -7388,7 +7438,9 @@ def web_application(web: Web, tornado_web):
 
 NAV = (("/ui/", "Overview"), ("/ui/tasks", "Tasks"), ("/ui/schedules", "Schedules"))
 #: Fields the task page shows in their own places, not in its table of fields.
-TASK_OWN_PLACES = ("payload", "result", "history")
+TASK_OWN_PLACES = ("payload", "result", "history", "workspace")
+#: A task's workspace as its page shows it, field by field.
+TASK_WORKSPACE_FIELDS = ("kind", "path", "branch", "ref", "commit", "state")
 
 
 def shown_time(value: str | None) -> str:
@@ -7403,6 +7455,27 @@ def shown_value(value: Any, width: int | None = None) -> str:
         text = text.splitlines()[0] if text.strip() else text
         text = text if len(text) <= width else text[:width - 1] + "…"
     return text
+
+
+def shown_size(nbytes: int | None) -> str:
+    """Bytes as people read them: 912K, 40M, 1.2G (as `sparkqctl workspaces` shows them)."""
+    if nbytes is None:
+        return "–"
+    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if nbytes >= 10 * scale:
+            return f"{nbytes // scale}{unit}"
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f}{unit}"
+    return f"{nbytes}B"
+
+
+def shown_age(seconds: float | None) -> str:
+    """A duration at a glance: 45s, 12m, 30h."""
+    if seconds is None:
+        return "–"
+    seconds = max(0, int(seconds))
+    return f"{seconds}s" if seconds < 120 else f"{seconds // 60}m" if seconds < 7200 else \
+        f"{seconds // 3600}h"
 
 
 def pretty_json(value: Any) -> str:
@@ -7432,7 +7505,7 @@ class Pages:
     def part(self, name: str, **values) -> bytes:
         return self.templates[name].generate(
             when=shown_time, short=shown_value, pretty=pretty_json, quote=urllib.parse.quote,
-            action=self.action, **values)
+            size=shown_size, age=shown_age, action=self.action, **values)
 
     def layout(self, nonce: str, title: str, here: str, watch: str, *parts: bytes) -> bytes:
         return self.part("layout", nonce=nonce, title=title, here=here, nav=NAV, watch=watch,
@@ -7454,7 +7527,8 @@ class Pages:
         return self.layout(
             nonce, "Overview", "/ui/", API_PREFIX + "watch?coalesce=true",
             self.streams_part(call("stream.list"), now), self.workers_part(call("workers")),
-            self.part("locks", locks=call("locks")), self.failures_part(),
+            self.part("locks", locks=call("locks")),
+            self.part("workspaces", workspaces=call("workspace.list")), self.failures_part(),
             self.part("next_firings", schedules=self.schedule_list()),
             self.part("health", status=call("status")))
 
@@ -7544,7 +7618,8 @@ class Pages:
         return self.layout(
             nonce, f"Task {task_id}", "/ui/tasks", f"{API_PREFIX}watch?coalesce=true&tasks={task_id}",
             self.part("task_head", task=task),
-            self.part("task_fields", fields=fields, task=task),
+            self.part("task_fields", fields=fields, task=task,
+                      workspace_fields=TASK_WORKSPACE_FIELDS),
             self.part("task_history", history=task.get("history", [])),
             self.part("task_log", task=task, log=log_text))
 
@@ -7633,6 +7708,17 @@ PAGE_TEMPLATES = {
 {% else %}<p class="empty">No lock is held.</p>{% end %}
 </section>
 """,
+    "workspaces": """<section id="workspaces" class="panel wide" data-live aria-labelledby="workspaces-h">
+<h2 id="workspaces-h">Repository workspaces</h2>
+{% if workspaces %}<div class="scroll"><table><thead><tr><th scope="col">Repository</th><th scope="col">Kind</th><th scope="col">Task</th><th scope="col">Branch</th><th scope="col" class="num">Size</th><th scope="col">State</th><th scope="col" class="num">Idle</th></tr></thead><tbody>
+{% for w in workspaces %}<tr><th scope="row" title="{{ w['path'] }}">{{ w["repo"] }}</th><td>{{ w["kind"] }}</td>
+<td>{% if w["task"] %}<a href="/ui/tasks/{{ w['task'] }}">#{{ w["task"] }}</a>{% if w["task_status"] %} <span class="badge {{ w['task_status'] }}">{{ w["task_status"] }}</span>{% end %}{% else %}–{% end %}</td>
+<td>{{ w["branch"] or "–" }}</td><td class="num">{{ size(w["bytes"]) }}</td>
+<td><span class="badge {{ w['state'] }}">{{ w["state"] }}</span></td><td class="num">{{ age(w["idle"]) }}</td></tr>{% end %}
+</tbody></table></div>
+{% else %}<p class="empty">No repository workspaces: a task asks for one with <code>--workspace shared</code> or <code>worktree</code>.</p>{% end %}
+</section>
+""",
     "failures": """<section id="failures" class="panel" data-live aria-labelledby="failures-h">
 <h2 id="failures-h">Latest failures</h2>
 {% if tasks %}<ul class="failures">
@@ -7709,6 +7795,8 @@ PAGE_TEMPLATES = {
     "task_fields": """<section id="task-fields" class="panel" data-live aria-labelledby="fields-h">
 <h2 id="fields-h">Fields</h2>
 <dl class="fields">{% for name, value in fields.items() %}<dt>{{ name }}</dt><dd>{% if value is None %}–{% elif name.endswith("_at") and isinstance(value, str) %}<time datetime="{{ value }}">{{ when(value) }}</time>{% else %}{{ short(value) }}{% end %}</dd>{% end %}</dl>
+{% if task.get("workspace") %}<h2 id="workspace-h">Workspace</h2>
+<dl class="fields" id="task-workspace" aria-labelledby="workspace-h">{% for name in workspace_fields %}<dt>{{ name }}</dt><dd>{% if task["workspace"].get(name) is None %}–{% else %}{{ short(task["workspace"][name]) }}{% end %}</dd>{% end %}</dl>{% end %}
 <h2>Payload</h2><pre class="json" tabindex="0">{{ pretty(task["payload"]) }}</pre>
 <h2>Result</h2>{% if task["result"] is None %}<p class="empty">No result.</p>{% else %}<pre class="json" tabindex="0">{{ pretty(task["result"]) }}</pre>{% end %}
 </section>
@@ -7923,7 +8011,7 @@ thead th { color: var(--muted); font-weight: 600; white-space: nowrap; }
 .badge.completed, .badge.active, .badge.idle { background: var(--ok-bg); color: var(--ok); }
 .badge.failed, .badge.cancelled, .badge.ended { background: var(--bad-bg); color: var(--bad); }
 .badge.running, .badge.busy { background: var(--run-bg); color: var(--run); }
-.badge.pending, .badge.waiting, .badge.paused { background: var(--wait-bg); color: var(--wait); }
+.badge.pending, .badge.waiting, .badge.paused, .badge.preparing { background: var(--wait-bg); color: var(--wait); }
 .reason { color: var(--bad); }
 .problem { color: var(--bad); font-weight: 600; }
 .spark rect { fill: var(--run); }

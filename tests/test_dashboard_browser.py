@@ -8,6 +8,7 @@ Nothing polls in the page; the test waits for what the page shows, with a timeou
 """
 
 import base64
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -205,6 +206,31 @@ def test_overview_follows_events_it_did_not_cause(browser, daemon):
     daemon.ok(op="fail", task=task, reason="agent gave up")
     until(browser, lambda: "agent gave up" in text_of(browser, "#failures"), "the failure")
     assert not_reloaded(browser)
+
+
+def make_repository(path: Path) -> str:
+    """A git repository with one commit on main, made with the user's git; its path."""
+    for args in (["init", "--quiet", "-b", "main", str(path)],
+                 ["-C", str(path), "-c", "user.name=Tess", "-c", "user.email=tess@example.org",
+                  "commit", "--quiet", "--allow-empty", "-m", "first"]):
+        subprocess.run(["git", *args], check=True, capture_output=True, timeout=30)
+    return str(path)
+
+
+def test_the_overview_lists_a_workspace_as_it_is_made(browser, daemon, tmp_path):
+    """A worktree prepared for a claimed task appears in the workspaces panel without a reload."""
+    repo = make_repository(Path(daemon.workdir) / "app")
+    daemon.ok(op="stream.create", name="repos", session="default")
+    open_page(browser, daemon, "/ui/")
+    mark_page(browser)
+    assert "No repository workspaces" in text_of(browser, "#workspaces")
+    task = daemon.ok(op="enqueue", tool="agent", payload="x", stream="repos", repo=repo,
+                     workspace="worktree")["id"]
+    assert daemon.ok(op="claim", tool="agent", stream="repos")["id"] == task
+    until(browser, lambda: f"sparkq/{task}" in text_of(browser, "#workspaces"), "the worktree")
+    row = text_of(browser, "#workspaces")
+    assert "worktree" in row and f"#{task}" in row and "active" in row and not_reloaded(browser)
+    screenshot(browser, tmp_path, "workspaces")
 
 
 def test_every_control_has_a_label_and_the_skip_link_comes_first(browser, daemon):

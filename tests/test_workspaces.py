@@ -10,13 +10,14 @@ import json
 import os
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import msgspec
 import pytest
 
 import sparkqd
-from conftest import SPARKQCTL, wait_until
+from conftest import HTTP_ON, SPARKQCTL, Http, wait_until
 
 ENDED = ("completed", "failed", "cancelled")
 #: The tools of every test's daemon, on the repository URL: `agent` is claimed over the
@@ -179,7 +180,7 @@ def test_two_shared_tasks_never_run_at_once_but_two_worktree_tasks_do(start, wor
 def test_a_shared_task_takes_its_repositorys_lock_and_no_other(start, origin):
     """A shared task's lock is its repository's key; asking for another lock is refused."""
     d = start()
-    assert d.ok(op="enqueue", tool="shared", payload="true")["lock"] == str(origin.bare)[:-4]
+    assert d.ok(op="enqueue", tool="shared", payload="true")["lock"] == str(origin.bare)
     reply = d.call(op="enqueue", tool="shared", payload="true", lock="deploy")
     assert reply["error"]["code"] == "bad_request" and "lock" in reply["error"]["message"]
 
@@ -195,7 +196,7 @@ def test_a_claim_over_the_socket_returns_the_prepared_worktree(start, run_git):
     task_id, lease, path = claimed_worktree(d)
     record = d.ok(op="task", task=task_id)["workspace"]
     assert (record["branch"], record["ref"], record["state"]) == (f"sparkq/{task_id}", "main", "active")
-    assert path == d.data_dir / "workspaces" / str(d.workdir)[1:] / "origin" / "tasks" / str(task_id)
+    assert path == d.data_dir / "workspaces" / str(d.workdir)[1:] / "origin.git" / "tasks" / str(task_id)
     assert run_git(path, "rev-parse", "--abbrev-ref", "HEAD") == f"sparkq/{task_id}"
     assert (path / "README").read_text() == "hello\n"
     d.ok(op="complete", task=task_id, lease=lease)
@@ -248,7 +249,7 @@ def test_a_retry_gets_the_worktree_its_earlier_attempt_left(start):
                                        "else touch mark; exit 1; fi"))
     assert (task["status"], task["attempts"]) == ("completed", 2), task
     assert task["summary"].startswith("again in /") and task["summary"].endswith(
-        f"/origin/tasks/{task['id']}")  # (the collector may have removed it since)
+        f"/origin.git/tasks/{task['id']}")  # (the collector may have removed it since)
 
 
 def test_a_script_header_names_its_repository_workspace_and_setup(start, workdir, origin):
@@ -279,7 +280,7 @@ def test_sparkqctl_work_runs_each_command_in_its_tasks_workspace(start, workdir)
         worker.wait(10)
     assert task["status"] == "completed", task
     where, branch = out.read_text().split()
-    assert where.endswith(f"/origin/tasks/{task['id']}") and branch == f"sparkq/{task['id']}"
+    assert where.endswith(f"/origin.git/tasks/{task['id']}") and branch == f"sparkq/{task['id']}"
 
 
 def test_submodules_are_initialised_in_a_worktree(start, workdir, run_git):
@@ -338,7 +339,7 @@ def test_workspace_records_are_in_the_snapshot(start, origin):
     db = sqlite3.connect(f"file:{d.data_dir / 'sparkq.db'}?mode=ro", uri=True)
     rows = db.execute("SELECT id, kind, task, branch, state, path FROM workspaces ORDER BY kind")
     assert list(rows) == [
-        (str(origin.bare)[:-4], "shared", None, None, "idle", str(path.parent.parent / "main")),
+        (str(origin.bare), "shared", None, None, "idle", str(path.parent.parent / "main")),
         (str(task_id), "worktree", task_id, f"sparkq/{task_id}", "active", str(path))]
     assert db.execute("SELECT workspace FROM tasks WHERE id = ?", (task_id,)).fetchone() == (
         "worktree",)
@@ -354,6 +355,47 @@ def test_a_checkout_without_a_record_is_reported_and_never_removed(start):
     assert "has no record" in d.logs()
     gc(d)
     assert (stray / ".git").is_dir()
+
+
+def slow_fetches(daemon, run_git, seconds=2) -> None:
+    """Make every later fetch of the shared clone take ``seconds`` first (a slow network)."""
+    run_git(shared_clone(daemon)["path"], "config", "remote.origin.uploadpack",
+            f"sleep {seconds}; git-upload-pack")
+
+
+def test_a_task_cancelled_while_git_prepares_its_worktree_leaves_it_collectable(start, run_git):
+    """A task cancelled during its fetch: the worktree made after that is released, not left
+    preparing for ever, so the collector removes it (clean, at its base)."""
+    d = start()
+    claimed_worktree(d)  # the shared clone exists from now on
+    slow_fetches(d, run_git)
+    task_id = enqueue(d, "agent", "work")
+    claimer = d.connect()
+    claimer.send(op="claim", tool="agent")
+    wait_until(lambda: d.ok(op="task", task=task_id)["status"] == "running", message="claimed")
+    d.ok(op="cancel", task=task_id)
+    assert "moved on while its workspace was prepared" in claimer.recv()["error"]["message"]
+    wait_until(lambda: str(task_id) not in workspaces(d), message="the worktree collected")
+
+
+def test_a_workspace_left_preparing_by_a_crash_is_released_at_start(start, run_git):
+    """A worktree still being set up for a task cancelled meanwhile when the daemon was
+    killed is released at the next start, and `workspace rm --force` removes it (its setup,
+    which outlived the daemon, may still be in it)."""
+    d = start(extra="""
+  slow-agent: {{task_class: quick, workspace: worktree, repo: "{url}", setup: [sleep, "5"]}}
+""")
+    claimed_worktree(d)
+    slow_fetches(d, run_git)
+    task_id = enqueue(d, "slow-agent", "work")
+    d.connect().send(op="claim", tool="slow-agent")
+    wait_until(lambda: d.ok(op="task", task=task_id)["status"] == "running", message="claimed")
+    d.ok(op="cancel", task=task_id)
+    wait_until(lambda: workspaces(d).get(str(task_id)), message="the worktree being set up")
+    d.kill()
+    d.start()
+    assert workspaces(d)[str(task_id)]["state"] == "idle"
+    assert d.ctl_json("workspace", "rm", task_id, "--force")["removed"] == str(task_id)
 
 
 # -- the collector --------------------------------------------------------------------------
@@ -478,6 +520,36 @@ def test_sparkqctl_lists_and_shows_workspaces(start):
     assert 'sparkq_workspaces{kind="worktree",state="active"} 1' in metrics
 
 
+def test_the_dashboard_lists_workspaces_and_a_task_page_shows_its_own(start, workdir, run_git):
+    """The overview's workspaces panel has what `sparkqctl workspaces` has, every value
+    escaped; a task's page shows its workspace field by field, not as JSON."""
+    markup = Origin(workdir, run_git, "x<i>y")
+    d = start(url=markup.url, extra=HTTP_ON)
+    task_id, _, path = claimed_worktree(d)
+    http = Http(d)
+    overview = http.request("GET", "/ui/", headers=http.auth)[2].decode()
+    panel = overview.partition('<section id="workspaces"')[2].partition("</section>")[0]
+    assert "x&lt;i&gt;y.git" in panel and "<i>" not in panel
+    assert f'<a href="/ui/tasks/{task_id}">#{task_id}</a>' in panel
+    assert f"sparkq/{task_id}" in panel and ">worktree<" in panel and ">active<" in panel
+    page = http.request("GET", f"/ui/tasks/{task_id}", headers=http.auth)[2].decode()
+    shown = page.partition('id="task-workspace"')[2].partition("</dl>")[0]
+    assert f"<dt>path</dt><dd>{path}</dd>" in shown and "<dt>state</dt><dd>active</dd>" in shown
+    assert f"<dt>branch</dt><dd>sparkq/{task_id}</dd>" in shown and '{&quot;kind&quot;' not in page
+
+
+def test_the_dashboards_live_stream_hears_a_change_that_is_only_a_workspaces(start):
+    """The overview's `watch coalesce=true` is told of the collector removing a worktree
+    (no task changed), so its workspaces panel is fetched again."""
+    d = start()
+    task_id, lease, _ = claimed_worktree(d)
+    d.ok(op="complete", task=task_id, lease=lease)
+    watcher = d.connect()
+    watcher.ok(op="watch", coalesce=True)
+    assert watcher.recv()["event"] == "changed"
+    assert str(task_id) not in workspaces(d)
+
+
 def test_sparkqctl_enqueue_makes_a_local_repo_path_absolute(start, origin):
     """`enqueue --repo ./x` sends the absolute path, which the daemon clones like a URL."""
     d = start()
@@ -486,10 +558,35 @@ def test_sparkqctl_enqueue_makes_a_local_repo_path_absolute(start, origin):
                           "--json"], cwd=origin.bare.parent, env=d.env, capture_output=True,
                          text=True, check=True)
     task = json.loads(out.stdout)
-    assert (task["repo"], task["lock"]) == (str(origin.bare), str(origin.bare)[:-4])
+    assert (task["repo"], task["lock"]) == (str(origin.bare), str(origin.bare))
 
 
 # -- the core alone ---------------------------------------------------------------------------
+
+
+def test_a_workspace_of_an_ended_task_is_held_by_nobody_whatever_its_state():
+    """A record made for an attempt that ended first is no task's (holder None), and
+    ``abandoned`` releases it; a running task's own is released only with its attempt."""
+    queue = sparkqd.Queue(sparkqd.parse_config(TOOLS.format(url="/srv/app.git")))
+    queue.record = lambda event: None
+    queue.bootstrap(1.0)
+    book, ids = queue.workspaces, []
+    for now in (2.0, 3.0):
+        ids.append(queue.enqueue(sparkqd.Enqueue(tool="agent", payload="x"), now).task.id)
+        queue.claim(sparkqd.Claim(tool="agent"), now)
+    queue.cancel(sparkqd.Cancel(task=ids[0]), 4.0)
+    for task_id in ids:
+        book.created(str(task_id), "/srv/app.git", "worktree", f"/w/tasks/{task_id}",
+                     "/srv/app.git", 5.0, task=task_id, branch=f"sparkq/{task_id}")
+        book.abandoned(str(task_id), task_id, 6.0)
+    book.created("/srv/app.git", "/srv/app.git", "shared", "/w/main", "/srv/app.git", 5.0,
+                 task=ids[0])  # a first clone, for a shared task that ended during it
+    book.abandoned("/srv/app.git", ids[0], 6.0)
+    gone, running = (book.records[str(i)] for i in ids)
+    assert (gone.state, book.holder(gone)) == ("idle", None)
+    assert book.records["/srv/app.git"].state == "idle"
+    assert running.state == "preparing" and book.holder(running).id == ids[1]
+    assert book.holder(msgspec.structs.replace(gone, state="active")) is None
 
 
 def test_replaying_the_journal_gives_the_same_workspace_records():
@@ -512,3 +609,64 @@ def test_replaying_the_journal_gives_the_same_workspace_records():
     for event in events:
         replayed.apply(decode(msgspec.msgpack.encode(event)))
     assert replayed.workspaces.records == book.records
+
+
+def test_a_saved_patch_is_written_whole_or_not_at_all(workdir):
+    """durable_write keeps writing what a write left over; where the file cannot grow (here
+    RLIMIT_FSIZE) it fails naming the step, and no partial file is left in place."""
+    target = workdir / "big.patch"
+    script = f"""
+import resource, signal, sys
+sys.path.insert(0, {str(sparkqd.__file__.rsplit('/', 1)[0])!r})
+import sparkqd
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+sparkqd.durable_write({str(workdir / 'small.patch')!r}, b"x" * 100_000)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+try:
+    sparkqd.durable_write({str(target)!r}, b"y" * (3 << 20))
+except OSError as exc:
+    print(exc.strerror)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"write {target}.") and "File too large" in done.stdout
+    assert not target.exists() and os.listdir(workdir) == ["small.patch"]
+    assert (workdir / "small.patch").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("repo, key", [
+    ("/srv/app", "/srv/app"), ("/srv/app.git", "/srv/app.git"), ("/srv//app.git/", "/srv/app.git"),
+    ("file:///srv/app.git", "/srv/app.git"), ("file://localhost/srv/app", "/srv/app"),
+    ("https://github.com/u/r.git", "github.com/u/r"), ("git@github.com:u/r", "github.com/u/r"),
+    ("ssh://git@GitHub.com/u/r.git/", "github.com/u/r"),
+])
+def test_a_local_repository_keeps_its_git_suffix_a_hosted_one_drops_it(repo, key):
+    """/srv/app and /srv/app.git are two repositories (two clones, two locks); a host's URLs
+    of one repository, with .git or without, are one."""
+    assert sparkqd.repo_key(repo) == key
+
+
+def test_a_shared_task_on_a_local_path_locks_that_path_git_suffix_and_all(shared, workdir):
+    """Shared tasks on /x/app and /x/app.git take two locks; a `lock` of the file:// URL of
+    /x/app.git is the same lock as its shared task's."""
+    app, bare = str(workdir / "app"), str(workdir / "app.git")
+    locks = [shared.ok(op="enqueue", tool="llm-haiku", payload="x", repo=repo,
+                       workspace="shared")["lock"] for repo in (app, bare)]
+    plain = shared.ok(op="enqueue", tool="llm-haiku", payload="x", lock=f"file://{bare}")
+    assert locks == [app, bare] and plain["lock"] == bare
+
+
+def test_watching_a_task_sees_its_worktree_removed(start):
+    """`watch tasks=ID` follows the task's worktree to its end: workspace.removed names it."""
+    d = start()
+    task_id, lease, _ = claimed_worktree(d)
+    watcher = d.connect()
+    watcher.ok(op="watch", tasks=[task_id])
+    d.ok(op="complete", task=task_id, lease=lease)
+    seen = [watcher.recv() for _ in range(3)]
+    assert [e["event"] for e in seen] == ["task.completed", "workspace.released",
+                                          "workspace.removed"]
+    removed = seen[2]
+    assert removed["workspace"]["id"] == str(task_id) and removed["workspace"]["task"] == task_id
+    assert removed["workspace"]["state"] == "removed" and "clean" in removed["workspace"]["reason"]
