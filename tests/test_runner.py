@@ -413,7 +413,7 @@ def test_shutdown_interrupts_running_task(make_daemon):
     task_id = enqueue(d, "trap '' TERM; sleep 30")
     wait_until(lambda: processes(d, "sleep", "30"))
     began = time.monotonic()
-    assert d.stop() == 0 and time.monotonic() - began < 1 + 4
+    assert d.stop() == 0 and time.monotonic() - began < 15  # not the run's 30 s
     wait_until(lambda: not processes(d, "sleep", "30"), 2)
     record = task(d.start(), task_id)
     assert (record["status"], record["reason"]) == ("failed", "interrupted by shutdown")
