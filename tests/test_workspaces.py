@@ -520,6 +520,16 @@ def test_sparkqctl_lists_and_shows_workspaces(start):
     assert 'sparkq_workspaces{kind="worktree",state="active"} 1' in metrics
 
 
+def test_a_claim_over_http_is_answered_with_its_prepared_worktree(start):
+    """An HTTP claim, like a socket one, is answered once the task's worktree is ready."""
+    d = start(extra=HTTP_ON)
+    task_id = enqueue(d, "agent", "work")
+    task = Http(d).ok("claim", tool="agent", worker="web-agent")
+    path = Path(task["workspace"]["path"])
+    assert (task["id"], task["workspace"]["branch"]) == (task_id, f"sparkq/{task_id}")
+    assert (path / ".git").exists() and task["workspace"]["state"] == "active"
+
+
 def test_the_dashboard_lists_workspaces_and_a_task_page_shows_its_own(start, workdir, run_git):
     """The overview's workspaces panel has what `sparkqctl workspaces` has, every value
     escaped; a task's page shows its workspace field by field, not as JSON."""
