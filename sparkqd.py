@@ -25,8 +25,9 @@ A task may name a repository and ask for a workspace: the repository's shared cl
 (one task at a time, under its lock) or a git worktree of its own. The ``Workspaces``
 edge clones, fetches and adds worktrees with git subprocesses, and reports what it made
 to the core as events, so the journal knows which directory belongs to which task; a
-claim is answered once its task's workspace is ready. Its collector, a duty of the one
-timer, removes a workspace only when nothing in it would be lost, or after saving it.
+claim is answered once its task's workspace is ready. The ``WorkspaceCollector``, a duty
+of the one timer, removes a workspace only when nothing in it would be lost, or after
+saving it.
 
 Every ``snapshot_interval`` seconds the rows that changed since the last
 snapshot are written to a SQLite file in a worker thread, in one transaction
@@ -4686,33 +4687,82 @@ def workspace_metrics(queue: Queue, sizes: dict[str, int]) -> list[str]:
                      for kind in ("shared", "worktree")])]
 
 
-class Workspaces:
-    """The repositories' clones and worktrees: prepared for claimed tasks, collected after.
+def setup_command(config: Config, queue: Queue, task: Task) -> list[str] | None:
+    """The setup of a new workspace: its tool's or script's, else its repository's."""
+    if task.tool.startswith(SCRIPT_TOOL_PREFIX):
+        script = queue.scripts.get(task.tool[len(SCRIPT_TOOL_PREFIX):])
+        own = script and script.setup and shlex.split(script.setup)
+    else:
+        tool = config.tools.get(task.tool)
+        own = tool and tool.setup
+    if own:
+        return own
+    repos = {repo_key(name): repo for name, repo in config.workspaces.repos.items()}
+    settings = repos.get(repo_key(task.repo))
+    return settings and settings.setup
 
-    Git work on one repository is serialised (an asyncio lock per repository), so a
-    fetch never races a worktree being added or removed; repositories never wait for
-    each other. Sizes are measured in a thread of its own after a workspace is prepared
-    or released, before a new one is made under a budget, and by each collection.
-    """
+async def run_setup(config: Config, queue: Queue, task: Task, ws: Workspace,
+                log_write) -> None:
+    """Run the setup in a new workspace, its output in a section of the task's log."""
+    argv = setup_command(config, queue, task)
+    if not argv:
+        return
+    shown, limit = shlex.join(argv), config.workspaces.setup_timeout
+    log_write(f"--- sparkqd: setup: {shown} (in {ws.path}) ---\n".encode())
+    started = time.monotonic()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, cwd=ws.path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, start_new_session=True, env=child_environment(
+                **workspace_environment(ws, task), SPARKQ_TASK_ID=str(task.id)))
+    except OSError as exc:
+        log_write(f"--- sparkqd: setup cannot start: {exc.strerror} ---\n".encode())
+        raise WorkspaceFailed(f"setup `{shown}` cannot start: {exc.strerror}") from None
+    tail = await setup_output(proc, log_write, limit)
+    code = proc.returncode
+    outcome = f"exited {code}" if code >= 0 else f"killed by signal {-code}"
+    if tail is None:
+        outcome, tail = f"timed out after {limit:g} s", ""
+    log_write(f"--- sparkqd: setup {outcome} after {time.monotonic() - started:.1f} s ---\n"
+              .encode())
+    if code:
+        raise WorkspaceFailed(f"setup `{shown}` {outcome}" + (f": {tail}" if tail else ""))
 
-    def __init__(self, config: Config, queue: Queue, change, data_dir: str, logs: TaskLogs,
-                 rearm):
+async def setup_output(proc, log_write, limit: float) -> str | None:
+    """Copy a setup's output to the log until it exits; its last lines, None at a timeout."""
+    last = bytearray()
+
+    async def pump():
+        while chunk := await proc.stdout.read(65536):
+            log_write(chunk)
+            last.extend(chunk)
+            del last[:-2048]
+        await proc.wait()
+    try:
+        await asyncio.wait_for(pump(), limit)
+    except (TimeoutError, asyncio.CancelledError) as exc:
+        signal_group(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        return None
+    signal_group(proc.pid, signal.SIGKILL)  # what it left behind does not outlive it
+    lines = [line for line in last.decode(errors="replace").splitlines() if line.strip()]
+    return " | ".join(lines[-3:])
+
+
+class WorkspaceDisk:
+    """Where the workspaces live, and what their git work shares: a lock per repository, one
+    thread, the background jobs shutdown cancels, and the sizes last measured."""
+
+    def __init__(self, config: Config, book: WorkspaceBook, data_dir: str):
         self.config = config
-        self.queue = queue
-        self.book = queue.workspaces
-        self.change = change
-        self.logs = logs
-        self.rearm = rearm  #: tells the one timer of an earlier deadline
+        self.book = book
         self.root = os.path.join(data_dir, "workspaces")
         self.locks: dict[str, asyncio.Lock] = {}
         self.sizes: dict[str, int] = {}  #: path -> bytes, as last measured
-        self.unrecorded: list[str] = []  #: checkouts no record names, found at start
         self.jobs: set[asyncio.Task] = set()
-        self.collecting: asyncio.Task | None = None
-        self.next_collect = 0.0
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="workspaces")
-
-    # -- places and helpers -----------------------------------------------------------
 
     def home(self, key: str) -> str:
         return os.path.join(self.root, repo_dir(key))
@@ -4724,18 +4774,296 @@ class Workspaces:
     def timeout(self) -> float:
         return self.config.workspaces.git_timeout
 
-    def _lock(self, key: str) -> asyncio.Lock:
+    def lock(self, key: str) -> asyncio.Lock:
         return self.locks.setdefault(key, asyncio.Lock())
 
-    async def _thread(self, fn, *args):
+    async def thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    def _spawn(self, work) -> asyncio.Task:
+    def spawn(self, work) -> asyncio.Task:
         """Run a coroutine in the background; shutdown cancels what is left of it."""
         job = asyncio.get_running_loop().create_task(work)
         self.jobs.add(job)
         job.add_done_callback(self.jobs.discard)
         return job
+
+    async def stop(self) -> None:
+        """Cancel what is under way: a preparation cut short fails its attempt."""
+        for job in list(self.jobs):
+            job.cancel()
+        if self.jobs:
+            await asyncio.wait(list(self.jobs), timeout=5)
+        self.executor.shutdown(wait=False)
+
+    async def measure(self, paths: list[str]) -> None:
+        for path in paths:
+            if os.path.isdir(path):
+                self.sizes[path] = await self.thread(disk_usage, path)
+        live = {ws.path for ws in self.book.records.values()}
+        for path in [p for p in self.sizes if p not in live]:
+            del self.sizes[path]
+
+    async def check_budget(self) -> None:
+        """Refuse a new clone or worktree while the workspaces use ``max_bytes`` or more."""
+        limit = self.config.workspaces.max_bytes
+        if limit is None:
+            return
+        await self.measure([ws.path for ws in self.book.records.values()])
+        used = sum(self.sizes.values())
+        if used >= limit:
+            raise WorkspaceFailed(f"workspaces use {used} bytes of workspaces.max_bytes {limit}: "
+                                  f"no new workspace until some are collected or removed")
+
+
+class WorkspaceCollector:
+    """What nobody needs any more: saved if it holds work, then removed, hourly and on demand.
+
+    Sizes are measured after a workspace is released and by each collection.
+    """
+
+    def __init__(self, config: Config, queue: Queue, change, disk: WorkspaceDisk, rearm):
+        self.config = config
+        self.book = queue.workspaces
+        self.change = change
+        self.disk = disk
+        self.rearm = rearm  #: tells the one timer of an earlier deadline
+        self.collecting: asyncio.Task | None = None
+        self.next_collect = 0.0
+
+    # -- what is left behind ------------------------------------------------------------------
+
+    async def unsaved(self, ws: Workspace) -> tuple[bool, int]:
+        """(uncommitted changes?, commits and stashes no remote and not its ref holds)."""
+        index = os.path.join(ws.path, ".git", "index")
+        dirty = False
+        if ws.kind == "worktree" or os.path.exists(index):
+            _, changes = await git(["status", "--porcelain", "--untracked-files=normal"],
+                                   ws.path, self.disk.timeout)
+            dirty = bool(changes.strip())
+        if ws.kind == "worktree":
+            _, tip = await git(["for-each-ref", "--format=%(objectname)",
+                                f"refs/heads/{ws.branch}"], ws.path, self.disk.timeout)
+            base = await self._commit_of(ws)
+            revs = ["HEAD", *tip.split(), "--not", *([base] if base else []), "--remotes"]
+            stashes = 0
+        else:
+            revs = ["HEAD", "--branches", "--not", "--remotes", "--tags"]
+            _, listed = await git(["stash", "list"], ws.path, self.disk.timeout)
+            stashes = len(listed.splitlines())
+        _, count = await git(["rev-list", "--count", *revs], ws.path, self.disk.timeout)
+        return dirty, int(count or 0) + stashes
+
+    async def _commit_of(self, ws: Workspace) -> str | None:
+        """The commit a worktree's ref names now (after the collector's fetch), or None."""
+        main = self.disk.main_path(ws.repo)
+        for name in (f"refs/remotes/origin/{ws.ref}", f"refs/tags/{ws.ref}", ws.commit):
+            code, out = await git(["rev-parse", "--verify", "--quiet", "--end-of-options",
+                                   f"{name}^{{commit}}"], main, self.disk.timeout, check=False)
+            if code == 0:
+                return out.strip()
+        return None
+
+    async def _save(self, ws: Workspace) -> str | None:
+        """Save what removing a workspace would lose under saved/: a patch of its changes (a
+        worktree: all since its base commit, committed or not) and, for a shared clone, a
+        bundle of its stashes and the commits no remote has. Where, or None if nothing."""
+        saved = os.path.join(self.disk.home(ws.repo), "saved")
+        name = ws.id if ws.kind == "worktree" else "main-" + time.strftime("%Y%m%dT%H%M%S")
+        try:
+            os.makedirs(saved, mode=0o700, exist_ok=True)
+            paths = [await self._save_patch(ws, os.path.join(saved, f"{name}.patch"))]
+            if ws.kind == "shared":
+                paths.append(await self._save_bundle(ws, os.path.join(saved, f"{name}.bundle")))
+        except OSError as exc:  # kept, then: nothing is removed that was not saved
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise WorkspaceFailed(f"its changes cannot be saved: {exc.strerror}{where}") from None
+        return ", ".join(p for p in paths if p) or None
+
+    async def _save_patch(self, ws: Workspace, path: str) -> str | None:
+        if ws.kind == "shared" and not os.path.exists(os.path.join(ws.path, ".git", "index")):
+            return None  # never checked out: nothing uncommitted
+        base = ws.commit if ws.kind == "worktree" else "HEAD"
+        # Intent to add: new files show in the diff too.
+        await git(["add", "--all", "--intent-to-add", "--", "."], ws.path, self.disk.timeout)
+        _, diff = await git(["diff", "--binary", base, "--"], ws.path, self.disk.timeout, raw=True)
+        if not diff.strip():
+            return None
+        _, commits = await git(["log", "--format=# commit %H %s", f"{base}..HEAD"], ws.path,
+                               self.disk.timeout)
+        header = (f"# sparkqd saved workspace {ws.id} ({ws.repo}, {ws.kind}, branch {ws.branch}, "
+                  f"ref {ws.ref}) at {rfc3339(time.time())}\n# every change since {base}, "
+                  f"committed or not; apply onto it with: git apply {os.path.basename(path)}\n"
+                  + commits)
+        await self.disk.thread(durable_write, path, header.encode() + diff)
+        return path
+
+    async def _save_bundle(self, ws: Workspace, path: str) -> str | None:
+        _, stashes = await git(["stash", "list", "--format=%H"], ws.path, self.disk.timeout)
+        for n, sha in enumerate(stashes.split()):  # each stash a ref, so the bundle holds it
+            await git(["update-ref", f"refs/sparkq-saved/stash-{n}", sha], ws.path,
+                      self.disk.timeout)
+        await git(["bundle", "create", path, "HEAD", "--branches", "--glob=refs/sparkq-saved/*",
+                   "--not", "--remotes", "--tags"], ws.path, self.disk.timeout, check=False)
+        return path if os.path.exists(path) else None  # nothing to bundle: git made none
+
+    async def remove(self, ws: Workspace, save: bool, reason: str) -> str | None:
+        """Save (if asked) and remove a workspace and a worktree's branch; then record it."""
+        main = self.disk.main_path(ws.repo)
+        patch = await self._save(ws) if save and os.path.isdir(ws.path) else None
+        holder = self.book.holder(self.book.records.get(ws.id, ws))
+        if holder is not None:  # claimed again while its changes were saved
+            raise WorkspaceFailed(f"its task {holder.id} is {holder.status} again")
+        # Moved aside at once and deleted in the background: the repository's other work
+        # waits for no tree of 10,000 files to be deleted.
+        trash = os.path.join(self.disk.home(ws.repo), f"{TRASH_PREFIX}{ws.id.replace('/', '_')}-"
+                                                 f"{time.monotonic_ns()}")
+        if os.path.isdir(ws.path):
+            os.rename(ws.path, trash)
+        if ws.kind == "worktree" and os.path.isdir(main):
+            await git(["worktree", "prune"], main, self.disk.timeout)
+            await git(["branch", "-D", ws.branch], main, self.disk.timeout, check=False)
+        await self.disk.thread(remove_empty_up_to, os.path.dirname(ws.path), self.disk.root)
+        self.disk.sizes.pop(ws.path, None)
+        self.change(lambda: self.book.removed(ws.id, reason, patch, time.time()), 8192)
+        if os.path.isdir(trash):
+            self.disk.spawn(self.disk.thread(shutil.rmtree, trash, True))
+        log.info("workspace %s removed: %s%s", ws.id, reason, f"; saved {patch}" if patch else "")
+        return patch
+
+    # -- the collector -----------------------------------------------------------------------
+
+    def due(self, now: float) -> float:
+        """The collector's turn on the daemon's one timer: started when due; its next time."""
+        if now >= self.next_collect and self.collecting is None:
+            self.next_collect = now + COLLECT_EVERY
+            self.collecting = self.disk.spawn(self._collect_on_timer())
+        return self.next_collect
+
+    async def _collect_on_timer(self) -> None:
+        report = None
+        try:
+            report = await self.collect()
+        except Exception:
+            log.exception("workspace collection failed; retried within the hour")
+        finally:
+            self.collecting = None
+        # (min: a release during the collection asked for another soon)
+        self.next_collect = min(self.next_collect, self._next_collection(report))
+        self.rearm(self.next_collect)
+
+    def _next_collection(self, report: dict | None) -> float:
+        """An hour from now, sooner while a workspace is kept only for a process in it, and
+        when an idle one's keep_days (a worktree) or prune_days (a clone) run out."""
+        now, days = time.time(), self.config.workspaces
+        times = [now + COLLECT_EVERY]
+        if report and any(kept["why"].startswith("in use") for kept in report["kept"]):
+            times.append(now + RECHECK_IN_USE)
+        for ws in self.book.records.values():
+            keep = days.keep_days if ws.kind == "worktree" else days.prune_days
+            if ws.state == "idle" and self._last_use(ws) + keep * DAY > now:  # (past: kept for
+                times.append(self._last_use(ws) + keep * DAY)  # another reason, seen hourly)
+        return min(times)
+
+    @staticmethod
+    def _last_use(ws: Workspace) -> float:
+        return max(ws.created_at, ws.updated_at or 0, ws.released_at or 0)  # as Replies says
+
+    async def collect(self, dry_run: bool = False) -> dict:
+        """Remove every workspace nobody needs, saving first what it would lose; says what it
+        removed (or would) and what it kept, and why."""
+        cwds = await self.disk.thread(working_directories)
+        report = {"dry_run": dry_run, "removed": [], "kept": []}
+        fetched: set[str] = set()
+        # Worktrees first: a shared clone goes only once the worktrees made from it have.
+        for ws_id in sorted(self.book.records, key=lambda i: self.book.records[i].kind == "shared"):
+            ws = self.book.records.get(ws_id)
+            if ws is None:
+                continue
+            async with self.disk.lock(ws.repo):
+                ws = self.book.records.get(ws_id)
+                if ws is not None:
+                    await self._collect_one(ws, cwds, fetched, report)
+        await self.disk.measure([ws.path for ws in self.book.records.values()])
+        return report
+
+    async def _collect_one(self, ws: Workspace, cwds: dict, fetched: set, report: dict) -> None:
+        try:
+            kept, reason, save = await self._verdict(ws, cwds, fetched)
+            entry = {"id": ws.id, "repo": ws.repo, "kind": ws.kind, "path": ws.path}
+            if kept is not None:
+                report["kept"].append({**entry, "why": kept})
+                return
+            patch = None if report["dry_run"] else await self.remove(ws, save, reason)
+            report["removed"].append({**entry, "reason": reason, "patch": patch})
+        except WorkspaceFailed as exc:
+            log.warning("workspace %s kept: %s", ws.id, exc)
+            report["kept"].append({"id": ws.id, "repo": ws.repo, "kind": ws.kind,
+                                   "path": ws.path, "why": f"cannot look at it: {exc}"})
+
+    async def _verdict(self, ws: Workspace, cwds: dict, fetched: set) -> tuple:
+        """(why it is kept, or None; why it goes; whether to save its changes first)."""
+        holder = self.book.holder(ws)
+        if holder is not None:
+            return f"its task {holder.id} is {holder.status}", None, False
+        if not os.path.isdir(ws.path):
+            return None, "its directory was gone", False
+        pids = processes_inside(ws.path, cwds)
+        if pids:
+            return f"in use: process {pids[0]} works inside it", None, False
+        idle = time.time() - self._last_use(ws)
+        if ws.kind == "shared":
+            return self._shared_verdict(ws, idle)
+        if ws.repo not in fetched:  # merged upstream counts: look once per repository
+            fetched.add(ws.repo)
+            await git(["fetch", "--prune", "--quiet", "origin"], self.disk.main_path(ws.repo),
+                      self.disk.timeout, check=False)
+        dirty, unmerged = await self.unsaved(ws)
+        if not dirty and not unmerged:
+            return None, "its task ended, its tree is clean and its branch merged or pushed", False
+        if idle > self.config.workspaces.keep_days * DAY:
+            return None, f"idle for {idle / DAY:.2f} days", True
+        why = "uncommitted changes" if dirty else (
+            f"{unmerged} commits on {ws.branch} not in {ws.ref} nor pushed")
+        return why, None, False
+
+    def _shared_verdict(self, ws: Workspace, idle: float) -> tuple:
+        worktrees = len(self.book.of_repo(ws.repo)) - 1
+        if worktrees:
+            return f"{worktrees} worktrees of it remain", None, False
+        if idle <= self.config.workspaces.prune_days * DAY:
+            return f"used {idle / DAY:.2f} days ago", None, False
+        return None, f"unused for {idle / DAY:.2f} days", True
+
+    def on_commit(self, events: list[Event], queue: Queue) -> None:
+        """A released workspace is measured; one whose task ended is collected soon."""
+        for event in events:
+            if type(event) is WorkspaceReleased and event.workspace in self.book.records:
+                self.disk.spawn(self.disk.measure([self.book.records[event.workspace].path]))
+                task = queue.tasks.get(event.task)
+                if task is None or task.status in TERMINAL:
+                    self.next_collect = min(self.next_collect, time.time() + 1.0)
+                    self.rearm(self.next_collect)
+
+
+class Workspaces:
+    """The repositories' clones and worktrees, prepared for claimed tasks; requests about them.
+
+    Git work on one repository is serialised (an asyncio lock per repository), so a
+    fetch never races a worktree being added or removed; repositories never wait for
+    each other. Sizes are measured after a workspace is prepared, and before a new one is
+    made under a budget.
+    """
+
+    def __init__(self, config: Config, queue: Queue, change, logs: TaskLogs,
+                 disk: WorkspaceDisk, collector: WorkspaceCollector):
+        self.config = config
+        self.queue = queue
+        self.book = queue.workspaces
+        self.change = change
+        self.logs = logs
+        self.disk = disk
+        self.collector = collector
+        self.unrecorded: list[str] = []  #: checkouts no record names, found at start
 
     def _report(self, fn, room: int = 8192):
         """Hand what git made to the core, through the change pipeline."""
@@ -4762,7 +5090,7 @@ class Workspaces:
         """
         bound = False
         try:
-            async with self._lock(repo_key(task.repo)):
+            async with self.disk.lock(repo_key(task.repo)):
                 ws, fields = await self._make_ready(task, log_write)
                 bound = self._report(lambda: self.book.ready(ws.id, task.id, task.lease,
                                                              time.time(), **fields))
@@ -4775,7 +5103,7 @@ class Workspaces:
                 self._release_abandoned([(workspace_id(task), task.id)])
         if not bound:
             raise WorkspaceFailed(f"task {task.id} moved on while its workspace was prepared")
-        self._spawn(self.measure([ws.path, self.main_path(ws.repo)]))
+        self.disk.spawn(self.disk.measure([ws.path, self.disk.main_path(ws.repo)]))
         return self.book.records[ws.id]
 
     async def _make_ready(self, task: Task, log_write) -> tuple[Workspace, dict]:
@@ -4792,12 +5120,13 @@ class Workspaces:
             if not fresh:
                 self._report(lambda: self.book.fetched(key, time.time()))
         if not ws.ready:
-            await self._setup(task, msgspec.structs.replace(ws, **fields), log_write)
+            await run_setup(self.config, self.queue, task, msgspec.structs.replace(ws, **fields),
+                            log_write)
         return ws, fields
 
     async def _clone_or_fetch(self, task: Task, key: str) -> bool:
         """Make sure the shared clone exists and is fetched; True if it was just cloned."""
-        main, ws = self.main_path(key), self.book.records.get(key)
+        main, ws = self.disk.main_path(key), self.book.records.get(key)
         if ws is not None and not os.path.isdir(main):
             log.warning("workspace %s: %s is gone; cloning again", key, main)
             self._report(lambda: self.book.removed(key, "its directory was gone", None,
@@ -4809,45 +5138,46 @@ class Workspaces:
             self._record_clone(task, key)
             ws = self.book.records[key]
         if ws is not None:
-            await git(["fetch", "--prune", "--quiet", "origin"], main, self.timeout)
+            await git(["fetch", "--prune", "--quiet", "origin"], main, self.disk.timeout)
             return False
-        await self._check_budget()
+        await self.disk.check_budget()
         await self._clone(task, key)
         return True
 
     async def _clone(self, task: Task, key: str) -> None:
         """Clone into a temporary name, renamed into place whole."""
-        home, main = self.home(key), self.main_path(key)
+        home, main = self.disk.home(key), self.disk.main_path(key)
         partial = os.path.join(home, ".main.cloning")
         os.makedirs(home, mode=0o700, exist_ok=True)
         if os.path.exists(partial):
             log.warning("workspace %s: removing %s, a clone cut short", key, partial)
-            await self._thread(shutil.rmtree, partial)
+            await self.disk.thread(shutil.rmtree, partial)
         # Without a checkout: a worktree task never needs the shared tree, a shared one
         # checks its ref out next.
         await git(["clone", "--no-checkout", "--quiet", "--", task.repo, partial], home,
-                  self.timeout)
+                  self.disk.timeout)
         os.rename(partial, main)
         self._record_clone(task, key)
 
     def _record_clone(self, task: Task, key: str) -> None:
         shared = task.workspace == "shared"
-        self._report(lambda: self.book.created(key, key, "shared", self.main_path(key), task.repo,
-                                               time.time(), task=task.id if shared else None))
+        self._report(lambda: self.book.created(key, key, "shared", self.disk.main_path(key),
+                                               task.repo, time.time(),
+                                               task=task.id if shared else None))
 
     async def _resolve(self, task: Task, key: str) -> tuple[str, str, str | None]:
         """(ref, its commit, the branch it is or None) in the freshly fetched clone."""
-        main, ref = self.main_path(key), task.ref
+        main, ref = self.disk.main_path(key), task.ref
         if ref is None:
             code, out = await git(["symbolic-ref", "--quiet", "refs/remotes/origin/HEAD"], main,
-                                  self.timeout, check=False)
+                                  self.disk.timeout, check=False)
             if code:
                 raise WorkspaceFailed(f"{task.repo} has no default branch: give the task a ref")
             ref = out.strip().removeprefix("refs/remotes/origin/")
         for name, branch in ((f"refs/remotes/origin/{ref}", ref), (f"refs/tags/{ref}", None),
                              (ref, None)):
             code, out = await git(["rev-parse", "--verify", "--quiet", "--end-of-options",
-                                   f"{name}^{{commit}}"], main, self.timeout, check=False)
+                                   f"{name}^{{commit}}"], main, self.disk.timeout, check=False)
             if code == 0:
                 return ref, out.strip(), branch
         raise WorkspaceFailed(f"ref {ref!r} is not a branch, tag or commit of {task.repo}")
@@ -4855,32 +5185,32 @@ class Workspaces:
     async def _reset_shared(self, task: Task, key: str, ref: str, commit: str,
                             branch: str | None) -> dict:
         """Put the shared tree at ``ref``; what the last task left there is kept first."""
-        main = self.main_path(key)
+        main = self.disk.main_path(key)
         kept = await self._keep_leftovers(task, key) if os.path.exists(
             os.path.join(main, ".git", "index")) else None  # a fresh clone has no checkout yet
         target = ["-B", branch, f"refs/remotes/origin/{branch}"] if branch else ["--detach", commit]
-        await git(["checkout", "--force", "--quiet", *target], main, self.timeout)
+        await git(["checkout", "--force", "--quiet", *target], main, self.disk.timeout)
         await self._submodules(main)
         return {"ref": ref, "commit": commit, "branch": branch, "stash": kept}
 
     async def _keep_leftovers(self, task: Task, key: str) -> str | None:
         """Stash the changes the previous task left in the shared tree, and keep its commits
         no remote has on a branch: never discarded. Says what it kept, or None."""
-        main, last = self.main_path(key), self.book.records[key].task
+        main, last = self.disk.main_path(key), self.book.records[key].task
         by = f"task {last}" if last is not None else "someone"
         kept = []
         _, changes = await git(["status", "--porcelain", "--untracked-files=normal"], main,
-                               self.timeout)
+                               self.disk.timeout)
         if changes.strip():
             message = f"sparkq: left by {by} before task {task.id}"
             await git(["stash", "push", "--include-untracked", "--quiet", "--message", message],
-                      main, self.timeout)
+                      main, self.disk.timeout)
             kept.append(f"stashed {message!r}")
         _, ahead = await git(["rev-list", "--count", "HEAD", "--not", "--remotes", "--tags"],
-                             main, self.timeout)
+                             main, self.disk.timeout)
         if int(ahead or 0):
             name = f"sparkq/kept-{last if last is not None else 'x'}-before-{task.id}"
-            await git(["branch", "--force", name, "HEAD"], main, self.timeout)
+            await git(["branch", "--force", name, "HEAD"], main, self.disk.timeout)
             kept.append(f"{int(ahead)} commits kept on branch {name}")
         if kept:
             log.info("workspace %s: before task %d: %s", key, task.id, "; ".join(kept))
@@ -4889,16 +5219,16 @@ class Workspaces:
     async def _worktree(self, task: Task, key: str, ref: str, commit: str) -> Workspace:
         """The task's own worktree, on branch sparkq/<id>: an earlier attempt's, or a new one."""
         ws_id, branch = str(task.id), f"sparkq/{task.id}"
-        path = os.path.join(self.home(key), "tasks", ws_id)
+        path = os.path.join(self.disk.home(key), "tasks", ws_id)
         ws = self.book.records.get(ws_id)
         if ws is not None and os.path.isdir(path):
             return ws  # as the earlier attempt left it
         if ws is not None:
             self._report(lambda: self.book.removed(ws_id, "its directory was gone", None,
                                                    time.time()))
-        main = self.main_path(key)
+        main = self.disk.main_path(key)
         if os.path.lexists(path):
-            _, head = await git(["rev-parse", "--abbrev-ref", "HEAD"], path, self.timeout,
+            _, head = await git(["rev-parse", "--abbrev-ref", "HEAD"], path, self.disk.timeout,
                                 check=False)
             if head.strip() != branch:
                 raise WorkspaceFailed(f"{path} exists and is not task {task.id}'s worktree: "
@@ -4906,7 +5236,7 @@ class Workspaces:
             log.warning("workspace %s: %s has no record (a crash after it was made); using it",
                         ws_id, path)
         else:
-            await self._check_budget()
+            await self.disk.check_budget()
             await self._add_worktree(main, path, branch, commit)
         self._report(lambda: self.book.created(ws_id, key, "worktree", path, task.repo,
                                                time.time(), task=task.id, branch=branch,
@@ -4918,93 +5248,18 @@ class Workspaces:
         """`git worktree add`: a new branch at ``commit``, or the task's branch if it is left."""
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         code, _ = await git(["rev-parse", "--verify", "--quiet", f"refs/heads/{branch}"], main,
-                            self.timeout, check=False)
+                            self.disk.timeout, check=False)
         if code == 0:  # its commits outlived its worktree: check them out again, lose nothing
-            await git(["worktree", "prune"], main, self.timeout)
-            await git(["worktree", "add", "--quiet", path, branch], main, self.timeout)
+            await git(["worktree", "prune"], main, self.disk.timeout)
+            await git(["worktree", "add", "--quiet", path, branch], main, self.disk.timeout)
         else:
             await git(["worktree", "add", "--quiet", "-b", branch, path, commit], main,
-                      self.timeout)
+                      self.disk.timeout)
 
     async def _submodules(self, path: str) -> None:
         if os.path.exists(os.path.join(path, ".gitmodules")):
             await git(["submodule", "update", "--init", "--recursive", "--quiet"], path,
-                      self.timeout)
-
-    async def _check_budget(self) -> None:
-        """Refuse a new clone or worktree while the workspaces use ``max_bytes`` or more."""
-        limit = self.config.workspaces.max_bytes
-        if limit is None:
-            return
-        await self.measure([ws.path for ws in self.book.records.values()])
-        used = sum(self.sizes.values())
-        if used >= limit:
-            raise WorkspaceFailed(f"workspaces use {used} bytes of workspaces.max_bytes {limit}: "
-                                  f"no new workspace until some are collected or removed")
-
-    # -- setup ----------------------------------------------------------------------------
-
-    def setup_command(self, task: Task) -> list[str] | None:
-        """The setup of a new workspace: its tool's or script's, else its repository's."""
-        if task.tool.startswith(SCRIPT_TOOL_PREFIX):
-            script = self.queue.scripts.get(task.tool[len(SCRIPT_TOOL_PREFIX):])
-            own = script and script.setup and shlex.split(script.setup)
-        else:
-            tool = self.config.tools.get(task.tool)
-            own = tool and tool.setup
-        if own:
-            return own
-        repos = {repo_key(name): repo for name, repo in self.config.workspaces.repos.items()}
-        settings = repos.get(repo_key(task.repo))
-        return settings and settings.setup
-
-    async def _setup(self, task: Task, ws: Workspace, log_write) -> None:
-        """Run the setup in a new workspace, its output in a section of the task's log."""
-        argv = self.setup_command(task)
-        if not argv:
-            return
-        shown, limit = shlex.join(argv), self.config.workspaces.setup_timeout
-        log_write(f"--- sparkqd: setup: {shown} (in {ws.path}) ---\n".encode())
-        started = time.monotonic()
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, cwd=ws.path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, start_new_session=True, env=child_environment(
-                    **workspace_environment(ws, task), SPARKQ_TASK_ID=str(task.id)))
-        except OSError as exc:
-            log_write(f"--- sparkqd: setup cannot start: {exc.strerror} ---\n".encode())
-            raise WorkspaceFailed(f"setup `{shown}` cannot start: {exc.strerror}") from None
-        tail = await self._setup_output(proc, log_write, limit)
-        code = proc.returncode
-        outcome = f"exited {code}" if code >= 0 else f"killed by signal {-code}"
-        if tail is None:
-            outcome, tail = f"timed out after {limit:g} s", ""
-        log_write(f"--- sparkqd: setup {outcome} after {time.monotonic() - started:.1f} s ---\n"
-                  .encode())
-        if code:
-            raise WorkspaceFailed(f"setup `{shown}` {outcome}" + (f": {tail}" if tail else ""))
-
-    async def _setup_output(self, proc, log_write, limit: float) -> str | None:
-        """Copy a setup's output to the log until it exits; its last lines, None at a timeout."""
-        last = bytearray()
-
-        async def pump():
-            while chunk := await proc.stdout.read(65536):
-                log_write(chunk)
-                last.extend(chunk)
-                del last[:-2048]
-            await proc.wait()
-        try:
-            await asyncio.wait_for(pump(), limit)
-        except (TimeoutError, asyncio.CancelledError) as exc:
-            signal_group(proc.pid, signal.SIGKILL)
-            await proc.wait()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            return None
-        signal_group(proc.pid, signal.SIGKILL)  # what it left behind does not outlive it
-        lines = [line for line in last.decode(errors="replace").splitlines() if line.strip()]
-        return " | ".join(lines[-3:])
+                      self.disk.timeout)
 
     # -- a claim over the socket: answered once its workspace is ready ----------------------
 
@@ -5014,7 +5269,7 @@ class Workspaces:
             conn.blocked.end()  # a claim that waited: its deadline must not answer now
         waiter = Waiter(conn, request, None, lambda: result(None))
         conn.block(waiter)
-        self._spawn(self._prepare_claimed(waiter, task, result))
+        self.disk.spawn(self._prepare_claimed(waiter, task, result))
         return WAITING
 
     async def _prepare_claimed(self, waiter: Waiter, task: Task, result) -> None:
@@ -5053,7 +5308,7 @@ class Workspaces:
             raise Unavailable(f"{request.__struct_config__.tag} needs a connection that waits")
         waiter = Waiter(conn, request, None, None)
         conn.block(waiter)
-        self._spawn(self._answer_later(waiter, work))
+        self.disk.spawn(self._answer_later(waiter, work))
         return WAITING
 
     async def _answer_later(self, waiter: Waiter, work) -> None:
@@ -5071,227 +5326,6 @@ class Workspaces:
         if waiter.active:
             waiter.conn.finish(waiter.request.id, result)
 
-    # -- what is left behind ------------------------------------------------------------------
-
-    async def _unsaved(self, ws: Workspace) -> tuple[bool, int]:
-        """(uncommitted changes?, commits and stashes no remote and not its ref holds)."""
-        index = os.path.join(ws.path, ".git", "index")
-        dirty = False
-        if ws.kind == "worktree" or os.path.exists(index):
-            _, changes = await git(["status", "--porcelain", "--untracked-files=normal"],
-                                   ws.path, self.timeout)
-            dirty = bool(changes.strip())
-        if ws.kind == "worktree":
-            _, tip = await git(["for-each-ref", "--format=%(objectname)",
-                                f"refs/heads/{ws.branch}"], ws.path, self.timeout)
-            base = await self._commit_of(ws)
-            revs = ["HEAD", *tip.split(), "--not", *([base] if base else []), "--remotes"]
-            stashes = 0
-        else:
-            revs = ["HEAD", "--branches", "--not", "--remotes", "--tags"]
-            _, listed = await git(["stash", "list"], ws.path, self.timeout)
-            stashes = len(listed.splitlines())
-        _, count = await git(["rev-list", "--count", *revs], ws.path, self.timeout)
-        return dirty, int(count or 0) + stashes
-
-    async def _commit_of(self, ws: Workspace) -> str | None:
-        """The commit a worktree's ref names now (after the collector's fetch), or None."""
-        main = self.main_path(ws.repo)
-        for name in (f"refs/remotes/origin/{ws.ref}", f"refs/tags/{ws.ref}", ws.commit):
-            code, out = await git(["rev-parse", "--verify", "--quiet", "--end-of-options",
-                                   f"{name}^{{commit}}"], main, self.timeout, check=False)
-            if code == 0:
-                return out.strip()
-        return None
-
-    async def _save(self, ws: Workspace) -> str | None:
-        """Save what removing a workspace would lose under saved/: a patch of its changes (a
-        worktree: all since its base commit, committed or not) and, for a shared clone, a
-        bundle of its stashes and the commits no remote has. Where, or None if nothing."""
-        saved = os.path.join(self.home(ws.repo), "saved")
-        name = ws.id if ws.kind == "worktree" else "main-" + time.strftime("%Y%m%dT%H%M%S")
-        try:
-            os.makedirs(saved, mode=0o700, exist_ok=True)
-            paths = [await self._save_patch(ws, os.path.join(saved, f"{name}.patch"))]
-            if ws.kind == "shared":
-                paths.append(await self._save_bundle(ws, os.path.join(saved, f"{name}.bundle")))
-        except OSError as exc:  # kept, then: nothing is removed that was not saved
-            where = f" ({exc.filename})" if exc.filename else ""
-            raise WorkspaceFailed(f"its changes cannot be saved: {exc.strerror}{where}") from None
-        return ", ".join(p for p in paths if p) or None
-
-    async def _save_patch(self, ws: Workspace, path: str) -> str | None:
-        if ws.kind == "shared" and not os.path.exists(os.path.join(ws.path, ".git", "index")):
-            return None  # never checked out: nothing uncommitted
-        base = ws.commit if ws.kind == "worktree" else "HEAD"
-        # Intent to add: new files show in the diff too.
-        await git(["add", "--all", "--intent-to-add", "--", "."], ws.path, self.timeout)
-        _, diff = await git(["diff", "--binary", base, "--"], ws.path, self.timeout, raw=True)
-        if not diff.strip():
-            return None
-        _, commits = await git(["log", "--format=# commit %H %s", f"{base}..HEAD"], ws.path,
-                               self.timeout)
-        header = (f"# sparkqd saved workspace {ws.id} ({ws.repo}, {ws.kind}, branch {ws.branch}, "
-                  f"ref {ws.ref}) at {rfc3339(time.time())}\n# every change since {base}, "
-                  f"committed or not; apply onto it with: git apply {os.path.basename(path)}\n"
-                  + commits)
-        await self._thread(durable_write, path, header.encode() + diff)
-        return path
-
-    async def _save_bundle(self, ws: Workspace, path: str) -> str | None:
-        _, stashes = await git(["stash", "list", "--format=%H"], ws.path, self.timeout)
-        for n, sha in enumerate(stashes.split()):  # each stash a ref, so the bundle holds it
-            await git(["update-ref", f"refs/sparkq-saved/stash-{n}", sha], ws.path, self.timeout)
-        await git(["bundle", "create", path, "HEAD", "--branches", "--glob=refs/sparkq-saved/*",
-                   "--not", "--remotes", "--tags"], ws.path, self.timeout, check=False)
-        return path if os.path.exists(path) else None  # nothing to bundle: git made none
-
-    async def _remove(self, ws: Workspace, save: bool, reason: str) -> str | None:
-        """Save (if asked) and remove a workspace and a worktree's branch; then record it."""
-        main = self.main_path(ws.repo)
-        patch = await self._save(ws) if save and os.path.isdir(ws.path) else None
-        holder = self.book.holder(self.book.records.get(ws.id, ws))
-        if holder is not None:  # claimed again while its changes were saved
-            raise WorkspaceFailed(f"its task {holder.id} is {holder.status} again")
-        # Moved aside at once and deleted in the background: the repository's other work
-        # waits for no tree of 10,000 files to be deleted.
-        trash = os.path.join(self.home(ws.repo), f"{TRASH_PREFIX}{ws.id.replace('/', '_')}-"
-                                                 f"{time.monotonic_ns()}")
-        if os.path.isdir(ws.path):
-            os.rename(ws.path, trash)
-        if ws.kind == "worktree" and os.path.isdir(main):
-            await git(["worktree", "prune"], main, self.timeout)
-            await git(["branch", "-D", ws.branch], main, self.timeout, check=False)
-        await self._thread(remove_empty_up_to, os.path.dirname(ws.path), self.root)
-        self.sizes.pop(ws.path, None)
-        self._report(lambda: self.book.removed(ws.id, reason, patch, time.time()))
-        if os.path.isdir(trash):
-            self._spawn(self._thread(shutil.rmtree, trash, True))
-        log.info("workspace %s removed: %s%s", ws.id, reason, f"; saved {patch}" if patch else "")
-        return patch
-
-    # -- the collector -----------------------------------------------------------------------
-
-    def due(self, now: float) -> float:
-        """The collector's turn on the daemon's one timer: started when due; its next time."""
-        if now >= self.next_collect and self.collecting is None:
-            self.next_collect = now + COLLECT_EVERY
-            self.collecting = self._spawn(self._collect_on_timer())
-        return self.next_collect
-
-    async def _collect_on_timer(self) -> None:
-        report = None
-        try:
-            report = await self.collect()
-        except Exception:
-            log.exception("workspace collection failed; retried within the hour")
-        finally:
-            self.collecting = None
-        # (min: a release during the collection asked for another soon)
-        self.next_collect = min(self.next_collect, self._next_collection(report))
-        self.rearm(self.next_collect)
-
-    def _next_collection(self, report: dict | None) -> float:
-        """An hour from now, sooner while a workspace is kept only for a process in it, and
-        when an idle one's keep_days (a worktree) or prune_days (a clone) run out."""
-        now, days = time.time(), self.config.workspaces
-        times = [now + COLLECT_EVERY]
-        if report and any(kept["why"].startswith("in use") for kept in report["kept"]):
-            times.append(now + RECHECK_IN_USE)
-        for ws in self.book.records.values():
-            keep = days.keep_days if ws.kind == "worktree" else days.prune_days
-            if ws.state == "idle" and self._last_use(ws) + keep * DAY > now:  # (past: kept for
-                times.append(self._last_use(ws) + keep * DAY)  # another reason, seen hourly)
-        return min(times)
-
-    @staticmethod
-    def _last_use(ws: Workspace) -> float:
-        return max(ws.created_at, ws.updated_at or 0, ws.released_at or 0)  # as Replies says
-
-    async def collect(self, dry_run: bool = False) -> dict:
-        """Remove every workspace nobody needs, saving first what it would lose; says what it
-        removed (or would) and what it kept, and why."""
-        cwds = await self._thread(working_directories)
-        report = {"dry_run": dry_run, "removed": [], "kept": []}
-        fetched: set[str] = set()
-        # Worktrees first: a shared clone goes only once the worktrees made from it have.
-        for ws_id in sorted(self.book.records, key=lambda i: self.book.records[i].kind == "shared"):
-            ws = self.book.records.get(ws_id)
-            if ws is None:
-                continue
-            async with self._lock(ws.repo):
-                ws = self.book.records.get(ws_id)
-                if ws is not None:
-                    await self._collect_one(ws, cwds, fetched, report)
-        await self.measure([ws.path for ws in self.book.records.values()])
-        return report
-
-    async def _collect_one(self, ws: Workspace, cwds: dict, fetched: set, report: dict) -> None:
-        try:
-            kept, reason, save = await self._verdict(ws, cwds, fetched)
-            entry = {"id": ws.id, "repo": ws.repo, "kind": ws.kind, "path": ws.path}
-            if kept is not None:
-                report["kept"].append({**entry, "why": kept})
-                return
-            patch = None if report["dry_run"] else await self._remove(ws, save, reason)
-            report["removed"].append({**entry, "reason": reason, "patch": patch})
-        except WorkspaceFailed as exc:
-            log.warning("workspace %s kept: %s", ws.id, exc)
-            report["kept"].append({"id": ws.id, "repo": ws.repo, "kind": ws.kind,
-                                   "path": ws.path, "why": f"cannot look at it: {exc}"})
-
-    async def _verdict(self, ws: Workspace, cwds: dict, fetched: set) -> tuple:
-        """(why it is kept, or None; why it goes; whether to save its changes first)."""
-        holder = self.book.holder(ws)
-        if holder is not None:
-            return f"its task {holder.id} is {holder.status}", None, False
-        if not os.path.isdir(ws.path):
-            return None, "its directory was gone", False
-        pids = processes_inside(ws.path, cwds)
-        if pids:
-            return f"in use: process {pids[0]} works inside it", None, False
-        idle = time.time() - self._last_use(ws)
-        if ws.kind == "shared":
-            return self._shared_verdict(ws, idle)
-        if ws.repo not in fetched:  # merged upstream counts: look once per repository
-            fetched.add(ws.repo)
-            await git(["fetch", "--prune", "--quiet", "origin"], self.main_path(ws.repo),
-                      self.timeout, check=False)
-        dirty, unmerged = await self._unsaved(ws)
-        if not dirty and not unmerged:
-            return None, "its task ended, its tree is clean and its branch merged or pushed", False
-        if idle > self.config.workspaces.keep_days * DAY:
-            return None, f"idle for {idle / DAY:.2f} days", True
-        why = "uncommitted changes" if dirty else (
-            f"{unmerged} commits on {ws.branch} not in {ws.ref} nor pushed")
-        return why, None, False
-
-    def _shared_verdict(self, ws: Workspace, idle: float) -> tuple:
-        worktrees = len(self.book.of_repo(ws.repo)) - 1
-        if worktrees:
-            return f"{worktrees} worktrees of it remain", None, False
-        if idle <= self.config.workspaces.prune_days * DAY:
-            return f"used {idle / DAY:.2f} days ago", None, False
-        return None, f"unused for {idle / DAY:.2f} days", True
-
-    def on_commit(self, events: list[Event], queue: Queue) -> None:
-        """A released workspace is measured; one whose task ended is collected soon."""
-        for event in events:
-            if type(event) is WorkspaceReleased and event.workspace in self.book.records:
-                self._spawn(self.measure([self.book.records[event.workspace].path]))
-                task = queue.tasks.get(event.task)
-                if task is None or task.status in TERMINAL:
-                    self.next_collect = min(self.next_collect, time.time() + 1.0)
-                    self.rearm(self.next_collect)
-
-    async def measure(self, paths: list[str]) -> None:
-        for path in paths:
-            if os.path.isdir(path):
-                self.sizes[path] = await self._thread(disk_usage, path)
-        live = {ws.path for ws in self.book.records.values()}
-        for path in [p for p in self.sizes if p not in live]:
-            del self.sizes[path]
-
     # -- requests -------------------------------------------------------------------------------
 
     def listing(self, req: WorkspaceList) -> list:
@@ -5307,13 +5341,13 @@ class Workspaces:
         else:
             key = repo_key(req.workspace)
             found = sorted(self.book.of_repo(key), key=lambda ws: ws.kind != "shared")
-        saved = os.path.join(self.home(key), "saved")
+        saved = os.path.join(self.disk.home(key), "saved")
         names = sorted(os.listdir(saved)) if os.path.isdir(saved) else []
         if req.workspace.isdigit():
             names = [n for n in names if n.startswith(f"{req.workspace}.")]
         elif not found and not names:
             raise NotFound(f"no workspace of repository {key}")
-        return {"repo": key, "path": self.home(key), "workspaces": found,
+        return {"repo": key, "path": self.disk.home(key), "workspaces": found,
                 "saved": [os.path.join(saved, n) for n in names]}
 
     def remove(self, req: WorkspaceRemove, conn: Connection | None) -> object:
@@ -5332,13 +5366,13 @@ class Workspaces:
             raise Conflict(f"worktrees of {ws.repo} remain: remove them first")
 
     async def _remove_by_hand(self, ws_id: str, force: bool) -> dict:
-        async with self._lock(self.book.named(ws_id).repo):
+        async with self.disk.lock(self.book.named(ws_id).repo):
             ws = self.book.named(ws_id)
             self._check_removable(ws)
             problems = []
             if os.path.isdir(ws.path):
-                pids = processes_inside(ws.path, await self._thread(working_directories))
-                dirty, unmerged = await self._unsaved(ws)
+                pids = processes_inside(ws.path, await self.disk.thread(working_directories))
+                dirty, unmerged = await self.collector.unsaved(ws)
                 problems = [why for why, found in (
                     (f"process {pids[0] if pids else 0} works inside it", pids),
                     ("it has uncommitted changes", dirty),
@@ -5347,16 +5381,16 @@ class Workspaces:
                 raise Conflict(f"workspace {ws.id} kept: {'; '.join(problems)} (--force saves "
                                f"its changes under saved/, then removes it)")
             reason = "removed by hand" + (f", forced: {'; '.join(problems)}" if problems else "")
-            patch = await self._remove(ws, bool(problems), reason)
+            patch = await self.collector.remove(ws, bool(problems), reason)
         return {"removed": ws.id, "path": ws.path, "patch": patch}
 
     def gc(self, req: WorkspaceGc, conn: Connection | None) -> object:
-        return self.later(conn, req, self.collect(req.dry_run))
+        return self.later(conn, req, self.collector.collect(req.dry_run))
 
     def summary(self) -> dict:
         """The workspaces in numbers, for `status`."""
         records = self.book.records.values()
-        return {"count": len(records), "bytes": sum(self.sizes.values()),
+        return {"count": len(records), "bytes": sum(self.disk.sizes.values()),
                 "worktrees": sum(1 for ws in records if ws.kind == "worktree"),
                 "unrecorded": self.unrecorded}
 
@@ -5365,13 +5399,14 @@ class Workspaces:
     async def start(self) -> None:
         """At startup: report checkouts that no record names (never removed), and end the
         attempts whose workspace a crash left half prepared (their claimer never heard)."""
-        if os.path.isdir(self.root):
+        if os.path.isdir(self.disk.root):
             known = {ws.path for ws in self.book.records.values()}
-            self.unrecorded, trash_found = await self._thread(scan_workspaces, self.root, known)
+            self.unrecorded, trash_found = await self.disk.thread(scan_workspaces, self.disk.root,
+                                                                  known)
             for trash in trash_found:
                 log.info("deleting %s: a removed workspace's tree, moved aside before a crash",
                          trash)
-                self._spawn(self._thread(shutil.rmtree, trash, True))
+                self.disk.spawn(self.disk.thread(shutil.rmtree, trash, True))
         for path in self.unrecorded:
             log.warning("workspace directory %s has no record (a crash while it was made, or "
                         "made by hand): left as it is; remove it yourself if nothing in it is "
@@ -5388,15 +5423,8 @@ class Workspaces:
         left = [(ws.id, ws.task) for ws in self.book.records.values() if ws.state != "idle"]
         if left:  # (only those whose task no longer runs are released)
             self._release_abandoned(left)
-        self._spawn(self.measure([ws.path for ws in self.book.records.values()]))
+        self.disk.spawn(self.disk.measure([ws.path for ws in self.book.records.values()]))
 
-    async def stop(self) -> None:
-        """Cancel what is under way: a preparation cut short fails its attempt."""
-        for job in list(self.jobs):
-            job.cancel()
-        if self.jobs:
-            await asyncio.wait(list(self.jobs), timeout=5)
-        self.executor.shutdown(wait=False)
 
 
 # ============================================================================
@@ -8464,15 +8492,18 @@ class Daemon:
         self.stats, self.workers = Stats(), WorkerRegistry()
         self.watchers = Watchers(self.replies)
         self.logs = TaskLogs(os.path.join(paths.data_dir, "logs"), self.queue, self.executor)
-        self.workspaces = Workspaces(config, self.queue, self.change, paths.data_dir, self.logs,
-                                     self._rearm)
-        self.replies.sizes = self.workspaces.sizes
+        self.disk = WorkspaceDisk(config, self.queue.workspaces, paths.data_dir)
+        self.collector = WorkspaceCollector(config, self.queue, self.change, self.disk,
+                                            self._rearm)
+        self.workspaces = Workspaces(config, self.queue, self.change, self.logs, self.disk,
+                                     self.collector)
+        self.replies.sizes = self.disk.sizes
         self.waiters = Waiters(self.queue, self.change, self.workers, self._rearm, self.workspaces)
         self.pool = Pool(config, self.queue, self.handle, self.change, self.logs,
                          self.watchers, paths.socket, self.workspaces)
         self.hooks = Hooks(config, self.queue, paths.socket)
         self.observers = (self.stats, self.watchers, self.waiters, self.pool, self.logs,
-                          self.hooks, self.workspaces)
+                          self.hooks, self.collector)
         self.connections.forgetters += [self.watchers.drop, self.logs.drop]
         self.started = time.time()
         self.stopping = False
@@ -8556,7 +8587,7 @@ class Daemon:
         self.server.close()
         self.web.stop_listening()
         await self.pool.stop()
-        await self.workspaces.stop()
+        await self.disk.stop()
         for conn in list(self.connections.open):
             conn.stop()
         self.web.stop_exchanges()
@@ -8639,7 +8670,7 @@ class Daemon:
             case History(): return reads.history(request, now)
             case Metrics(): return render_metrics(
                 queue, self.stats, self.journal, self.pool, self.snapshots, self.watchers,
-                self.started) + "\n".join(workspace_metrics(queue, self.workspaces.sizes)) + "\n"
+                self.started) + "\n".join(workspace_metrics(queue, self.disk.sizes)) + "\n"
             case Purge(): return queue.purge(request, now)
             case Tools(): return tools_view(self.config, queue.settings)
             case Reload(): return self.reload()
@@ -8718,7 +8749,8 @@ class Daemon:
             ("http.listen", self.config.http.listen, config.http.listen)) if old != new]
         if restart:
             log.warning("reload: %s take effect at the next restart", ", ".join(restart))
-        self.config = self.hooks.config = self.workspaces.config = config
+        self.config = self.hooks.config = config
+        self.workspaces.config = self.collector.config = self.disk.config = config
         self.queue.reconfigure(config, scan_scripts(config.script_dirs))
         self._sync_schedules()
         self.pool.reconfigure(config)
@@ -8796,7 +8828,7 @@ class Daemon:
             sync_at = self.journal.sync_deadline()
         next_metrics = self.metrics_file.due(now, self.config,
                                              lambda: self._dispatch(Metrics(), None, now))
-        next_collect = self.workspaces.due(now)
+        next_collect = self.collector.due(now)
         return [next_snapshot, next_tick, next_wait, sync_at, next_metrics, next_collect]
 
     def _timer_failed(self, exc: Exception, traceback: bool = False) -> None:
