@@ -3445,6 +3445,8 @@ class Journal:
         self._unsynced: set[Segment] = set()  #: segments written since their last fsync
         self._encode = msgspec.msgpack.Encoder().encode
         self.fsync_seconds = Histogram(FSYNC_BUCKETS)
+        #: called with the time an fsync no reply waited for is owed (the timer's wake-up)
+        self.on_owed = None
 
     # -- recovery -----------------------------------------------------------
 
@@ -3664,13 +3666,20 @@ class Journal:
             seq = self.last_seq
             self._unsynced.update(self._write(chunks))
             if self.failure or self.stalled:
-                return
+                return self._tell_owed()
             self.written_seq = seq
         if self.policy == "always" and self._waiters and self.synced_seq < self.written_seq:
             self._sync_unsynced()
-        self._close_synced()
+        if self.sealed:
+            self._close_synced()
         if release:
             self._release()
+        self._tell_owed()
+
+    def _tell_owed(self) -> None:
+        """Tell the timer when the next fsync (or a stalled write's retry) is owed."""
+        if self.on_owed is not None and (deadline := self.sync_deadline()) is not None:
+            self.on_owed(deadline)
 
     def _sync_unsynced(self) -> None:
         segments, self._unsynced = [s for s in self._unsynced if s.fd is not None], set()
@@ -8485,6 +8494,7 @@ class Daemon:
         self.journal = Journal(paths.journal, config.database.fsync,
                                config.database.fsync_interval_ms)
         self.queue.record = self.journal.record
+        self.journal.on_owed = self._rearm
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
         self.snapshots = Snapshots(Snapshot(paths.database), self.journal, self.queue,
                                    self.executor)
@@ -8713,7 +8723,6 @@ class Daemon:
             observer.on_commit(events, self.queue)
         self.queue.take_wakeups()
         self._rearm(self.queue.next_deadline())
-        self._rearm(self.journal.sync_deadline())
 
     def _rearm(self, deadline: float | None) -> None:
         """Wake the timer early for a deadline before the one it sleeps towards."""
