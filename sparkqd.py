@@ -106,6 +106,8 @@ import urllib.parse
 import zlib
 import zoneinfo
 from concurrent.futures import ThreadPoolExecutor
+from types import MappingProxyType
+from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import cronsim
@@ -3004,6 +3006,10 @@ class Workspace(Struct, frozen=True):
     stash: str | None = None  #: what it last kept of what a task left: a stash, commits
 
 
+NO_PLACE = (None, None, None)  #: (workspace, repo, ref) of a task without a repository
+NO_PLACE_FIELDS = MappingProxyType({"repo": None, "ref": None, "workspace": None, "lock": None})
+
+
 class WorkspaceBook:
     """The workspace records and the rules that change them; pure, like the Queue it is part of.
 
@@ -3031,13 +3037,16 @@ class WorkspaceBook:
             owner = self.queue.scripts.get(tool_name[len(SCRIPT_TOOL_PREFIX):])
         else:
             owner = self.queue.config.tools.get(tool_name)
-        return (owner.workspace, owner.repo, owner.ref) if owner else (None, None, None)
+        return (owner.workspace, owner.repo, owner.ref) if owner else NO_PLACE
 
-    def task_fields(self, req: Enqueue, tool_name: str) -> dict:
+    def task_fields(self, req: Enqueue, tool_name: str) -> Mapping[str, Any]:
         """The repo, ref and workspace of a new task (the request's, else its tool's or
         script's), and its lock: a shared workspace takes its repository's."""
+        defaults = self.defaults(tool_name)
+        if defaults == NO_PLACE and not (req.workspace or req.repo or req.ref or req.lock):
+            return NO_PLACE_FIELDS  # the common task: no repository, no lock
         kind, repo, ref = (mine or theirs for mine, theirs in zip(
-            (req.workspace, req.repo, req.ref), self.defaults(tool_name)))
+            (req.workspace, req.repo, req.ref), defaults))
         if kind not in (None, *WORKSPACE_KINDS):
             raise BadRequest(f"{tool_name}: workspace {kind!r} is not shared, worktree or none")
         kind = None if kind in (None, "none") else kind
@@ -3172,6 +3181,9 @@ class WorkspaceBook:
 # ============================================================================
 
 
+PLAIN = frozenset((bool, int, float, str, type(None)))  #: values already in wire form
+
+
 class Replies:
     """Results of the core (Structs) turned into what clients see: the one place records
     are built. Nothing inside the daemon reads a wire record back, nor changes one."""
@@ -3191,8 +3203,11 @@ class Replies:
             return [self.wire(v) for v in value]
         if kind is dict:
             return {k: self.wire(v) for k, v in value.items()}
-        if kind is TaskResult:
-            return {**self.task(value.task), **self.wire(value.extra)}
+        if kind is TaskResult:  # its extra fields are plain values ("existing", "next")
+            record = self.task(value.task).copy()
+            for key, extra in value.extra.items():
+                record[key] = extra if type(extra) in PLAIN else self.wire(extra)
+            return record
         if kind is TaskDetail:
             return self.task(value.task, with_history=True)
         if kind is Ended:
@@ -3447,6 +3462,8 @@ class Journal:
         self.fsync_seconds = Histogram(FSYNC_BUCKETS)
         #: called with the time an fsync no reply waited for is owed (the timer's wake-up)
         self.on_owed = None
+        #: the daemon's loop, held: Python 3.11's get_running_loop() costs a getpid() call
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- recovery -----------------------------------------------------------
 
@@ -3644,7 +3661,7 @@ class Journal:
     def _flush_soon(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            (self.loop or asyncio.get_running_loop()).call_soon(self.flush)
 
     def flush(self, release: bool = True) -> None:
         """Write what is buffered; under ``always``, fsync too if a reply waits for it.
@@ -8518,6 +8535,8 @@ class Daemon:
         self.started = time.time()
         self.stopping = False
         self.timer_deadline = 0.0
+        self.commit_due = False  #: a commit is scheduled for the end of this loop turn
+        self.loop: asyncio.AbstractEventLoop | None = None  #: set by run()
         self.timer_trouble: str | None = None  #: why the last timer turn failed, logged once
         self.metrics_file = MetricsFile(self.executor)
         self.web = Web(self)
@@ -8531,6 +8550,7 @@ class Daemon:
         """Take the socket and the data directory, recover, serve until told to stop, then
         stop cleanly."""
         self._stopped, self._timer_wake = asyncio.Event(), asyncio.Event()
+        self.loop = self.journal.loop = asyncio.get_running_loop()
         try:
             # Refusals that need no data come first: the socket (too long a path, a live
             # daemon on it), then the data directory's lock; only then is anything read.
@@ -8641,6 +8661,8 @@ class Daemon:
         """Carry out one request: its result (Structs), or WAITING when the reply comes
         later. A request that changes the queue goes through ``change``."""
         if request.read_only:
+            if self.commit_due:
+                self.commit()  # a read sees every observer (stats, workers) up to date
             return self._dispatch(request, conn, time.time())
         return self.change(lambda: self._dispatch(request, conn, time.time()),
                            request.journal_room)
@@ -8706,15 +8728,22 @@ class Daemon:
     def change(self, carry_out, room: int = 65536) -> Any:
         """Change the queue: room for ``room`` bytes reserved up front, each event
         journaled as it is emitted (see Queue.record), then committed; the one way
-        requests, the timer and the runner change state."""
+        requests, the timer and the runner change state.
+
+        The commit runs once per loop turn, after every connection that was ready has
+        been answered: the changes of one turn reach the observers together, and the
+        journal writes and fsyncs them together (group commit)."""
         self.journal.ensure_room(room)
         try:
             return carry_out()
         finally:
-            self.commit()
+            if not self.commit_due:
+                self.commit_due = True
+                self.loop.call_soon(self.commit)
 
     def commit(self) -> None:
         """Tell every observer what the queue emitted, then re-arm the timer."""
+        self.commit_due = False
         events = self.queue.take_events()
         if not events:
             return
