@@ -5573,9 +5573,14 @@ def label(value: str) -> str:
 def render_metrics(queue: Queue, stats: Stats, journal: Journal, pool: Pool,
                    snapshots: Snapshots, watchers: Watchers, started: float) -> str:
     """The daemon's state in the Prometheus text exposition format."""
-    workers = pool.summary()
-    failed = len(workers["failed"])
-    lines = [
+    lines = [*task_metrics(queue, stats), *upkeep_metrics(journal, pool, snapshots),
+             *schedule_and_server_metrics(queue, stats, watchers, started)]
+    return "\n".join(lines) + "\n"
+
+
+def task_metrics(queue: Queue, stats: Stats) -> list[str]:
+    """Tasks by status, how they ended, and how long they waited and ran."""
+    return [
         *metric("sparkq_tasks", "gauge", "Tasks by stream and status.",
                 [f'sparkq_tasks{{stream="{label(stream)}",status="{status}"}} {n}'
                  for stream, counts in queue.index.counts.items() for status, n in counts.items()]),
@@ -5590,6 +5595,14 @@ def render_metrics(queue: Queue, stats: Stats, journal: Journal, pool: Pool,
                 stats.wait.lines("sparkq_queue_wait_seconds")),
         *metric("sparkq_run_seconds", "histogram", "From claim to completed or failed.",
                 stats.run.lines("sparkq_run_seconds")),
+    ]
+
+
+def upkeep_metrics(journal: Journal, pool: Pool, snapshots: Snapshots) -> list[str]:
+    """The journal's fsyncs, the last snapshot, and the daemon's worker slots."""
+    workers = pool.summary()
+    failed = len(workers["failed"])
+    return [
         *metric("sparkq_journal_fsync_seconds", "histogram", "Journal fsync latency.",
                 journal.fsync_seconds.lines("sparkq_journal_fsync_seconds")),
         *metric("sparkq_snapshot_duration_seconds", "gauge", "Duration of the last snapshot.",
@@ -5602,6 +5615,13 @@ def render_metrics(queue: Queue, stats: Stats, journal: Journal, pool: Pool,
                  f'sparkq_workers{{state="failed"}} {failed}']),
         *metric("sparkq_worker_restarts_total", "counter", "Worker loops restarted.",
                 [f"sparkq_worker_restarts_total {workers['restarts']}"]),
+    ]
+
+
+def schedule_and_server_metrics(queue: Queue, stats: Stats, watchers: Watchers,
+                                started: float) -> list[str]:
+    """Schedules' firings and next fires, locks held, subscribers and uptime."""
+    return [
         *metric("sparkq_schedule_firings_total", "counter",
                 "Schedule slots since start, by outcome (fired, skipped_overlap, skipped_missed, "
                 "skipped_paused, skipped_error).",
@@ -5620,7 +5640,6 @@ def render_metrics(queue: Queue, stats: Stats, journal: Journal, pool: Pool,
         *metric("sparkq_uptime_seconds", "gauge", "Seconds since the daemon started.",
                 [f"sparkq_uptime_seconds {time.time() - started:.3f}"]),
     ]
-    return "\n".join(lines) + "\n"
 
 
 def write_atomically(path: str, text: str) -> None:
