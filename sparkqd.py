@@ -54,7 +54,8 @@ Sections, in the order the data flows:
 2. Configuration
 3. Model: records, results and events
 4. Protocol: requests and framing
-5. Queue core (pure: no I/O, the time is an argument): TaskIndex, Queue, QueueReads
+5. Queue core (pure: no I/O, the time is an argument): TaskIndex, Queue, QueueReads,
+   StreamBook, Runnables
 6. Replies: the core's results in wire form
 7. Journal
 8. Snapshot
@@ -1728,9 +1729,16 @@ class TaskIndex:
     def live_finish_log(self) -> list[tuple[float, int]]:
         return sorted((t.finished_at, t.id) for t in self.tasks.values() if t.status in TERMINAL)
 
+    def totals(self) -> dict[str, int]:
+        totals = dict.fromkeys(STATUSES, 0)
+        for counts in self.counts.values():
+            for status, n in counts.items():
+                totals[status] += n
+        return totals
+
 
 class Queue:
-    """Sessions, streams and tasks, with the rules that change them.
+    """Tasks, with the rules that change them; sessions and streams are its StreamBook.
 
     Each handler (``enqueue(request, now)``, ``claim``...) validates a request,
     emits the events that carry it out (each handed to ``record`` and then
@@ -1742,8 +1750,8 @@ class Queue:
     def __init__(self, config: Config, scripts: dict | None = None):
         self.config = config
         self.scripts: dict[str, Script] = scripts or {}  #: indexed from script_dirs by the daemon
-        self.sessions: dict[str, Session] = {}
-        self.streams: dict[str, Stream] = {}
+        self.runnables = Runnables(config, self.scripts)
+        self.stream_book = StreamBook(self)
         self.next_id = 1
         self.index = TaskIndex()
         #: Called with each event before it is applied; the daemon's journal encodes it and
@@ -1752,9 +1760,7 @@ class Queue:
         self._events: list[Event] = []
         self.workspaces = WorkspaceBook(self)
         self._apply = {
-            SessionCreated: self._apply_session_created, SessionEnded: self._apply_session_ended,
-            StreamCreated: self._apply_stream_created, StreamEnded: self._apply_stream_ended,
-            StreamPaused: self._apply_stream_paused, StreamResumed: self._apply_stream_resumed,
+            **self.stream_book.appliers(),
             TaskEnqueued: self._apply_enqueued, TaskReleased: self._apply_released,
             TaskClaimed: self._apply_claimed, TaskRunStarted: self._apply_run_started,
             TaskTouched: self._apply_touched,
@@ -1786,14 +1792,10 @@ class Queue:
         """(stream, tool) that gained claimable tasks and tasks that ended, since the last call."""
         return self.index.take_wakeups()
 
-    # What the daemon's parts read of the index.
+    # What the daemon's parts read most (the rest they read of ``index`` and ``stream_book``).
     tasks = property(lambda self: self.index.tasks)
-    counts = property(lambda self: self.index.counts)
-    lock_holder = property(lambda self: self.index.lock_holder)
-    keys = property(lambda self: self.index.keys)
-    dependents = property(lambda self: self.index.dependents)
-    became_ready = property(lambda self: self.index.became_ready)
-    finished = property(lambda self: self.index.finished)
+    sessions = property(lambda self: self.stream_book.sessions)
+    streams = property(lambda self: self.stream_book.streams)
 
     def apply(self, event: Event) -> None:
         """Change state by one event: the same path live and on replay."""
@@ -1817,20 +1819,9 @@ class Queue:
         """Take a reloaded configuration; leases already granted keep their expiry."""
         self.config = config
         self.scripts = scripts
+        self.runnables.config, self.runnables.scripts = config, scripts
 
     # -- lookups ------------------------------------------------------------
-
-    def session(self, name: str) -> Session:
-        try:
-            return self.sessions[name]
-        except KeyError:
-            raise NotFound(f"no session {name!r}") from None
-
-    def stream(self, name: str) -> Stream:
-        try:
-            return self.streams[name]
-        except KeyError:
-            raise NotFound(f"no stream {name!r}") from None
 
     def task(self, task_id: int) -> Task:
         try:
@@ -1851,92 +1842,15 @@ class Queue:
             raise Conflict(f"cannot {verb} task {task_id}: lease {lease} does not hold it ({why})")
         return task
 
-    def settings(self, tool_name: str, task_class: str | None = None) -> Settings:
-        """What a task of this tool (or ``script:NAME``) runs with: the one place that
-        resolves tool or script, then task class. (A request's own values come first.)"""
-        if tool_name.startswith(SCRIPT_TOOL_PREFIX):
-            script = self.scripts.get(tool_name[len(SCRIPT_TOOL_PREFIX):])
-            tool = script and Tool(task_class=script.task_class, timeout=script.timeout)
-        else:
-            tool = self.config.tools.get(tool_name)
-        classes = self.config.task_classes
-        if tool is None or tool.task_class not in classes:
-            name = task_class if task_class in classes else "MEDIUM_SCRIPT"
-            tool = Tool(task_class=name, timeout=tool and tool.timeout)
-        return resolve_settings(tool, classes.get(tool.task_class) or TaskClass(timeout=300))
-
-    def _what_to_run(self, req: Enqueue) -> tuple[str, Any]:
-        """The tool settings of an enqueue (a script's come from its header), and the payload."""
-        if (req.tool is None) == (req.script is None):
-            raise BadRequest("enqueue needs tool or script, and not both")
-        if req.script is not None:
-            script = self.scripts.get(req.script)
-            if script is None:
-                known = ", ".join(sorted(self.scripts)) or "none: set script_dirs"
-                raise NotFound(f"no script {req.script!r} (known: {known})")
-            if req.payload is not None:
-                raise BadRequest("a script takes args, not a payload")
-            return SCRIPT_TOOL_PREFIX + req.script, list(req.args or ())
-        if req.args is not None:
-            raise BadRequest("args go with script; give a tool a payload")
-        if req.tool not in self.config.tools:
-            known = ", ".join(sorted(self.config.tools)) or "none"
-            raise BadRequest(f"unknown tool {req.tool!r} (known: {known})")
-        return req.tool, req.payload
-
-    def _check_something_to_run(self, req: Enqueue) -> None:
-        if req.tool is not None:
-            check_payload_given(req.tool, self.config.tools[req.tool], req.payload)
-
-    # -- sessions and streams -----------------------------------------------
-
-    def session_create(self, req: SessionCreate, now: float) -> dict:
-        if req.name in self.sessions:
-            raise Conflict(f"session {req.name!r} exists already")
-        self._emit(SessionCreated(at=now, name=req.name))
-        return self.sessions[req.name]
-
-    def session_end(self, req: SessionEnd, now: float) -> dict:
-        if self.session(req.name).status == "ended":
-            raise Conflict(f"session {req.name!r} has ended already")
-        self._emit(SessionEnded(at=now, name=req.name))
-        return self.sessions[req.name]
-
-    def stream_create(self, req: StreamCreate, now: float) -> dict:
-        if self.session(req.session).status == "ended":
-            raise Conflict(f"session {req.session!r} has ended")
-        if req.name in self.streams:
-            raise Conflict(f"stream {req.name!r} exists already")
-        self._emit(StreamCreated(at=now, name=req.name, session=req.session))
-        return self.streams[req.name]
-
-    def stream_end(self, req: StreamEnd, now: float) -> dict:
-        if self.stream(req.name).status == "ended":
-            raise Conflict(f"stream {req.name!r} has ended already")
-        self._emit(StreamEnded(at=now, name=req.name))
-        return self.streams[req.name]
-
-    def stream_pause(self, req: StreamPause, now: float) -> dict:
-        if self.stream(req.name).paused:
-            raise Conflict(f"stream {req.name!r} is paused already")
-        self._emit(StreamPaused(at=now, name=req.name))
-        return self.streams[req.name]
-
-    def stream_resume(self, req: StreamResume, now: float) -> dict:
-        if not self.stream(req.name).paused:
-            raise Conflict(f"stream {req.name!r} is not paused")
-        self._emit(StreamResumed(at=now, name=req.name))
-        return self.streams[req.name]
-
     # -- enqueue ------------------------------------------------------------
 
     def enqueue(self, req: Enqueue, now: float, origin: tuple | None = None) -> TaskResult:
         """A new task (``origin``: the schedule and slot whose firing enqueues it)."""
-        stream = self.stream(req.stream)
+        stream = self.stream_book.stream(req.stream)
         if stream.status == "ended":
             raise Conflict(f"stream {stream.name!r} has ended and takes no new tasks")
-        tool_name, payload = self._what_to_run(req)
-        settings = self.settings(tool_name)
+        tool_name, payload = self.runnables.what_to_run(req)
+        settings = self.runnables.settings(tool_name)
         if req.delay is not None and req.at is not None:
             raise BadRequest("give delay or at, not both")
         ready_at = parse_time(req.at) if req.at is not None else (
@@ -1947,7 +1861,7 @@ class Queue:
         for dep in after:
             if dep not in self.index.tasks:
                 raise NotFound(f"no task {dep} (named in after)")
-        self._check_something_to_run(req)
+        self.runnables.check_something_to_run(req)
         placed = self.workspaces.task_fields(req, tool_name)  # repo, ref, workspace and lock
         if req.key is not None and (stream.name, req.key) in self.index.keys:  # valid, and known
             return TaskResult(self.index.tasks[self.index.keys[stream.name, req.key]], {"existing": True})
@@ -1968,16 +1882,12 @@ class Queue:
 
     # -- claim and peek -------------------------------------------------------
 
-    def streams_named(self, stream_names: list[str]) -> list[Stream]:
-        """The streams of these names; NotFound for one that does not exist."""
-        return [self.stream(name) for name in stream_names]
-
     def _best_ready(self, stream_names: list[str], tools: list[str] | None) -> Task | None:
         """The task a claim would take: highest priority, then oldest, across the filters."""
         best = None
-        self.streams_named(stream_names)
+        self.stream_book.streams_named(stream_names)
         for name in stream_names:
-            if self.streams[name].paused:
+            if self.stream_book.streams[name].paused:
                 continue
             by_tool = self.index.ready[name]
             for tool in (tools if tools is not None else list(by_tool)):
@@ -2017,17 +1927,10 @@ class Queue:
         """A failed attempt: retried after a back-off while attempts remain, else failed."""
         if not final and task.attempts < task.max_attempts:
             self._emit(TaskRetrying(at=now, id=task.id, reason=reason, by=by,
-                                    ready_at=now + self._backoff(task)))
+                                    ready_at=now + self.runnables.backoff(task)))
         else:
             self._emit(TaskFailed(at=now, id=task.id, reason=reason, by=by))
             self._settle_dependents(task.id, now)
-
-    def _backoff(self, task: Task) -> float:
-        """Exponential back-off for the attempt just failed; jitter only lengthens it."""
-        settings = self.settings(task.tool, task.task_class)
-        delay = min(settings.retry_backoff_max, settings.retry_backoff * 2 ** (task.attempts - 1))
-        jitter = (zlib.crc32(f"{task.id}:{task.attempts}".encode()) % 1024) / 4096  # [0, 0.25)
-        return delay * (1 + jitter)
 
     def _settle_dependents(self, task_id: int, now: float) -> None:
         """A task ended: release dependents whose every dependency completed, fail the rest."""
@@ -2105,7 +2008,7 @@ class Queue:
         if req.status is None:
             raise BadRequest("requeue needs task, or status (and optionally stream)")
         if req.stream is not None:
-            self.stream(req.stream)
+            self.stream_book.stream(req.stream)
         ids = [t.id for t in self.index.tasks.values()
                if t.status == req.status and (req.stream is None or t.stream == req.stream)]
         requeued = []
@@ -2180,38 +2083,10 @@ class Queue:
             fields.update(run_pid=None, run_start=None)  # the run is over once it leaves running
         self.index.put(msgspec.structs.replace(task, status=status, history=history, **fields), task)
 
-    def _apply_session_created(self, e: SessionCreated) -> None:
-        self.sessions[e.name] = self.index.changes.sessions[e.name] = Session(e.name, e.at)
-
-    def _apply_session_ended(self, e: SessionEnded) -> None:
-        session = msgspec.structs.replace(self.sessions[e.name], status="ended", ended_at=e.at)
-        self.sessions[e.name] = self.index.changes.sessions[e.name] = session
-        for stream in list(self.streams.values()):
-            if stream.session == e.name and stream.status != "ended":
-                self._apply_stream_ended(StreamEnded(at=e.at, name=stream.name))
-
-    def _apply_stream_created(self, e: StreamCreated) -> None:
-        self.streams[e.name] = self.index.changes.streams[e.name] = Stream(e.name, e.session, e.at)
-        self.index.add_stream(e.name)
-
-    def _replace_stream(self, name: str, **fields) -> None:
-        stream = msgspec.structs.replace(self.streams[name], **fields)
-        self.streams[name] = self.index.changes.streams[name] = stream
-
-    def _apply_stream_ended(self, e: StreamEnded) -> None:
-        self._replace_stream(e.name, status="ended", ended_at=e.at)
-
-    def _apply_stream_paused(self, e: StreamPaused) -> None:
-        self._replace_stream(e.name, paused=True)
-
-    def _apply_stream_resumed(self, e: StreamResumed) -> None:
-        self._replace_stream(e.name, paused=False)
-        self.index.became_ready.add((e.name, None))
-
     def _apply_enqueued(self, e: TaskEnqueued) -> None:
         status = "waiting" if e.waiting_for else "pending"
         history = ((e.at, status, None, f"enqueued, waits for {e.waiting_for}"),) if e.waiting_for else ()
-        task = Task(id=e.id, stream=self.streams[e.stream].name, tool=sys.intern(e.tool),
+        task = Task(id=e.id, stream=self.stream_book.streams[e.stream].name, tool=sys.intern(e.tool),
                     task_class=sys.intern(e.task_class), payload=e.payload, status=status,
                     priority=e.priority, timeout=e.timeout, created_at=e.at, history=history,
                     max_attempts=e.max_attempts, waiting_for=e.waiting_for,
@@ -2287,22 +2162,12 @@ class Queue:
              workspaces: list[Workspace] = ()) -> None:
         """Take the state of a snapshot and rebuild every index from it, in one pass."""
         self.workspaces.load(workspaces)
-        self.sessions = {s.name: s for s in sessions}
-        for s in streams:
-            self.streams[s.name] = s
-            self.index.add_stream(s.name)
+        self.stream_book.load(sessions, streams)
         for task in tasks:  # in id order: a task's dependencies are loaded before it
             self.index.put(task, None, loading=True)
         self.index.loaded()
         self.next_id = next_id
         self.schedules.load(schedules)
-
-    def totals(self) -> dict[str, int]:
-        totals = dict.fromkeys(STATUSES, 0)
-        for counts in self.index.counts.values():
-            for status, n in counts.items():
-                totals[status] += n
-        return totals
 
 
 class QueueReads:
@@ -2319,7 +2184,7 @@ class QueueReads:
 
     def stream_list(self, req: StreamList, now: float) -> list:
         if req.session is not None:
-            self.queue.session(req.session)
+            self.queue.stream_book.session(req.session)
         return [s for s in self.queue.streams.values()
                 if req.session is None or s.session == req.session]
 
@@ -2329,9 +2194,9 @@ class QueueReads:
     def list_tasks(self, req: ListTasks, now: float) -> list:
         """The tasks that pass every filter, oldest first (or newest), ``limit`` at most."""
         if req.stream is not None:
-            self.queue.stream(req.stream)
+            self.queue.stream_book.stream(req.stream)
         if req.session is not None:
-            self.queue.session(req.session)
+            self.queue.stream_book.session(req.session)
         limit = req.limit if req.limit is not None else len(self.queue.index.tasks)
         matches, out = self.task_filter(req), []
         for task in self.tasks_in_order(req):
@@ -2385,9 +2250,9 @@ class QueueReads:
     def history(self, req: History, now: float) -> list:
         """Ended tasks, newest first, with how long they waited and ran."""
         if req.stream is not None:
-            self.queue.stream(req.stream)
+            self.queue.stream_book.stream(req.stream)
         if req.session is not None:
-            self.queue.session(req.session)
+            self.queue.stream_book.session(req.session)
         since = parse_time(req.since) if req.since is not None else None
         limit = req.limit if req.limit is not None else len(self.queue.index.finish_log)
         out, stale, seen = [], 0, set()
@@ -2459,6 +2324,175 @@ def full_history(task: Task) -> tuple:
     if task.history and (task.history[0][3] or "").startswith("enqueued"):
         return task.history  # created waiting: the creation entry is stored
     return ((task.created_at, "pending", None, "enqueued"),) + task.history
+
+
+# -- sessions and streams ------------------------------------------------------------
+
+class StreamBook:
+    """The sessions and streams, and the rules that change them; pure, like the Queue it is part of.
+
+    A session's streams end with it; a paused stream keeps its tasks from claims.
+    """
+
+    def __init__(self, queue: Queue):
+        self.queue = queue
+        self.sessions: dict[str, Session] = {}
+        self.streams: dict[str, Stream] = {}
+
+    def appliers(self) -> dict:
+        return {SessionCreated: self._apply_session_created, SessionEnded: self._apply_session_ended,
+                StreamCreated: self._apply_stream_created, StreamEnded: self._apply_stream_ended,
+                StreamPaused: self._apply_stream_paused, StreamResumed: self._apply_stream_resumed}
+
+    def load(self, sessions: list[Session], streams: list[Stream]) -> None:
+        self.sessions = {s.name: s for s in sessions}
+        for s in streams:
+            self.streams[s.name] = s
+            self.queue.index.add_stream(s.name)
+
+    # -- lookups and requests ---------------------------------------------------------
+
+    def session(self, name: str) -> Session:
+        try:
+            return self.sessions[name]
+        except KeyError:
+            raise NotFound(f"no session {name!r}") from None
+
+    def stream(self, name: str) -> Stream:
+        try:
+            return self.streams[name]
+        except KeyError:
+            raise NotFound(f"no stream {name!r}") from None
+
+    def streams_named(self, stream_names: list[str]) -> list[Stream]:
+        """The streams of these names; NotFound for one that does not exist."""
+        return [self.stream(name) for name in stream_names]
+
+    def session_create(self, req: SessionCreate, now: float) -> dict:
+        if req.name in self.sessions:
+            raise Conflict(f"session {req.name!r} exists already")
+        self.queue._emit(SessionCreated(at=now, name=req.name))
+        return self.sessions[req.name]
+
+    def session_end(self, req: SessionEnd, now: float) -> dict:
+        if self.session(req.name).status == "ended":
+            raise Conflict(f"session {req.name!r} has ended already")
+        self.queue._emit(SessionEnded(at=now, name=req.name))
+        return self.sessions[req.name]
+
+    def stream_create(self, req: StreamCreate, now: float) -> dict:
+        if self.session(req.session).status == "ended":
+            raise Conflict(f"session {req.session!r} has ended")
+        if req.name in self.streams:
+            raise Conflict(f"stream {req.name!r} exists already")
+        self.queue._emit(StreamCreated(at=now, name=req.name, session=req.session))
+        return self.streams[req.name]
+
+    def stream_end(self, req: StreamEnd, now: float) -> dict:
+        if self.stream(req.name).status == "ended":
+            raise Conflict(f"stream {req.name!r} has ended already")
+        self.queue._emit(StreamEnded(at=now, name=req.name))
+        return self.streams[req.name]
+
+    def stream_pause(self, req: StreamPause, now: float) -> dict:
+        if self.stream(req.name).paused:
+            raise Conflict(f"stream {req.name!r} is paused already")
+        self.queue._emit(StreamPaused(at=now, name=req.name))
+        return self.streams[req.name]
+
+    def stream_resume(self, req: StreamResume, now: float) -> dict:
+        if not self.stream(req.name).paused:
+            raise Conflict(f"stream {req.name!r} is not paused")
+        self.queue._emit(StreamResumed(at=now, name=req.name))
+        return self.streams[req.name]
+
+    # -- apply: one method per event; these must never fail ------------------------
+
+    def _apply_session_created(self, e: SessionCreated) -> None:
+        self.sessions[e.name] = self.queue.index.changes.sessions[e.name] = Session(e.name, e.at)
+
+    def _apply_session_ended(self, e: SessionEnded) -> None:
+        session = msgspec.structs.replace(self.sessions[e.name], status="ended", ended_at=e.at)
+        self.sessions[e.name] = self.queue.index.changes.sessions[e.name] = session
+        for stream in list(self.streams.values()):
+            if stream.session == e.name and stream.status != "ended":
+                self._apply_stream_ended(StreamEnded(at=e.at, name=stream.name))
+
+    def _apply_stream_created(self, e: StreamCreated) -> None:
+        stream = Stream(e.name, e.session, e.at)
+        self.streams[e.name] = self.queue.index.changes.streams[e.name] = stream
+        self.queue.index.add_stream(e.name)
+
+    def _replace_stream(self, name: str, **fields) -> None:
+        stream = msgspec.structs.replace(self.streams[name], **fields)
+        self.streams[name] = self.queue.index.changes.streams[name] = stream
+
+    def _apply_stream_ended(self, e: StreamEnded) -> None:
+        self._replace_stream(e.name, status="ended", ended_at=e.at)
+
+    def _apply_stream_paused(self, e: StreamPaused) -> None:
+        self._replace_stream(e.name, paused=True)
+
+    def _apply_stream_resumed(self, e: StreamResumed) -> None:
+        self._replace_stream(e.name, paused=False)
+        self.queue.index.became_ready.add((e.name, None))
+
+
+# -- what a task runs with ------------------------------------------------------------
+
+class Runnables:
+    """The tools and scripts a task may run, and the settings each gives it; pure.
+
+    The Queue's configuration and scripts, kept in step by ``Queue.reconfigure``.
+    """
+
+    def __init__(self, config: Config, scripts: dict[str, Script]):
+        self.config = config
+        self.scripts = scripts
+
+    def settings(self, tool_name: str, task_class: str | None = None) -> Settings:
+        """What a task of this tool (or ``script:NAME``) runs with: the one place that
+        resolves tool or script, then task class. (A request's own values come first.)"""
+        if tool_name.startswith(SCRIPT_TOOL_PREFIX):
+            script = self.scripts.get(tool_name[len(SCRIPT_TOOL_PREFIX):])
+            tool = script and Tool(task_class=script.task_class, timeout=script.timeout)
+        else:
+            tool = self.config.tools.get(tool_name)
+        classes = self.config.task_classes
+        if tool is None or tool.task_class not in classes:
+            name = task_class if task_class in classes else "MEDIUM_SCRIPT"
+            tool = Tool(task_class=name, timeout=tool and tool.timeout)
+        return resolve_settings(tool, classes.get(tool.task_class) or TaskClass(timeout=300))
+
+    def what_to_run(self, req: Enqueue) -> tuple[str, Any]:
+        """The tool settings of an enqueue (a script's come from its header), and the payload."""
+        if (req.tool is None) == (req.script is None):
+            raise BadRequest("enqueue needs tool or script, and not both")
+        if req.script is not None:
+            script = self.scripts.get(req.script)
+            if script is None:
+                known = ", ".join(sorted(self.scripts)) or "none: set script_dirs"
+                raise NotFound(f"no script {req.script!r} (known: {known})")
+            if req.payload is not None:
+                raise BadRequest("a script takes args, not a payload")
+            return SCRIPT_TOOL_PREFIX + req.script, list(req.args or ())
+        if req.args is not None:
+            raise BadRequest("args go with script; give a tool a payload")
+        if req.tool not in self.config.tools:
+            known = ", ".join(sorted(self.config.tools)) or "none"
+            raise BadRequest(f"unknown tool {req.tool!r} (known: {known})")
+        return req.tool, req.payload
+
+    def check_something_to_run(self, req: Enqueue) -> None:
+        if req.tool is not None:
+            check_payload_given(req.tool, self.config.tools[req.tool], req.payload)
+
+    def backoff(self, task: Task) -> float:
+        """Exponential back-off for the attempt just failed; jitter only lengthens it."""
+        settings = self.settings(task.tool, task.task_class)
+        delay = min(settings.retry_backoff_max, settings.retry_backoff * 2 ** (task.attempts - 1))
+        jitter = (zlib.crc32(f"{task.id}:{task.attempts}".encode()) % 1024) / 4096  # [0, 0.25)
+        return delay * (1 + jitter)
 
 
 # -- schedules ------------------------------------------------------------------
@@ -2699,10 +2733,10 @@ class Schedules:
         """The enqueue of a firing, once every rule the core applies to it has let it pass:
         a firing refused for it changes nothing (no cancel under overlap: replace)."""
         request = self._enqueue_request(name, spec, slot)
-        if self.queue.stream(spec.stream).status == "ended":
+        if self.queue.stream_book.stream(spec.stream).status == "ended":
             raise Conflict(f"stream {spec.stream!r} has ended and takes no new tasks")
-        tool_name, _ = self.queue._what_to_run(request)
-        self.queue._check_something_to_run(request)
+        tool_name, _ = self.queue.runnables.what_to_run(request)
+        self.queue.runnables.check_something_to_run(request)
         self.queue.workspaces.task_fields(request, tool_name)
         return request
 
@@ -3232,7 +3266,7 @@ class Replies:
     def stream(self, s: Stream) -> dict:
         return {"name": s.name, "session": s.session, "status": s.status, "paused": s.paused,
                 "created_at": rfc3339(s.created_at), "ended_at": rfc3339(s.ended_at),
-                "counts": dict(self.queue.counts[s.name])}
+                "counts": dict(self.queue.index.counts[s.name])}
 
     def task(self, t: Task, with_history: bool = False) -> dict:
         if t is self._last[0] and not with_history:
@@ -4298,7 +4332,7 @@ class Pool:
     def on_commit(self, events: list[Event], queue: Queue) -> None:
         """Wake the slots for tasks they can run; end runs whose task moved on under them."""
         if self.slots and any(tool is None or tool in self.runnable
-                              for _, tool in queue.became_ready):
+                              for _, tool in queue.index.became_ready):
             self.wake.set()
         for run in self.runs.values():
             task = queue.tasks.get(run.task_id)
@@ -5556,12 +5590,17 @@ def label(value: str) -> str:
 def render_metrics(queue: Queue, stats: Stats, journal: Journal, pool: Pool,
                    snapshots: Snapshots, watchers: Watchers, started: float) -> str:
     """The daemon's state in the Prometheus text exposition format."""
-    workers = pool.summary()
-    failed = len(workers["failed"])
-    lines = [
+    lines = [*task_metrics(queue, stats), *upkeep_metrics(journal, pool, snapshots),
+             *schedule_and_server_metrics(queue, stats, watchers, started)]
+    return "\n".join(lines) + "\n"
+
+
+def task_metrics(queue: Queue, stats: Stats) -> list[str]:
+    """Tasks by status, how they ended, and how long they waited and ran."""
+    return [
         *metric("sparkq_tasks", "gauge", "Tasks by stream and status.",
                 [f'sparkq_tasks{{stream="{label(stream)}",status="{status}"}} {n}'
-                 for stream, counts in queue.counts.items() for status, n in counts.items()]),
+                 for stream, counts in queue.index.counts.items() for status, n in counts.items()]),
         *metric("sparkq_tasks_finished_total", "counter", "Tasks that ended, by outcome.",
                 [f'sparkq_tasks_finished_total{{stream="{label(stream)}",outcome="{outcome}"}} {n}'
                  for (stream, outcome), n in sorted(stats.finished.items())]),
@@ -5573,6 +5612,14 @@ def render_metrics(queue: Queue, stats: Stats, journal: Journal, pool: Pool,
                 stats.wait.lines("sparkq_queue_wait_seconds")),
         *metric("sparkq_run_seconds", "histogram", "From claim to completed or failed.",
                 stats.run.lines("sparkq_run_seconds")),
+    ]
+
+
+def upkeep_metrics(journal: Journal, pool: Pool, snapshots: Snapshots) -> list[str]:
+    """The journal's fsyncs, the last snapshot, and the daemon's worker slots."""
+    workers = pool.summary()
+    failed = len(workers["failed"])
+    return [
         *metric("sparkq_journal_fsync_seconds", "histogram", "Journal fsync latency.",
                 journal.fsync_seconds.lines("sparkq_journal_fsync_seconds")),
         *metric("sparkq_snapshot_duration_seconds", "gauge", "Duration of the last snapshot.",
@@ -5585,6 +5632,13 @@ def render_metrics(queue: Queue, stats: Stats, journal: Journal, pool: Pool,
                  f'sparkq_workers{{state="failed"}} {failed}']),
         *metric("sparkq_worker_restarts_total", "counter", "Worker loops restarted.",
                 [f"sparkq_worker_restarts_total {workers['restarts']}"]),
+    ]
+
+
+def schedule_and_server_metrics(queue: Queue, stats: Stats, watchers: Watchers,
+                                started: float) -> list[str]:
+    """Schedules' firings and next fires, locks held, subscribers and uptime."""
+    return [
         *metric("sparkq_schedule_firings_total", "counter",
                 "Schedule slots since start, by outcome (fired, skipped_overlap, skipped_missed, "
                 "skipped_paused, skipped_error).",
@@ -5597,13 +5651,12 @@ def render_metrics(queue: Queue, stats: Stats, journal: Journal, pool: Pool,
                  for s in queue.schedules.by_name.values()
                  if s.next_slot is not None and not s.paused]),
         *metric("sparkq_locks_held", "gauge", "Locks held by running tasks.",
-                [f"sparkq_locks_held {len(queue.lock_holder)}"]),
+                [f"sparkq_locks_held {len(queue.index.lock_holder)}"]),
         *metric("sparkq_subscribers", "gauge", "Connections watching events.",
                 [f"sparkq_subscribers {len(watchers.subscriptions)}"]),
         *metric("sparkq_uptime_seconds", "gauge", "Seconds since the daemon started.",
                 [f"sparkq_uptime_seconds {time.time() - started:.3f}"]),
     ]
-    return "\n".join(lines) + "\n"
 
 
 def write_atomically(path: str, text: str) -> None:
@@ -5834,7 +5887,7 @@ class TaskLogs:
 
     def on_commit(self, events: list[Event], queue: Queue) -> None:
         """End the streams of tasks that ended with no run; remove purged tasks' logs."""
-        for task_id in queue.finished:
+        for task_id in queue.index.finished:
             if task_id not in self.runs:
                 self.end(task_id)
         purged = [i for event in events if type(event) is TasksPurged for i in event.ids]
@@ -5883,8 +5936,8 @@ class Hooks:
         self.running = 0
 
     def on_commit(self, events: list[Event], queue: Queue) -> None:
-        if self.config.hooks.on_finish and queue.finished:
-            self.waiting.extend(queue.tasks[i] for i in queue.finished if i in queue.tasks)
+        if self.config.hooks.on_finish and queue.index.finished:
+            self.waiting.extend(queue.tasks[i] for i in queue.index.finished if i in queue.tasks)
             self._start_more()
 
     def _start_more(self) -> None:
@@ -6090,7 +6143,7 @@ class Waiters:
         (one request, one fsync: the worker loop)."""
         then = request.claim_next
         if then is not None:
-            self.queue.streams_named(names(then.stream))  # refused before anything finishes
+            self.queue.stream_book.streams_named(names(then.stream))  # refused before anything finishes
         finished = self.queue.complete(request, now) if type(request) is Complete else \
             self.queue.fail(request, now)
         self.noted(request, finished, now)
@@ -6128,9 +6181,9 @@ class Waiters:
     def on_commit(self, events: list[Event], queue: Queue) -> None:
         """Retry, on the next loop turn, what waits on streams that gained tasks or tasks
         that ended."""
-        for stream in {stream for stream, _ in queue.became_ready}:
+        for stream in {stream for stream, _ in queue.index.became_ready}:
             self._wake(("stream", stream))
-        for task_id in queue.finished:
+        for task_id in queue.index.finished:
             self._wake(("task", task_id))
 
     def _wake(self, key: tuple) -> None:
@@ -8311,8 +8364,8 @@ def status_view(paths: Paths, queue: Queue, journal: Journal, snapshots: Snapsho
         "data_dir": paths.data_dir, "database": paths.database, "config": paths.config,
         # where a run starts when its tool names no cwd
         "cwd": os.path.abspath(os.path.expanduser(repo)) if repo else os.getcwd(),
-        "counts": queue.totals(), "tasks": len(queue.tasks), "sessions": len(queue.sessions),
-        "streams": len(queue.streams), "locks": len(queue.lock_holder),
+        "counts": queue.index.totals(), "tasks": len(queue.tasks), "sessions": len(queue.sessions),
+        "streams": len(queue.streams), "locks": len(queue.index.lock_holder),
         "connections": connections, "workers": pool.summary(),
         "journal": {"seq": journal.last_seq, "durable_seq": journal.durable_seq,
                     "fsync": journal.policy, "segments": len(journal.sealed) + 1,
@@ -8390,7 +8443,7 @@ def local_zone_name(env=os.environ) -> str:
 
 def status_line(queue: Queue, pool: Pool) -> str:
     """The queue in one line, for the service manager's STATUS=."""
-    counts, workers = queue.totals(), pool.summary()
+    counts, workers = queue.index.totals(), pool.summary()
     return (f"STATUS={counts['pending']} pending, {counts['waiting']} waiting, "
             f"{counts['running']} running, {counts['failed']} failed; "
             f"workers {workers['busy']}/{workers['slots']} busy")
@@ -8676,14 +8729,14 @@ class Daemon:
                 self.paths, queue, self.journal, self.snapshots, self.pool,
                 len(self.connections.open), self.started, self.web.status()),
                 "workspaces": self.workspaces.summary()}
-            case SessionCreate(): return queue.session_create(request, now)
-            case SessionEnd(): return queue.session_end(request, now)
+            case SessionCreate(): return queue.stream_book.session_create(request, now)
+            case SessionEnd(): return queue.stream_book.session_end(request, now)
             case SessionList(): return reads.session_list(request, now)
-            case StreamCreate(): return queue.stream_create(request, now)
-            case StreamEnd(): return queue.stream_end(request, now)
+            case StreamCreate(): return queue.stream_book.stream_create(request, now)
+            case StreamEnd(): return queue.stream_book.stream_end(request, now)
             case StreamList(): return reads.stream_list(request, now)
-            case StreamPause(): return queue.stream_pause(request, now)
-            case StreamResume(): return queue.stream_resume(request, now)
+            case StreamPause(): return queue.stream_book.stream_pause(request, now)
+            case StreamResume(): return queue.stream_book.stream_resume(request, now)
             case Enqueue(): return queue.enqueue(request, now)
             case Peek(): return queue.peek(request, now)
             case Claim(): return waiters.claim(request, conn, now)
@@ -8704,7 +8757,7 @@ class Daemon:
                 queue, self.stats, self.journal, self.pool, self.snapshots, self.watchers,
                 self.started) + "\n".join(workspace_metrics(queue, self.disk.sizes)) + "\n"
             case Purge(): return queue.purge(request, now)
-            case Tools(): return tools_view(self.config, queue.settings)
+            case Tools(): return tools_view(self.config, queue.runnables.settings)
             case Reload(): return self.reload()
             case Shutdown(): return self.stop_soon()
             case Schema(): return request_schema()

@@ -48,7 +48,8 @@ def core_call(queue, request, now):
     import sparkqd
     tag = type(request).__struct_config__.tag
     method = {"task": "get_task", "tasks": "list_tasks"}.get(tag, tag.replace(".", "_"))
-    handler = getattr(queue, method, None) or getattr(sparkqd.QueueReads(queue), method)
+    handler = (getattr(queue, method, None) or getattr(queue.stream_book, method, None)
+               or getattr(sparkqd.QueueReads(queue), method))
     return sparkqd.Replies(queue).wire(handler(request, now))
 
 

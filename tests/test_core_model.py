@@ -211,9 +211,9 @@ def observable_state(queue):
         "tasks": {t.id: sparkqd.Replies(queue).task(t, True) for t in queue.tasks.values()},
         "task objects": dict(queue.tasks),
         "next_id": queue.next_id,
-        "counts": queue.counts,
-        "lock_holder": queue.lock_holder,
-        "keys": queue.keys,
+        "counts": queue.index.counts,
+        "lock_holder": queue.index.lock_holder,
+        "keys": queue.index.keys,
     }
 
 
@@ -703,13 +703,13 @@ class QueueMachine(RuleBasedStateMachine):
                 assert (t.ready_at, t.id) in index.delay_heap
             elif t.status in TERMINAL:
                 assert (t.finished_at, t.id) in index.purge_heap
-        assert q.counts == recount, (q.counts, recount)
+        assert index.counts == recount, (index.counts, recount)
 
     def check_no_two_running_tasks_share_a_lock(self):
         running = [t for t in self.queue.tasks.values() if t.status == "running"]
         groups = [self.lock_group[t.id] for t in running if self.lock_group.get(t.id)]
         assert len(groups) == len(set(groups)), f"two running tasks hold one lock: {groups}"
-        assert self.queue.lock_holder == {t.lock: t.id for t in running if t.lock is not None}
+        assert self.queue.index.lock_holder == {t.lock: t.id for t in running if t.lock is not None}
 
     def check_leases_belong_to_running_tasks(self):
         for t in self.queue.tasks.values():
@@ -741,7 +741,7 @@ class QueueMachine(RuleBasedStateMachine):
                         f"task {t.id} still waits though every dependency ended: {deps}"
                 for d in t.after:
                     if self.status_of(d) not in TERMINAL:
-                        assert t.id in self.queue.dependents.get(d, ()), \
+                        assert t.id in self.queue.index.dependents.get(d, ()), \
                             f"task {t.id} would never hear that {d} ended"
 
     def check_pending_and_running_tasks_had_their_dependencies_complete(self):

@@ -885,7 +885,7 @@ def test_a_schedule_whose_firings_would_be_refused_is_refused_at_create():
     with pytest.raises(BadRequest, match="workspace worktree needs a repo"):
         core.send("schedule.create", name="s", tool="agent", every="1h")
     core.send("stream.create", name="gone", session="default")
-    core.queue.stream_end(request("stream.end", name="gone"), T0)
+    core.queue.stream_book.stream_end(request("stream.end", name="gone"), T0)
     with pytest.raises(Conflict, match="has ended"):
         core.send("schedule.create", name="t", tool="fixer", every="1h", stream="gone")
     assert not core.queue.schedules.by_name
@@ -909,7 +909,7 @@ def test_manual_fire_refused_for_an_ended_stream_changes_nothing():
     core.send("schedule.fire", name="s")
     first = core.schedule().last_task
     core.take()
-    core.queue.stream_end(request("stream.end", name="w"), T0)
+    core.queue.stream_book.stream_end(request("stream.end", name="w"), T0)
     core.take()
     with pytest.raises(Conflict, match="has ended"):
         core.send("schedule.fire", name="s")
@@ -923,7 +923,7 @@ def test_replace_keeps_the_running_task_when_the_new_one_cannot_be_enqueued():
     core.create(every="1h", stream="w", overlap="replace")
     core.tick_at(T0 + H)
     first = core.schedule().last_task
-    core.queue.stream_end(request("stream.end", name="w"), T0 + H)
+    core.queue.stream_book.stream_end(request("stream.end", name="w"), T0 + H)
     events = core.tick_at(T0 + 2 * H)
     assert [(e.why.partition(":")[0]) for e in events if type(e) is ScheduleSkipped] == ["error"]
     assert core.queue.tasks[first].status == "pending"
