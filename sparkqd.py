@@ -1819,7 +1819,7 @@ class Queue:
         """Take a reloaded configuration; leases already granted keep their expiry."""
         self.config = config
         self.scripts = scripts
-        self.runnables.config, self.runnables.scripts = config, scripts
+        self.runnables.reconfigure(config, scripts)
 
     # -- lookups ------------------------------------------------------------
 
@@ -2447,12 +2447,24 @@ class Runnables:
     """
 
     def __init__(self, config: Config, scripts: dict[str, Script]):
+        self.reconfigure(config, scripts)
+
+    def reconfigure(self, config: Config, scripts: dict[str, Script]) -> None:
         self.config = config
         self.scripts = scripts
+        self._settings: dict[tuple[str, str | None], Settings] = {}  #: resolved, per tool
 
     def settings(self, tool_name: str, task_class: str | None = None) -> Settings:
         """What a task of this tool (or ``script:NAME``) runs with: the one place that
         resolves tool or script, then task class. (A request's own values come first.)"""
+        known = self._settings.get((tool_name, task_class))
+        if known is None:
+            if len(self._settings) > 4096:  # tasks of many since-removed scripts
+                self._settings.clear()
+            known = self._settings[tool_name, task_class] = self._resolve(tool_name, task_class)
+        return known
+
+    def _resolve(self, tool_name: str, task_class: str | None) -> Settings:
         if tool_name.startswith(SCRIPT_TOOL_PREFIX):
             script = self.scripts.get(tool_name[len(SCRIPT_TOOL_PREFIX):])
             tool = script and Tool(task_class=script.task_class, timeout=script.timeout)
