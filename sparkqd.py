@@ -6097,6 +6097,7 @@ class Waiters:
         self.deadlines: list[tuple[float, int, Waiter]] = []
         self._order = itertools.count()
         self._parks = 0  #: counts parks, to sweep answered waiters out of the heap now and then
+        self._draining: set[str] = set()  #: streams whose parked claims are retried next turn
 
     def park(self, conn: Connection, request: Request, keys: list[tuple], wait: float | None,
              retry, expire) -> object:
@@ -6191,12 +6192,45 @@ class Waiters:
             waiting.append(waiter)
 
     def on_commit(self, events: list[Event], queue: Queue) -> None:
-        """Retry, on the next loop turn, what waits on streams that gained tasks or tasks
-        that ended."""
+        """On the next loop turn: hand the tasks that became claimable to the claims parked
+        on their streams, and retry what waits on tasks that ended."""
         for stream in {stream for stream, _ in queue.index.became_ready}:
-            self._wake(("stream", stream))
+            if ("stream", stream) in self.parked and stream not in self._draining:
+                self._draining.add(stream)
+                asyncio.get_running_loop().call_soon(self._drain, stream)
         for task_id in queue.index.finished:
             self._wake(("task", task_id))
+
+    def _drain(self, stream: str) -> None:
+        """Retry the claims parked on a stream, oldest first, only while it holds a task
+        one could take: an enqueue wakes one claim, not every claim that waits (a claim
+        that finds nothing for its tools keeps its place and the next one is tried)."""
+        self._draining.discard(stream)
+        key = ("stream", stream)
+        waiting, again, tried = self.parked.pop(key, []), [], 0
+        while tried < len(waiting) and self._claimable(stream):
+            waiter = waiting[tried]
+            tried += 1
+            if waiter.active:
+                waiter.keys.discard(key)
+                if keys := self._retry(waiter):
+                    again.append((waiter, keys))
+        front = []
+        for waiter, keys in again:
+            if key in keys:
+                front.append(waiter)
+                waiter.keys.add(key)
+            self._register(waiter, [k for k in keys if k != key])
+        rest = front + [w for w in waiting[tried:] if w.active]
+        if rest:
+            self.parked[key] = rest + self.parked.pop(key, [])
+
+    def _claimable(self, stream: str) -> bool:
+        """Whether a claim on ``stream`` could take a task now (for some tool)."""
+        index = self.queue.index
+        found = self.queue.streams.get(stream)
+        return found is not None and not found.paused and any(
+            index.top(stream, tool) is not None for tool in index.ready[stream])
 
     def _wake(self, key: tuple) -> None:
         waiting = self.parked.pop(key, None)
@@ -6205,24 +6239,33 @@ class Waiters:
             for waiter in waiting:
                 if waiter.active:
                     waiter.keys.discard(key)
-                    loop.call_soon(self._retry, waiter)
+                    loop.call_soon(self._retry_parked, waiter)
 
-    def _retry(self, waiter: Waiter) -> None:
+    def _retry_parked(self, waiter: Waiter) -> None:
+        if keys := self._retry(waiter):
+            self._register(waiter, keys)
+
+    def _retry(self, waiter: Waiter) -> list[tuple] | None:
+        """Try a woken waiter again: the keys it waits on still, or None once answered
+        (or gone)."""
         if not waiter.active:
-            return  # answered, timed out or gone since
+            return None  # answered, timed out or gone since
         if waiter.conn.peer_gone():
             waiter.conn.close()
-            return
+            return None
         try:
             result, keys = waiter.retry()
         except SparkQError as exc:
             if waiter.changed_already:  # the finish stands: say so, with no next task
-                return waiter.conn.finish(waiter.request.id, waiter.expire())
-            return waiter.conn.finish_error(waiter.request.id, exc)
+                waiter.conn.finish(waiter.request.id, waiter.expire())
+            else:
+                waiter.conn.finish_error(waiter.request.id, exc)
+            return None
         if keys:  # someone else was quicker, or not everything waited for has ended
-            self._register(waiter, keys)
-        elif result is not WAITING:  # (WAITING: answered once the task's workspace is ready)
+            return keys
+        if result is not WAITING:  # (WAITING: answered once the task's workspace is ready)
             waiter.conn.finish(waiter.request.id, result)
+        return None
 
     def tick(self, now: float) -> float | None:
         """Answer the waiters whose time ran out; returns the next deadline."""

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import select
 import signal
 import socket
 import stat
@@ -433,6 +434,66 @@ def test_claim_wait_of_gone_client_leaves_task(daemon):
     wait_until(lambda: connections(daemon) == 2, message="the daemon to see the client go")
     task = enqueue(other)
     assert other.ok(op="claim")["id"] == task["id"]
+
+
+def parked(daemon, *workers):
+    """Wait until the daemon has taken these workers' claims (they are parked)."""
+    wait_until(lambda: set(workers) <= {w["name"] for w in daemon.ok(op="workers")},
+               message=f"the claims of {workers} to be parked")
+
+
+def silent(conn, seconds=0.3) -> bool:
+    """Whether nothing arrives on ``conn`` for ``seconds``: its request still waits."""
+    return not select.select([conn.sock], [], [], seconds)[0]
+
+
+def test_an_enqueue_goes_to_the_longest_waiting_claim_and_the_others_keep_waiting(daemon):
+    """Three claims wait; one task goes to the first of them, and the other two keep waiting
+    (and their places) until two more tasks arrive together."""
+    waiters = [connect(daemon) for _ in range(3)]
+    for n, waiter in enumerate(waiters):
+        waiter.send(op="claim", wait=20, worker=f"w{n}")
+        parked(daemon, f"w{n}")
+    producer = connect(daemon)
+    first = enqueue(producer, payload="one")
+    assert waiters[0].recv()["result"]["id"] == first["id"]
+    assert silent(waiters[1]) and silent(waiters[2], 0)
+    producer.send_raw(b"".join(producer.frame({"op": "enqueue", "tool": "llm-haiku", "payload": p})
+                               for p in ("two", "three")))
+    ids = [producer.recv()["result"]["id"] for _ in range(2)]
+    assert [w.recv()["result"]["id"] for w in waiters[1:]] == ids
+
+
+def test_a_waiting_claim_for_other_tools_keeps_its_place_while_a_later_one_is_served(daemon):
+    """A task only the second waiting claim's tool filter takes goes to it; the first claim
+    still gets the next task of its own tool."""
+    sonnet, haiku, producer = connect(daemon), connect(daemon), connect(daemon)
+    sonnet.send(op="claim", tool="llm-sonnet", wait=20, worker="s")
+    parked(daemon, "s")
+    haiku.send(op="claim", tool="llm-haiku", wait=20, worker="h")
+    parked(daemon, "h")
+    task = enqueue(producer, payload="for haiku")
+    assert haiku.recv()["result"]["id"] == task["id"]
+    assert silent(sonnet)
+    later = producer.ok(op="enqueue", tool="llm-sonnet", payload="for sonnet")
+    assert sonnet.recv()["result"]["id"] == later["id"]
+
+
+def test_a_claim_waiting_on_two_streams_takes_one_task_and_leaves_the_other(daemon):
+    """A claim waiting on two streams takes one of two tasks that arrive together; the claim
+    waiting on one of those streams behind it gets the other."""
+    producer = connect(daemon)
+    producer.ok(op="stream.create", name="second", session="default")
+    both, one = connect(daemon), connect(daemon)
+    both.send(op="claim", stream=["default", "second"], wait=20, worker="both")
+    parked(daemon, "both")
+    one.send(op="claim", stream="default", wait=20, worker="one")
+    parked(daemon, "one")
+    producer.send_raw(b"".join(producer.frame(
+        {"op": "enqueue", "stream": stream, "tool": "llm-haiku"}) for stream in ("second", "default")))
+    second, default = (producer.recv()["result"]["id"] for _ in range(2))
+    assert both.recv()["result"]["id"] == second  # the oldest task of the two it could take
+    assert one.recv()["result"]["id"] == default
 
 
 def test_sixteen_claimers_take_each_task_once(daemon):
