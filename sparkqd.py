@@ -14,12 +14,15 @@ A request's path: ``Connection`` splits and decodes frames into request
 Structs and hands each to ``Daemon.handle``, the one dispatch (a ``match``
 with one short arm per request). A request that changes the queue runs inside
 ``Daemon.change``, the one change pipeline (reserve journal room, run the core,
-commit), which the timer's ``tick`` and the runner use too. ``commit`` hands
-the events to the observers (stats, watchers, waiters, the pool, task logs,
-hooks), each an ``on_commit(events, queue)``. The core returns Structs;
-``Replies`` renders them to wire form at the edge. Requests that wait (a claim
-with ``wait``, ``wait``, a ``claim_next`` that waits) are parked in
-``Waiters`` and timed out by the one timer.
+commit), which the timer's ``tick`` and the runner use too. ``commit`` runs once
+per loop turn, after every ready connection has been answered, and hands that
+turn's events to the observers (stats, watchers, waiters, the pool, task logs,
+hooks), each an ``on_commit(events, queue)``; a read sees them first. The core
+returns Structs; ``Replies`` renders them to wire form at the edge. Requests
+that wait (a claim with ``wait``, ``wait``, a ``claim_next`` that waits) are
+parked in ``Waiters`` and timed out by the one timer; a task that becomes
+claimable goes to the claim that has waited longest for it, and only that
+one is retried.
 
 A task may name a repository and ask for a workspace: the repository's shared clone
 (one task at a time, under its lock) or a git worktree of its own. The ``Workspaces``
