@@ -4653,7 +4653,7 @@ def repo_dir(key: str) -> str:
     """A repository's directory under workspaces/, made of its key: safe as a path."""
     parts = [re.sub(r"[^\w.@+-]", "_", part) for part in key.split("/")
              if part not in ("", ".", "..")]
-    return os.path.join(*parts)
+    return os.path.join(*parts) if parts else "_"  # a key of no usable part (a name like "/")
 
 
 async def git(args: list[str], cwd: str, timeout: float, check: bool = True,

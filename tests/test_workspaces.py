@@ -680,3 +680,11 @@ def test_watching_a_task_sees_its_worktree_removed(start):
     removed = seen[2]
     assert removed["workspace"]["id"] == str(task_id) and removed["workspace"]["task"] == task_id
     assert removed["workspace"]["state"] == "removed" and "clean" in removed["workspace"]["reason"]
+
+
+def test_showing_a_repository_whose_name_has_no_usable_part_is_not_found(start):
+    """A name that reduces to no directory (`/`, stray punctuation) is simply not found."""
+    d = start()
+    for name in ("/", "=\x8d\xe5\xe5\xc8\x07\xa9\xbe\U000f9456\xe2", "file:///"):
+        reply = d.call(op="workspace.show", workspace=name)
+        assert reply["error"]["code"] == "not_found", (name, reply)
