@@ -103,6 +103,7 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import zlib
@@ -3487,8 +3488,9 @@ class Journal:
     """
 
     def __init__(self, directory: str, policy: str = "always", interval_ms: int = 10,
-                 segment_bytes: int = SEGMENT_BYTES):
+                 segment_bytes: int = SEGMENT_BYTES, clock=time.time):
         self.directory = directory
+        self.clock = clock  #: the daemon's clock: its deadlines are the timer's
         self.policy = policy
         self.interval = interval_ms / 1000
         self.segment_bytes = segment_bytes
@@ -3795,7 +3797,7 @@ class Journal:
         return written_to
 
     def _stall(self, reason: str) -> None:
-        self.retry_at = time.time() + 1.0
+        self.retry_at = self.clock() + 1.0
         if self.stalled is None:
             log.error("journal: %s; changes are refused and replies wait until there is room",
                       reason)
@@ -3811,7 +3813,7 @@ class Journal:
                 return
         self.fsync_seconds.observe(time.perf_counter() - started)
         self.synced_seq = max(self.synced_seq, seq)
-        self.last_sync = time.time()
+        self.last_sync = self.clock()
 
     def _fail(self, reason: str) -> None:
         log.error("journal: %s; refusing further changes", reason)
@@ -4290,11 +4292,11 @@ class Slot:
         self.last_seen = time.time()
 
 
-def interrupt_attempt(change, queue: Queue, task: Task, reason: str) -> None:
+def interrupt_attempt(change, queue: Queue, task: Task, reason: str, clock=time.time) -> None:
     """Fail an attempt the daemon could not carry through (a worker that crashed, a workspace
     not delivered), if that attempt still holds the task; ``change`` is the daemon's."""
     try:
-        change(lambda: queue.interrupt(task.id, reason, time.time(), task.lease), 4096)
+        change(lambda: queue.interrupt(task.id, reason, clock(), task.lease), 4096)
     except Unavailable as exc:
         log.error("task %d: cannot record its failed attempt: %s", task.id, exc)
 
@@ -4306,12 +4308,14 @@ class Pool:
     ``workers.max_restarts`` within ``workers.restart_window``, then reports it.
     Each run has its own process group, so a timeout or cancel ends its whole tree.
     Its collaborators: the queue (read only), ``handle`` and ``change`` (the daemon's
-    request and change pipelines), the task logs and the watchers (worker events).
+    request and change pipelines), the task logs, the watchers (worker events) and the
+    daemon's clock.
     """
 
     def __init__(self, config: Config, queue: Queue, handle, change, logs: TaskLogs,
-                 watchers: Watchers, socket_path: str, workspaces: Workspaces):
+                 watchers: Watchers, socket_path: str, workspaces: Workspaces, clock=time.time):
         self.config = config
+        self.clock = clock  #: the time of the changes it makes
         self.workspaces = workspaces  #: prepares a run's workspace (section 10)
         self.queue = queue
         self.handle = handle
@@ -4372,7 +4376,7 @@ class Pool:
 
         def interrupt_all() -> None:
             for task in orphans:
-                self.queue.interrupt(task.id, "interrupted: daemon stopped", time.time())
+                self.queue.interrupt(task.id, "interrupted: daemon stopped", self.clock())
         try:
             self.change(interrupt_all, 4096 * len(orphans))
         except Unavailable as exc:
@@ -4466,7 +4470,7 @@ class Pool:
             await self._run_claimed(slot, task)
         except Exception as exc:
             interrupt_attempt(self.change, self.queue, task,
-                              f"worker {slot.name} crashed: {exc!r}")
+                              f"worker {slot.name} crashed: {exc!r}", self.clock)
             raise  # the supervisor counts it and restarts the loop
 
     async def _run_claimed(self, slot: Slot, task: Task) -> None:
@@ -4499,7 +4503,8 @@ class Pool:
             self._record(run, None, f"workspace not prepared: {exc}")
             run.log.write(f"sparkqd: workspace not prepared: {exc}\n".encode())
         except asyncio.CancelledError:
-            interrupt_attempt(self.change, self.queue, run.task, "interrupted by shutdown")
+            interrupt_attempt(self.change, self.queue, run.task, "interrupted by shutdown",
+                              self.clock)
             raise
         return False
 
@@ -4523,7 +4528,7 @@ class Pool:
         # Journal the process group, so a crash cannot orphan it unseen.
         try:
             self.change(lambda: self.queue.run_started(run.task_id, run.proc.pid,
-                                                       run.start_ticks, time.time()), 4096)
+                                                       run.start_ticks, self.clock()), 4096)
         except Unavailable as exc:  # never a run the journal does not know of: end it now
             signal_group(run.proc.pid, signal.SIGKILL)
             await run.proc.wait()
@@ -4894,8 +4899,10 @@ class WorkspaceCollector:
     Sizes are measured after a workspace is released and by each collection.
     """
 
-    def __init__(self, config: Config, queue: Queue, change, disk: WorkspaceDisk, rearm):
+    def __init__(self, config: Config, queue: Queue, change, disk: WorkspaceDisk, rearm,
+                 clock=time.time):
         self.config = config
+        self.clock = clock  #: the daemon's clock: collections are deadlines of its timer
         self.book = queue.workspaces
         self.change = change
         self.disk = disk
@@ -5114,7 +5121,7 @@ class WorkspaceCollector:
                 self.disk.spawn(self.disk.measure([self.book.records[event.workspace].path]))
                 task = queue.tasks.get(event.task)
                 if task is None or task.status in TERMINAL:
-                    self.next_collect = min(self.next_collect, time.time() + 1.0)
+                    self.next_collect = min(self.next_collect, self.clock() + 1.0)
                     self.rearm(self.next_collect)
 
 
@@ -6096,8 +6103,9 @@ class Waiters:
     """
 
     def __init__(self, queue: Queue, change, workers: WorkerRegistry, rearm,
-                 workspaces: Workspaces):
+                 workspaces: Workspaces, clock=time.time):
         self.queue, self.reads = queue, QueueReads(queue)
+        self.clock = clock  #: the daemon's clock: deadlines and retried claims read it
         self.workspaces = workspaces  #: prepares a claimed task's workspace before the reply
         self.change = change  #: the daemon's change pipeline: a retried claim changes state
         self.workers = workers
@@ -6121,7 +6129,7 @@ class Waiters:
             self.deadlines = [entry for entry in self.deadlines if entry[2].active]
             heapq.heapify(self.deadlines)
         if wait is not None:
-            deadline = time.time() + wait
+            deadline = self.clock() + wait
             heapq.heappush(self.deadlines, (deadline, next(self._order), waiter))
             self.rearm(deadline)
         return WAITING
@@ -6144,8 +6152,8 @@ class Waiters:
         keys = [("stream", s) for s in names(request.stream)]
 
         def again():
-            task = self.change(lambda: self.queue.claim(request, time.time()))
-            self.noted(request, task, time.time())
+            task = self.change(lambda: self.queue.claim(request, self.clock()))
+            self.noted(request, task, self.clock())
             if task is None:
                 return None, keys
             return self.prepared(conn, answering or request, task, result), None
@@ -6184,10 +6192,10 @@ class Waiters:
             task_id = self.reads.first_unfinished(request.tasks)
             if task_id is not None:
                 return None, [("task", task_id)]
-            return self.reads.wait(request, time.time()), None
+            return self.reads.wait(request, self.clock()), None
         first = self.reads.first_unfinished(request.tasks)
         return self.park(conn, request, [("task", first)], request.timeout, again,
-                                 lambda: self.reads.wait(request, time.time()))
+                                 lambda: self.reads.wait(request, self.clock()))
 
     def _register(self, waiter: Waiter, keys: list[tuple]) -> None:
         for key in keys:
@@ -8429,14 +8437,14 @@ class Recovery:
 
 
 async def recover(queue: Queue, journal: Journal, snapshots: Snapshots, pool: Pool,
-                  change, logs_dir: str, recovery: Recovery) -> int:
+                  change, logs_dir: str, recovery: Recovery, clock=time.time) -> int:
     """Load the snapshot, replay the journal after it; returns events replayed."""
     started = time.perf_counter()
     replayed = await asyncio.get_running_loop().run_in_executor(
         snapshots.executor, recovery.load, queue, journal, snapshots)
     journal.open()
     if not queue.sessions:
-        change(lambda: queue.bootstrap(time.time()), 4096)
+        change(lambda: queue.bootstrap(clock()), 4096)
     os.makedirs(logs_dir, mode=0o700, exist_ok=True)
     await pool.end_orphans()
     journal.sync_now()  # what recovery decided is durable before anyone is answered
@@ -8600,6 +8608,16 @@ async def close_connections(connections: Connections, patience: float = 5) -> No
         conn.transport.abort()
 
 
+def take_signals(loop: asyncio.AbstractEventLoop, stop, reload) -> None:
+    """SIGTERM and SIGINT stop the daemon, SIGHUP reloads it; only a daemon on the main
+    thread takes signals (one a test runs on a thread of its own leaves them alone)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+
+
 def remove_socket(path: str, inode: int | None) -> None:
     """Remove the socket file this daemon created (the same inode), never one made since."""
     try:
@@ -8743,8 +8761,9 @@ class Daemon:
     together."""
 
     def __init__(self, paths: Paths, config: Config, config_arg: str | None = None,
-                 service_env: dict[str, str] | None = None):
+                 service_env: dict[str, str] | None = None, clock=time.time):
         self.paths, self.config = paths, config
+        self.clock = clock  #: every "now" of the daemon's edges (a test's may be fake)
         self.service_env = service_env or {}
         self.notifier = Notifier(self.service_env)
         self.duties = ServiceDuties(self.notifier)
@@ -8752,7 +8771,7 @@ class Daemon:
         self.queue.schedules.local_zone = local_zone_name()
         self.replies = Replies(self.queue)
         self.journal = Journal(paths.journal, config.database.fsync,
-                               config.database.fsync_interval_ms)
+                               config.database.fsync_interval_ms, clock=clock)
         self.queue.record = self.journal.record
         self.journal.on_owed = self._rearm
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
@@ -8764,13 +8783,14 @@ class Daemon:
         self.logs = TaskLogs(os.path.join(paths.data_dir, "logs"), self.queue, self.executor)
         self.disk = WorkspaceDisk(config, self.queue.workspaces, paths.data_dir)
         self.collector = WorkspaceCollector(config, self.queue, self.change, self.disk,
-                                            self._rearm)
+                                            self._rearm, clock)
         self.workspaces = Workspaces(config, self.queue, self.change, self.logs, self.disk,
                                      self.collector)
         self.replies.sizes = self.disk.sizes
-        self.waiters = Waiters(self.queue, self.change, self.workers, self._rearm, self.workspaces)
+        self.waiters = Waiters(self.queue, self.change, self.workers, self._rearm,
+                               self.workspaces, clock)
         self.pool = Pool(config, self.queue, self.handle, self.change, self.logs,
-                         self.watchers, paths.socket, self.workspaces)
+                         self.watchers, paths.socket, self.workspaces, clock)
         self.hooks = Hooks(config, self.queue, paths.socket)
         self.observers = (self.stats, self.watchers, self.waiters, self.pool, self.logs,
                           self.hooks, self.collector)
@@ -8781,7 +8801,7 @@ class Daemon:
         self.loop: asyncio.AbstractEventLoop | None = None  #: set by run()
         self.metrics_file = MetricsFile(self.executor)
         self.reloader = Reloader(config, paths.config, config_arg, self._configure,
-                                 self.queue.schedules, self.change, time.time, self.notifier,
+                                 self.queue.schedules, self.change, clock, self.notifier,
                                  self.status_line, self.watchers)
         self.timer = self._make_timer()
         self._timer_wake = self.timer.wake  #: set to wake the timer early (see _rearm)
@@ -8806,7 +8826,7 @@ class Daemon:
                 await self._serve(sock)
             self._lock_fd = await lock_data_dir(self.paths.data_dir)
             replayed = await recover(self.queue, self.journal, self.snapshots, self.pool,
-                                     self.change, self.logs.directory, self.recovery)
+                                     self.change, self.logs.directory, self.recovery, self.clock)
             await self.workspaces.start()
             self.recovery.done = True
             self.reloader.sync_schedules()
@@ -8814,13 +8834,11 @@ class Daemon:
                 await self._serve(sock)
             self.web.start()
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.request_stop)
-            loop.add_signal_handler(signal.SIGHUP, self.reloader.on_signal)
+            take_signals(loop, self.request_stop, self.reloader.on_signal)
             use_pidfd_child_watcher(loop)
             self.pool.reconfigure(self.config)
             interval = self.config.database.snapshot_interval
-            self.snapshots.next_at = time.time() + (0 if replayed else interval)
+            self.snapshots.next_at = self.clock() + (0 if replayed else interval)
             log.info("sparkqd %s ready: socket %s, data %s, %d tasks", VERSION,
                      self.paths.socket, self.paths.data_dir, len(self.queue.tasks))
             self.duties.last_status = self.status_line()
@@ -8886,8 +8904,8 @@ class Daemon:
         if request.read_only:
             if self.commit_due:
                 self.commit()  # a read sees every observer (stats, workers) up to date
-            return self._dispatch(request, conn, time.time())
-        return self.change(lambda: self._dispatch(request, conn, time.time()),
+            return self._dispatch(request, conn, self.clock())
+        return self.change(lambda: self._dispatch(request, conn, self.clock()),
                            request.journal_room)
 
     def _dispatch(self, request: Request, conn: Connection | None, now: float) -> Any:
@@ -8973,6 +8991,11 @@ class Daemon:
         if deadline is not None and deadline < self.timer_deadline:
             self._timer_wake.set()
 
+    def clock_moved(self) -> None:
+        """Say that the injected clock jumped (a test's fake one): the timer looks again at
+        what is due. Safe from any thread."""
+        self.loop.call_soon_threadsafe(self._timer_wake.set)
+
     # -- views and wiring -------------------------------------------------------
 
     def status(self) -> dict:
@@ -8997,7 +9020,7 @@ class Daemon:
 
     def _make_timer(self) -> Timer:
         """The one timer, with the duties it runs after the tick and the journal's sync."""
-        return Timer(time.time, self.queue, self.change, self.journal, self.duties,
+        return Timer(self.clock, self.queue, self.change, self.journal, self.duties,
                      self.status_line, [
             self.waiters.tick,
             lambda now: self.snapshots.due(now, self.config.database.snapshot_interval),
