@@ -59,7 +59,7 @@ class InProcessDaemon:
     def _run(self) -> None:
         try:
             uvloop.run(self.daemon.run())
-        except BaseException as exc:  # the test reports it rather than hanging
+        except Exception as exc:  # noqa: BLE001 (the test reports it rather than hanging)
             self.failure = exc
 
     def start(self) -> "InProcessDaemon":
