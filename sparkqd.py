@@ -67,7 +67,8 @@ Sections, in the order the data flows:
 11. Observers: stats, metrics, watchers, task logs, workers, hooks
 12. Server: waiters and connections
 13. Web: HTTP API and dashboard (optional, on loopback; tornado is imported only for it)
-14. Daemon: lifecycle, dispatch, change pipeline, timer, reload
+14. Daemon: service manager, recovery, snapshots, Reloader (re-reading the configuration),
+    Timer (the one timer), Daemon (lifecycle, dispatch, change pipeline, wiring)
 15. main()
 """
 
@@ -105,6 +106,7 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import zlib
@@ -3489,8 +3491,9 @@ class Journal:
     """
 
     def __init__(self, directory: str, policy: str = "always", interval_ms: int = 10,
-                 segment_bytes: int = SEGMENT_BYTES):
+                 segment_bytes: int = SEGMENT_BYTES, clock=time.time):
         self.directory = directory
+        self.clock = clock  #: the daemon's clock: its deadlines are the timer's
         self.policy = policy
         self.interval = interval_ms / 1000
         self.segment_bytes = segment_bytes
@@ -3797,7 +3800,7 @@ class Journal:
         return written_to
 
     def _stall(self, reason: str) -> None:
-        self.retry_at = time.time() + 1.0
+        self.retry_at = self.clock() + 1.0
         if self.stalled is None:
             log.error("journal: %s; changes are refused and replies wait until there is room",
                       reason)
@@ -3813,7 +3816,7 @@ class Journal:
                 return
         self.fsync_seconds.observe(time.perf_counter() - started)
         self.synced_seq = max(self.synced_seq, seq)
-        self.last_sync = time.time()
+        self.last_sync = self.clock()
 
     def _fail(self, reason: str) -> None:
         log.error("journal: %s; refusing further changes", reason)
@@ -4292,11 +4295,11 @@ class Slot:
         self.last_seen = time.time()
 
 
-def interrupt_attempt(change, queue: Queue, task: Task, reason: str) -> None:
+def interrupt_attempt(change, queue: Queue, task: Task, reason: str, clock=time.time) -> None:
     """Fail an attempt the daemon could not carry through (a worker that crashed, a workspace
     not delivered), if that attempt still holds the task; ``change`` is the daemon's."""
     try:
-        change(lambda: queue.interrupt(task.id, reason, time.time(), task.lease), 4096)
+        change(lambda: queue.interrupt(task.id, reason, clock(), task.lease), 4096)
     except Unavailable as exc:
         log.error("task %d: cannot record its failed attempt: %s", task.id, exc)
 
@@ -4308,12 +4311,14 @@ class Pool:
     ``workers.max_restarts`` within ``workers.restart_window``, then reports it.
     Each run has its own process group, so a timeout or cancel ends its whole tree.
     Its collaborators: the queue (read only), ``handle`` and ``change`` (the daemon's
-    request and change pipelines), the task logs and the watchers (worker events).
+    request and change pipelines), the task logs, the watchers (worker events) and the
+    daemon's clock.
     """
 
     def __init__(self, config: Config, queue: Queue, handle, change, logs: TaskLogs,
-                 watchers: Watchers, socket_path: str, workspaces: Workspaces):
+                 watchers: Watchers, socket_path: str, workspaces: Workspaces, clock=time.time):
         self.config = config
+        self.clock = clock  #: the time of the changes it makes
         self.workspaces = workspaces  #: prepares a run's workspace (section 10)
         self.queue = queue
         self.handle = handle
@@ -4374,7 +4379,7 @@ class Pool:
 
         def interrupt_all() -> None:
             for task in orphans:
-                self.queue.interrupt(task.id, "interrupted: daemon stopped", time.time())
+                self.queue.interrupt(task.id, "interrupted: daemon stopped", self.clock())
         try:
             self.change(interrupt_all, 4096 * len(orphans))
         except Unavailable as exc:
@@ -4468,7 +4473,7 @@ class Pool:
             await self._run_claimed(slot, task)
         except Exception as exc:
             interrupt_attempt(self.change, self.queue, task,
-                              f"worker {slot.name} crashed: {exc!r}")
+                              f"worker {slot.name} crashed: {exc!r}", self.clock)
             raise  # the supervisor counts it and restarts the loop
 
     async def _run_claimed(self, slot: Slot, task: Task) -> None:
@@ -4501,7 +4506,8 @@ class Pool:
             self._record(run, None, f"workspace not prepared: {exc}")
             run.log.write(f"sparkqd: workspace not prepared: {exc}\n".encode())
         except asyncio.CancelledError:
-            interrupt_attempt(self.change, self.queue, run.task, "interrupted by shutdown")
+            interrupt_attempt(self.change, self.queue, run.task, "interrupted by shutdown",
+                              self.clock)
             raise
         return False
 
@@ -4525,7 +4531,7 @@ class Pool:
         # Journal the process group, so a crash cannot orphan it unseen.
         try:
             self.change(lambda: self.queue.run_started(run.task_id, run.proc.pid,
-                                                       run.start_ticks, time.time()), 4096)
+                                                       run.start_ticks, self.clock()), 4096)
         except Unavailable as exc:  # never a run the journal does not know of: end it now
             signal_group(run.proc.pid, signal.SIGKILL)
             await run.proc.wait()
@@ -4896,8 +4902,10 @@ class WorkspaceCollector:
     Sizes are measured after a workspace is released and by each collection.
     """
 
-    def __init__(self, config: Config, queue: Queue, change, disk: WorkspaceDisk, rearm):
+    def __init__(self, config: Config, queue: Queue, change, disk: WorkspaceDisk, rearm,
+                 clock=time.time):
         self.config = config
+        self.clock = clock  #: the daemon's clock: collections are deadlines of its timer
         self.book = queue.workspaces
         self.change = change
         self.disk = disk
@@ -5116,7 +5124,7 @@ class WorkspaceCollector:
                 self.disk.spawn(self.disk.measure([self.book.records[event.workspace].path]))
                 task = queue.tasks.get(event.task)
                 if task is None or task.status in TERMINAL:
-                    self.next_collect = min(self.next_collect, time.time() + 1.0)
+                    self.next_collect = min(self.next_collect, self.clock() + 1.0)
                     self.rearm(self.next_collect)
 
 
@@ -5402,6 +5410,14 @@ class Workspaces:
             waiter.conn.finish(waiter.request.id, result)
 
     # -- requests -------------------------------------------------------------------------------
+
+    def answer(self, request: Request, conn: Connection | None) -> Any:
+        """A ``workspace.*`` request: the daemon's dispatch hands each of them here."""
+        match request:
+            case WorkspaceList(): return self.listing(request)
+            case WorkspaceShow(): return self.show(request)
+            case WorkspaceRemove(): return self.remove(request, conn)
+            case WorkspaceGc(): return self.gc(request, conn)
 
     def listing(self, req: WorkspaceList) -> list:
         key = req.repo and repo_key(req.repo)
@@ -6090,8 +6106,9 @@ class Waiters:
     """
 
     def __init__(self, queue: Queue, change, workers: WorkerRegistry, rearm,
-                 workspaces: Workspaces):
+                 workspaces: Workspaces, clock=time.time):
         self.queue, self.reads = queue, QueueReads(queue)
+        self.clock = clock  #: the daemon's clock: deadlines and retried claims read it
         self.workspaces = workspaces  #: prepares a claimed task's workspace before the reply
         self.change = change  #: the daemon's change pipeline: a retried claim changes state
         self.workers = workers
@@ -6116,7 +6133,7 @@ class Waiters:
             self.deadlines = [entry for entry in self.deadlines if entry[2].active]
             heapq.heapify(self.deadlines)
         if wait is not None:
-            deadline = time.time() + wait
+            deadline = self.clock() + wait
             heapq.heappush(self.deadlines, (deadline, next(self._order), waiter))
             self.rearm(deadline)
         return WAITING
@@ -6139,8 +6156,8 @@ class Waiters:
         keys = [("stream", s) for s in names(request.stream)]
 
         def again():
-            task = self.change(lambda: self.queue.claim(request, time.time()))
-            self.noted(request, task, time.time())
+            task = self.change(lambda: self.queue.claim(request, self.clock()))
+            self.noted(request, task, self.clock())
             if task is None:
                 return None, keys
             return self.prepared(conn, answering or request, task, result), None
@@ -6179,10 +6196,10 @@ class Waiters:
             task_id = self.reads.first_unfinished(request.tasks)
             if task_id is not None:
                 return None, [("task", task_id)]
-            return self.reads.wait(request, time.time()), None
+            return self.reads.wait(request, self.clock()), None
         first = self.reads.first_unfinished(request.tasks)
         return self.park(conn, request, [("task", first)], request.timeout, again,
-                                 lambda: self.reads.wait(request, time.time()))
+                                 lambda: self.reads.wait(request, self.clock()))
 
     def _register(self, waiter: Waiter, keys: list[tuple]) -> None:
         for key in keys:
@@ -8214,7 +8231,7 @@ ASSETS = {"app.js": ("text/javascript; charset=utf-8", APP_JS),
 
 
 # ============================================================================
-# 14. Daemon: lifecycle, dispatch, change pipeline, timer, reload
+# 14. Daemon: service manager, snapshots, reload, the timer; lifecycle, dispatch, change
 # ============================================================================
 
 
@@ -8466,14 +8483,14 @@ class Recovery:
 
 
 async def recover(queue: Queue, journal: Journal, snapshots: Snapshots, pool: Pool,
-                  change, logs_dir: str, recovery: Recovery) -> int:
+                  change, logs_dir: str, recovery: Recovery, clock=time.time) -> int:
     """Load the snapshot, replay the journal after it; returns events replayed."""
     started = time.perf_counter()
     replayed = await asyncio.get_running_loop().run_in_executor(
         snapshots.executor, recovery.load, queue, journal, snapshots)
     journal.open()
     if not queue.sessions:
-        change(lambda: queue.bootstrap(time.time()), 4096)
+        change(lambda: queue.bootstrap(clock()), 4096)
     os.makedirs(logs_dir, mode=0o700, exist_ok=True)
     await pool.end_orphans()
     journal.sync_now()  # what recovery decided is durable before anyone is answered
@@ -8605,14 +8622,194 @@ class Snapshots:
         log.debug("snapshot at record %d: %d tasks written in %.3f s, %d segments removed",
                   seq, len(changes.tasks), seconds, removed)
 
+    async def last_one(self, interval: float) -> None:
+        """At shutdown: the journal synced, then (after one in progress) the last snapshot;
+        a current segment it leaves empty is dropped."""
+        try:
+            self.journal.sync_now()
+        except Unavailable as exc:
+            log.error("final journal sync failed: %s", exc)
+        if self.task is not None:
+            await self.task
+        await self.take(interval)
+        self.executor.shutdown()
+        if self.last["seq"] == self.journal.last_seq:
+            self.journal.drop_empty_current()
+        log.info("stopped: journal at record %d, snapshot at %s", self.journal.last_seq,
+                 self.last["seq"])
+
+
+async def close_connections(connections: Connections, patience: float = 5) -> None:
+    """Stop every connection, give clients ``patience`` seconds to take their replies, then
+    close the rest."""
+    for conn in list(connections.open):
+        conn.stop()
+    if connections.open:
+        try:
+            await asyncio.wait_for(connections.all_closed.wait(), timeout=patience)
+        except TimeoutError:
+            log.warning("%d clients did not take their replies; closing them",
+                        len(connections.open))
+    for conn in list(connections.open):
+        conn.transport.abort()
+
+
+def take_signals(loop: asyncio.AbstractEventLoop, stop, reload) -> None:
+    """SIGTERM and SIGINT stop the daemon, SIGHUP reloads it; only a daemon on the main
+    thread takes signals (one a test runs on a thread of its own leaves them alone)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+
+
+def remove_socket(path: str, inode: int | None) -> None:
+    """Remove the socket file this daemon created (the same inode), never one made since."""
+    try:
+        if inode and os.stat(path).st_ino == inode:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class Reloader:
+    """Re-reading the configuration (the `reload` op, SIGHUP): a bad file is refused and
+    the old configuration stays; a good one goes to the parts through ``apply``, and the
+    schedules it declares become those in force.
+
+    Its collaborators: ``apply`` (hands a configuration to every part that reads one), the
+    queue's schedules, the change pipeline, the clock, the notifier and the watchers."""
+
+    def __init__(self, config: Config, path: str | None, config_arg: str | None, apply,
+                 schedules: Schedules, change, clock, notifier: Notifier, status_line,
+                 watchers: Watchers):
+        self.config, self.path, self.config_arg = config, path, config_arg
+        self.apply, self.schedules, self.change, self.clock = apply, schedules, change, clock
+        self.notifier, self.status_line, self.watchers = notifier, status_line, watchers
+
+    def reload(self) -> dict:
+        """Re-read the configuration, telling the service manager around it."""
+        self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            return self._reload()
+        finally:
+            self.notifier.send("READY=1", self.status_line())
+
+    def _reload(self) -> dict:
+        """Re-read the configuration; a bad one is refused and the old one stays."""
+        path = self.path or find_config_path(self.config_arg)
+        try:
+            config = load_config(path)
+        except ConfigError as exc:
+            log.error("reload refused, the old configuration stays in force: %s", exc)
+            raise BadRequest(f"configuration refused, the old one stays in force: {exc}") from None
+        restart = [key for key, old, new in (
+            ("server.socket", self.config.server.socket, config.server.socket),
+            ("database.path", self.config.database.path, config.database.path),
+            ("http.listen", self.config.http.listen, config.http.listen)) if old != new]
+        if restart:
+            log.warning("reload: %s take effect at the next restart", ", ".join(restart))
+        self.config = config
+        self.apply(config)
+        self.sync_schedules()
+        log.info("configuration reloaded from %s", path or "built-in defaults")
+        summary = reload_summary(config, path, restart)
+        self.watchers.send("config.reloaded", {"config": summary})
+        return summary
+
+    def sync_schedules(self) -> None:
+        """Make the schedules of sparkq.yml those in force (start and reload)."""
+        specs, book = self.config.schedules, self.schedules
+        if not specs and not any(s.source == "config" for s in book.by_name.values()):
+            return  # nothing to apply: a start on a full disk must not need journal room
+        try:
+            problems = self.change(lambda: book.sync(specs, self.clock()),
+                                   4096 + 1024 * len(specs))
+        except Unavailable as exc:
+            log.error("schedules of sparkq.yml not applied (reload to retry): %s", exc)
+            return
+        for problem in problems:
+            log.error("%s", problem)
+
+    def on_signal(self) -> None:
+        """SIGHUP: reload; a refusal is logged with its reason already."""
+        with contextlib.suppress(BadRequest):
+            self.reload()
+
+
+class Timer:
+    """The one timer: leases, delays, purge and schedules (``Queue.tick``), waits, the
+    journal's owed fsync, snapshots, metrics and workspace collection, each asked for its
+    next deadline; it sleeps until the earliest, or until woken for an earlier one.
+
+    A turn that fails is logged and retried a second later: the loop never ends. The
+    watchdog is pinged first, so only a loop that truly hangs stops the pings.
+    ``duties`` are callables given the time that return their next deadline (or None),
+    run after the tick and the journal's sync."""
+
+    def __init__(self, clock, queue: Queue, change, journal: Journal, service: ServiceDuties,
+                 status_line, duties: list):
+        self.clock, self.queue, self.change, self.journal = clock, queue, change, journal
+        self.service, self.status_line, self.duties = service, status_line, duties
+        self.wake = asyncio.Event()
+        self.deadline = 0.0  #: when the timer next wakes by itself
+        self.trouble: str | None = None  #: why the last turn failed, logged once
+        self.stopped = False
+
+    async def run(self) -> None:
+        """Turn until stopped: each turn's duties, then sleep to the earliest deadline."""
+        while not self.stopped:
+            now = self.clock()
+            deadlines = self.service.run(now, self.status_line)
+            try:
+                deadlines += self.turn(now)
+            except Exception as exc:
+                self.failed(exc, traceback=True)
+                deadlines.append(now + 1.0)
+            self.deadline = min(d for d in deadlines if d is not None)
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), max(0.0, self.deadline - self.clock()))
+            except TimeoutError:
+                pass
+
+    def turn(self, now: float) -> list[float | None]:
+        """One turn of the timer's duties; returns their next deadlines."""
+        next_tick = self.queue.next_deadline()
+        if next_tick is not None and next_tick <= now:
+            try:
+                next_tick = self.change(lambda: self.queue.tick(now))
+                self.trouble = None
+            except Unavailable as exc:  # a full disk: the due work waits, the rest goes on
+                self.failed(exc)
+                next_tick = now + 1.0
+        sync_at = self.journal.sync_deadline()
+        if sync_at is not None and sync_at <= now:
+            try:
+                self.journal.sync_now()
+            except Unavailable:
+                pass  # logged by the journal; retried or refused from now on
+            sync_at = self.journal.sync_deadline()
+        return [next_tick, sync_at] + [duty(now) for duty in self.duties]
+
+    def failed(self, exc: Exception, traceback: bool = False) -> None:
+        """Log why a timer turn failed, once until it changes; the turn is retried."""
+        reason = f"{type(exc).__name__}: {exc}"
+        if reason != self.trouble:
+            log.error("timer: %s; retrying every second", reason, exc_info=traceback)
+            self.trouble = reason
+
 
 class Daemon:
-    """The edges around the queue core: lifecycle, the one dispatch, the change pipeline,
-    the one timer and reload. Everything else is a part it wires together."""
+    """The edges around the queue core: lifecycle, the one dispatch and the change
+    pipeline. Everything else (the Timer and the Reloader among them) is a part it wires
+    together."""
 
     def __init__(self, paths: Paths, config: Config, config_arg: str | None = None,
-                 service_env: dict[str, str] | None = None):
-        self.paths, self.config, self.config_arg = paths, config, config_arg
+                 service_env: dict[str, str] | None = None, clock=time.time):
+        self.paths, self.config = paths, config
+        self.clock = clock  #: every "now" of the daemon's edges (a test's may be fake)
         self.service_env = service_env or {}
         self.notifier = Notifier(self.service_env)
         self.duties = ServiceDuties(self.notifier)
@@ -8620,7 +8817,7 @@ class Daemon:
         self.queue.schedules.local_zone = local_zone_name()
         self.replies = Replies(self.queue)
         self.journal = Journal(paths.journal, config.database.fsync,
-                               config.database.fsync_interval_ms)
+                               config.database.fsync_interval_ms, clock=clock)
         self.queue.record = self.journal.record
         self.journal.on_owed = self._rearm
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
@@ -8632,27 +8829,31 @@ class Daemon:
         self.logs = TaskLogs(os.path.join(paths.data_dir, "logs"), self.queue, self.executor)
         self.disk = WorkspaceDisk(config, self.queue.workspaces, paths.data_dir)
         self.collector = WorkspaceCollector(config, self.queue, self.change, self.disk,
-                                            self._rearm)
+                                            self._rearm, clock)
         self.workspaces = Workspaces(config, self.queue, self.change, self.logs, self.disk,
                                      self.collector)
         self.replies.sizes = self.disk.sizes
-        self.waiters = Waiters(self.queue, self.change, self.workers, self._rearm, self.workspaces)
+        self.waiters = Waiters(self.queue, self.change, self.workers, self._rearm,
+                               self.workspaces, clock)
         self.pool = Pool(config, self.queue, self.handle, self.change, self.logs,
-                         self.watchers, paths.socket, self.workspaces)
+                         self.watchers, paths.socket, self.workspaces, clock)
         self.hooks = Hooks(config, self.queue, paths.socket)
         self.observers = (self.stats, self.watchers, self.waiters, self.pool, self.logs,
                           self.hooks, self.collector)
         self.connections.forgetters += [self.watchers.drop, self.logs.drop]
         self.started = time.time()
         self.stopping = False
-        self.timer_deadline = 0.0
         self.commit_due = False  #: a commit is scheduled for the end of this loop turn
         self.loop: asyncio.AbstractEventLoop | None = None  #: set by run()
-        self.timer_trouble: str | None = None  #: why the last timer turn failed, logged once
         self.metrics_file = MetricsFile(self.executor)
+        self.reloader = Reloader(config, paths.config, config_arg, self._configure,
+                                 self.queue.schedules, self.change, clock, self.notifier,
+                                 self.status_line, self.watchers)
+        self.timer = self._make_timer()
+        self._timer_wake = self.timer.wake  #: set to wake the timer early (see _rearm)
         self.web = Web(self)
-        self._lock_fd: int | None = None
-        self._socket_inode: int | None = None
+        self._lock_fd: int | None = None  #: the data directory's lock, once taken
+        self._socket_inode: int | None = None  #: the socket file we created, ours to remove
         self.recovery = Recovery()
 
     # -- startup and shutdown ----------------------------------------------
@@ -8660,7 +8861,7 @@ class Daemon:
     async def run(self) -> None:
         """Take the socket and the data directory, recover, serve until told to stop, then
         stop cleanly."""
-        self._stopped, self._timer_wake = asyncio.Event(), asyncio.Event()
+        self._stopped = asyncio.Event()
         self.loop = self.journal.loop = asyncio.get_running_loop()
         try:
             # Refusals that need no data come first: the socket (too long a path, a live
@@ -8671,26 +8872,24 @@ class Daemon:
                 await self._serve(sock)
             self._lock_fd = await lock_data_dir(self.paths.data_dir)
             replayed = await recover(self.queue, self.journal, self.snapshots, self.pool,
-                                     self.change, self.logs.directory, self.recovery)
+                                     self.change, self.logs.directory, self.recovery, self.clock)
             await self.workspaces.start()
             self.recovery.done = True
-            self._sync_schedules()
+            self.reloader.sync_schedules()
             if activated:  # clients wait in the backlog, as a service manager's socket promises
                 await self._serve(sock)
             self.web.start()
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.request_stop)
-            loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
+            take_signals(loop, self.request_stop, self.reloader.on_signal)
             use_pidfd_child_watcher(loop)
             self.pool.reconfigure(self.config)
             interval = self.config.database.snapshot_interval
-            self.snapshots.next_at = time.time() + (0 if replayed else interval)
+            self.snapshots.next_at = self.clock() + (0 if replayed else interval)
             log.info("sparkqd %s ready: socket %s, data %s, %d tasks", VERSION,
                      self.paths.socket, self.paths.data_dir, len(self.queue.tasks))
             self.duties.last_status = self.status_line()
             self.notifier.send("READY=1", self.duties.last_status)
-            timers = loop.create_task(self._run_timers())
+            timers = loop.create_task(self.timer.run())
             await self._stopped.wait()
             timers.cancel()
             await self._shutdown()
@@ -8721,48 +8920,25 @@ class Daemon:
             self.notifier.send("STOPPING=1")
             mark_stopping(self._lock_fd)
             log.info("stopping: finishing requests in flight, then a last snapshot")
-            self.stopping = self.connections.stopping = True
+            self.stopping = self.connections.stopping = self.timer.stopped = True
             self._stopped.set()
 
     async def _shutdown(self) -> None:
+        """Stop listening and running, answer what is in flight, then the last snapshot."""
         self.server.close()
         self.web.stop_listening()
         await self.pool.stop()
         await self.disk.stop()
-        for conn in list(self.connections.open):
-            conn.stop()
         self.web.stop_exchanges()
-        if self.connections.open:
-            try:
-                await asyncio.wait_for(self.connections.all_closed.wait(), timeout=5)
-            except TimeoutError:
-                log.warning("%d clients did not take their replies; closing them",
-                            len(self.connections.open))
-        for conn in list(self.connections.open):
-            conn.transport.abort()
+        await close_connections(self.connections)
         await self.web.close()
-        try:
-            self.journal.sync_now()
-        except Unavailable as exc:
-            log.error("final journal sync failed: %s", exc)
-        if self.snapshots.task is not None:
-            await self.snapshots.task
-        await self.snapshots.take(self.config.database.snapshot_interval)
-        self.executor.shutdown()
-        if self.snapshots.last["seq"] == self.journal.last_seq:
-            self.journal.drop_empty_current()
-        log.info("stopped: journal at record %d, snapshot at %s", self.journal.last_seq,
-                 self.snapshots.last["seq"])
+        await self.snapshots.last_one(self.config.database.snapshot_interval)
 
     def release(self) -> None:
         """Close files and remove the socket we created; the lock goes last."""
         self.journal.close()
         self.snapshots.snapshot.close()
-        try:
-            if self._socket_inode and os.stat(self.paths.socket).st_ino == self._socket_inode:
-                os.unlink(self.paths.socket)
-        except FileNotFoundError:
-            pass
+        remove_socket(self.paths.socket, self._socket_inode)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
 
@@ -8774,8 +8950,8 @@ class Daemon:
         if request.read_only:
             if self.commit_due:
                 self.commit()  # a read sees every observer (stats, workers) up to date
-            return self._dispatch(request, conn, time.time())
-        return self.change(lambda: self._dispatch(request, conn, time.time()),
+            return self._dispatch(request, conn, self.clock())
+        return self.change(lambda: self._dispatch(request, conn, self.clock()),
                            request.journal_room)
 
     def _dispatch(self, request: Request, conn: Connection | None, now: float) -> Any:
@@ -8783,10 +8959,7 @@ class Daemon:
         queue, reads, waiters = self.queue, self.waiters.reads, self.waiters
         match request:
             case Hello(): return {"version": VERSION, "protocol": PROTOCOL}
-            case Status(): return {**status_view(
-                self.paths, queue, self.journal, self.snapshots, self.pool,
-                len(self.connections.open), self.started, self.web.status()),
-                "workspaces": self.workspaces.summary()}
+            case Status(): return self.status()
             case SessionCreate(): return queue.stream_book.session_create(request, now)
             case SessionEnd(): return queue.stream_book.session_end(request, now)
             case SessionList(): return reads.session_list(request, now)
@@ -8811,12 +8984,10 @@ class Daemon:
             case Workers(): return self.pool.slot_records() + self.workers.records(now)
             case Watch(): return self.watchers.subscribe(conn, request)
             case History(): return reads.history(request, now)
-            case Metrics(): return render_metrics(
-                queue, self.stats, self.journal, self.pool, self.snapshots, self.watchers,
-                self.started) + "\n".join(workspace_metrics(queue, self.disk.sizes)) + "\n"
+            case Metrics(): return self.metrics()
             case Purge(): return queue.purge(request, now)
             case Tools(): return tools_view(self.config, queue.runnables.settings)
-            case Reload(): return self.reload()
+            case Reload(): return self.reloader.reload()
             case Shutdown(): return self.stop_soon()
             case Schema(): return request_schema()
             case ScheduleCreate(): return queue.schedules.create(request, now)
@@ -8828,11 +8999,8 @@ class Daemon:
             case ScheduleList(): return reads.schedule_list(request, now)
             case ScheduleShow(): return reads.schedule_show(request, now)
             case ScheduleNext(): return reads.schedule_next(request, now)
-            # repository workspaces
-            case WorkspaceList(): return self.workspaces.listing(request)
-            case WorkspaceShow(): return self.workspaces.show(request)
-            case WorkspaceRemove(): return self.workspaces.remove(request, conn)
-            case WorkspaceGc(): return self.workspaces.gc(request, conn)
+            case WorkspaceList() | WorkspaceShow() | WorkspaceRemove() | WorkspaceGc():
+                return self.workspaces.answer(request, conn)
             case Ui(): return self.web.ui(request)
         raise BadRequest(f"no handler for {type(request).__name__}")  # a request without an arm
 
@@ -8869,123 +9037,53 @@ class Daemon:
         if deadline is not None and deadline < self.timer_deadline:
             self._timer_wake.set()
 
-    # -- daemon views -----------------------------------------------------------
+    def clock_moved(self) -> None:
+        """Say that the injected clock jumped (a test's fake one): the timer looks again at
+        what is due. Safe from any thread."""
+        self.loop.call_soon_threadsafe(self._timer_wake.set)
+
+    # -- views and wiring -------------------------------------------------------
+
+    def status(self) -> dict:
+        """The `status` reply."""
+        return {**status_view(self.paths, self.queue, self.journal, self.snapshots, self.pool,
+                              len(self.connections.open), self.started, self.web.status()),
+                "workspaces": self.workspaces.summary()}
+
+    def metrics(self) -> str:
+        """The `metrics` reply, in Prometheus text format."""
+        return render_metrics(self.queue, self.stats, self.journal, self.pool, self.snapshots,
+                              self.watchers, self.started) + "\n".join(
+            workspace_metrics(self.queue, self.disk.sizes)) + "\n"
 
     def status_line(self) -> str:
         return status_line(self.queue, self.pool)
 
-    # -- reload -------------------------------------------------------------------
+    @property
+    def timer_deadline(self) -> float:
+        """When the timer next wakes by itself (see _rearm)."""
+        return self.timer.deadline
 
-    def reload(self) -> dict:
-        """Re-read the configuration, telling the service manager around it."""
-        self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
-        try:
-            return self._reload()
-        finally:
-            self.notifier.send("READY=1", self.status_line())
+    def _make_timer(self) -> Timer:
+        """The one timer, with the duties it runs after the tick and the journal's sync."""
+        return Timer(self.clock, self.queue, self.change, self.journal, self.duties,
+                     self.status_line, [
+            self.waiters.tick,
+            lambda now: self.snapshots.due(now, self.config.database.snapshot_interval),
+            lambda now: self.metrics_file.due(now, self.config, self.metrics),
+            self.collector.due])
 
-    def _reload(self) -> dict:
-        """Re-read the configuration; a bad one is refused and the old one stays."""
-        path = self.paths.config or find_config_path(self.config_arg)
-        try:
-            config = load_config(path)
-        except ConfigError as exc:
-            log.error("reload refused, the old configuration stays in force: %s", exc)
-            raise BadRequest(f"configuration refused, the old one stays in force: {exc}") from None
-        restart = [key for key, old, new in (
-            ("server.socket", self.config.server.socket, config.server.socket),
-            ("database.path", self.config.database.path, config.database.path),
-            ("http.listen", self.config.http.listen, config.http.listen)) if old != new]
-        if restart:
-            log.warning("reload: %s take effect at the next restart", ", ".join(restart))
+    def _configure(self, config: Config) -> None:
+        """Hand a reloaded configuration to every part that reads one."""
         self.config = self.hooks.config = config
         self.workspaces.config = self.collector.config = self.disk.config = config
         self.queue.reconfigure(config, scan_scripts(config.script_dirs))
-        self._sync_schedules()
         self.pool.reconfigure(config)
         self.connections.max_frame = config.server.max_frame_bytes
         self.journal.policy = config.database.fsync
         self.journal.interval = config.database.fsync_interval_ms / 1000
         self._timer_wake.set()
-        log.info("configuration reloaded from %s", path or "built-in defaults")
-        summary = reload_summary(config, path, restart)
-        self.watchers.send("config.reloaded", {"config": summary})
-        return summary
 
-    def _sync_schedules(self) -> None:
-        """Make the schedules of sparkq.yml those in force (start and reload)."""
-        specs, book = self.config.schedules, self.queue.schedules
-        if not specs and not any(s.source == "config" for s in book.by_name.values()):
-            return  # nothing to apply: a start on a full disk must not need journal room
-        try:
-            problems = self.change(lambda: book.sync(specs, time.time()), 4096 + 1024 * len(specs))
-        except Unavailable as exc:
-            log.error("schedules of sparkq.yml not applied (reload to retry): %s", exc)
-            return
-        for problem in problems:
-            log.error("%s", problem)
-
-    def _reload_on_signal(self) -> None:
-        try:
-            self.reload()
-        except BadRequest:
-            pass  # already logged with the reason
-
-    # -- the one timer --------------------------------------------------------------
-
-    async def _run_timers(self) -> None:
-        """The one timer: leases, delays, purge, waits, batched fsync, snapshots, metrics.
-
-        A turn that fails is logged and retried a second later: the loop never
-        ends. The watchdog is pinged first, so only a loop that truly hangs
-        stops the pings.
-        """
-        while not self.stopping:
-            now = time.time()
-            deadlines = self.duties.run(now, self.status_line)
-            try:
-                deadlines += self._timer_turn(now)
-            except Exception as exc:
-                self._timer_failed(exc, traceback=True)
-                deadlines.append(now + 1.0)
-            self.timer_deadline = min(d for d in deadlines if d is not None)
-            self._timer_wake.clear()
-            try:
-                await asyncio.wait_for(self._timer_wake.wait(),
-                                       max(0.0, self.timer_deadline - time.time()))
-            except TimeoutError:
-                pass
-
-    def _timer_turn(self, now: float) -> list[float | None]:
-        """One turn of the timer's duties; returns their next deadlines."""
-        next_tick = self.queue.next_deadline()
-        if next_tick is not None and next_tick <= now:
-            try:
-                next_tick = self.change(lambda: self.queue.tick(now))
-                self.timer_trouble = None
-            except Unavailable as exc:  # a full disk: the due work waits, the rest goes on
-                self._timer_failed(exc)
-                next_tick = now + 1.0
-        next_wait = self.waiters.tick(now)
-        next_snapshot = self.snapshots.due(now, self.config.database.snapshot_interval)
-        sync_at = self.journal.sync_deadline()
-        if sync_at is not None and sync_at <= now:
-            try:
-                self.journal.sync_now()
-            except Unavailable:
-                pass  # logged by the journal; retried or refused from now on
-            sync_at = self.journal.sync_deadline()
-        next_metrics = self.metrics_file.due(now, self.config,
-                                             lambda: self._dispatch(Metrics(), None, now))
-        next_collect = self.collector.due(now)
-        return [next_snapshot, next_tick, next_wait, sync_at, next_metrics, next_collect]
-
-    def _timer_failed(self, exc: Exception, traceback: bool = False) -> None:
-        """Log why a timer turn failed, once until it changes; the turn is retried."""
-        reason = f"{type(exc).__name__}: {exc}"
-        if reason != self.timer_trouble:
-            log.error("timer: %s; retrying every second", reason, exc_info=traceback)
-            self.timer_trouble = reason
 
 def remove_files(paths: list[str]) -> None:
     """Remove files that may not exist (a purged task's log); in a worker thread."""
