@@ -1742,6 +1742,10 @@ class TaskIndex:
         return totals
 
 
+#: Events of a stream (the state they leave is the stream's).
+STREAM_EVENTS = frozenset((StreamCreated, StreamEnded, StreamPaused, StreamResumed))
+
+
 class Queue:
     """Tasks, with the rules that change them; sessions and streams are its StreamBook.
 
@@ -1763,6 +1767,10 @@ class Queue:
         #: reserves its room there, and may refuse it (BadRequest, Unavailable).
         self.record = None
         self._events: list[Event] = []
+        self._left: list = []  #: the task or stream each event of ``_events`` left
+        #: The task or stream each of the events last taken left, in their order: the
+        #: observers of a loop turn's events see each as its own change left it.
+        self.event_states: list = []
         self.workspaces = WorkspaceBook(self)
         self._apply = {
             **self.stream_book.appliers(),
@@ -1782,6 +1790,7 @@ class Queue:
     def take_events(self) -> list[Event]:
         """The events emitted since the last call, in order."""
         events, self._events = self._events, []
+        self.event_states, self._left = self._left, []
         return events
 
     def take_changes(self) -> Changes:
@@ -1811,8 +1820,19 @@ class Queue:
             self.record(event)  # an event that cannot be journaled is never applied
         self.apply(event)
         self._events.append(event)
+        self._left.append(self._left_by(event))
         if type(event) in ATTEMPT_ENDS:
             self.workspaces.attempt_ended(event)  # its workspace is released with it
+
+    def _left_by(self, event: Event) -> Task | Stream | None:
+        """The task or stream as ``event`` left it (a later change in the same commit
+        replaces it in the queue, not here)."""
+        task_id = getattr(event, "id", None)
+        if task_id is not None:
+            return self.index.tasks.get(task_id)
+        if type(event) in STREAM_EVENTS:
+            return self.stream_book.streams.get(event.name)
+        return None
 
     def bootstrap(self, now: float) -> None:
         """Give a fresh queue its ``default`` session and stream."""
@@ -5584,18 +5604,15 @@ class Stats:
         self.run = Histogram(DURATION_BUCKETS)
 
     def on_commit(self, events: list[Event], queue: Queue) -> None:
-        tasks = queue.tasks
-        for event in events:
+        for event, task in zip(events, queue.event_states):  # each task as its event left it
             kind = type(event)
             if kind is TaskEnqueued:
                 self.enqueued += 1
             elif kind is TaskClaimed:
                 self.claimed += 1
-                task = tasks.get(event.id)
                 if task is not None:
                     self.wait.observe(max(0.0, event.at - task.created_at))
             elif kind in OUTCOMES:
-                task = tasks.get(event.id)
                 if task is not None:
                     self.finished[task.stream, OUTCOMES[kind]] += 1
                     if task.started_at is not None and kind is not TaskCancelled:
@@ -5772,7 +5789,8 @@ class Watchers:
         self.subscriptions.pop(conn, None)
 
     def on_commit(self, events: list[Event], queue: Queue) -> None:
-        for event in events:
+        """One message per event, with the task or stream as that event left it."""
+        for event, left in zip(events, queue.event_states):
             if type(event) in WORKSPACE_WATCH_EVENTS:
                 self.workspace_event(event, queue)
                 continue
@@ -5780,14 +5798,14 @@ class Watchers:
             if kind is None or (type(event) is TaskReleased and event.waiting_for):
                 continue
             if kind.startswith("stream."):
-                stream = queue.streams[event.name]
+                stream = left or queue.streams[event.name]
                 self.send(kind, {"stream": self.replies.stream(stream)}, event.at, stream.name,
                           stream.session)
                 continue
             if kind.startswith("schedule."):
                 self.schedule_event(kind, event, queue)
                 continue
-            task = queue.tasks.get(event.id)
+            task = left
             if task is not None:
                 self.send(kind, lambda task=task: {"task": self.replies.task(task)}, event.at,
                           task.stream, queue.streams[task.stream].session, task.id)
@@ -5968,7 +5986,10 @@ class Hooks:
 
     def on_commit(self, events: list[Event], queue: Queue) -> None:
         if self.config.hooks.on_finish and queue.index.finished:
-            self.waiting.extend(queue.tasks[i] for i in queue.index.finished if i in queue.tasks)
+            # Each task as it ended: a later change of the same commit (a requeue) is not it.
+            self.waiting.extend(task for event, task in zip(events, queue.event_states)
+                                if type(event) in OUTCOMES and task is not None
+                                and task.status in TERMINAL)
             self._start_more()
 
     def _start_more(self) -> None:

@@ -856,3 +856,34 @@ def test_watch_with_unknown_event_type_is_refused(daemon):
     """A typo in an event filter is a bad_request naming it, not a silent empty stream."""
     reply = daemon.call(op="watch", events=["task.finishd"])
     assert reply["error"]["code"] == "bad_request" and "task.finishd" in reply["error"]["message"]
+
+
+def test_watch_events_of_requests_answered_together_show_each_change_s_own_record(make_daemon):
+    """Pipelined requests answered in one loop turn still get one event each with the task as
+    that change left it: the enqueue's event shows a pending task, not the claim after it."""
+    daemon = observed(make_daemon)
+    conn = watcher(daemon)
+    producer = daemon.connect()
+    replies = pipeline(producer, [{"op": "enqueue", "tool": "agent", "payload": "x"},
+                                  {"op": "claim", "worker": "agent-1"},
+                                  {"op": "complete", "task": 1, "summary": "done"}])
+    assert replies[1]["result"]["id"] == 1
+    seen = [conn.recv() for _ in range(3)]
+    assert [(m["event"], m["task"]["status"]) for m in seen] == [
+        ("task.created", "pending"), ("task.claimed", "running"), ("task.completed", "completed")]
+    assert seen[0]["task"]["worker"] is None and seen[1]["task"]["summary"] is None
+
+
+def test_on_finish_hook_of_a_task_requeued_in_the_same_turn_sees_it_failed(make_daemon, workdir):
+    """A fail and a requeue of the same task answered together: the hook of the failure
+    still gets SPARKQ_STATUS=failed, the state that change left."""
+    out = workdir / "hooks"
+    out.mkdir()
+    save = f"cd {out}; env | grep ^SPARKQ_ > $SPARKQ_TASK_ID.tmp && mv $SPARKQ_TASK_ID.{{tmp,env}}"
+    daemon = observed(make_daemon, extra=hook_config(["bash", "-c", save]))
+    task_id = enqueue(daemon, max_attempts=1)
+    claim(daemon)
+    pipeline(daemon.connect(), [{"op": "fail", "task": task_id, "reason": "tests broke"},
+                                {"op": "requeue", "task": task_id}])
+    seen = hook_env(out / f"{task_id}.env")
+    assert (seen["SPARKQ_STATUS"], seen["SPARKQ_REASON"]) == ("failed", "tests broke")
