@@ -6139,6 +6139,8 @@ class Waiters:
         self._order = itertools.count()
         self._parks = 0  #: counts parks, to sweep answered waiters out of the heap now and then
         self._draining: set[str] = set()  #: streams whose parked claims are retried next turn
+        #: the stream whose claims are being retried now (popped from ``parked`` meanwhile)
+        self._drained: str | None = None
 
     def park(self, conn: Connection, request: Request, keys: list[tuple], wait: float | None,
              retry, expire) -> object:
@@ -6236,7 +6238,9 @@ class Waiters:
         """On the next loop turn: hand the tasks that became claimable to the claims parked
         on their streams, and retry what waits on tasks that ended."""
         for stream in {stream for stream, _ in queue.index.became_ready}:
-            if ("stream", stream) in self.parked and stream not in self._draining:
+            # (a commit inside a drain, a read its answered client sent, counts it too)
+            if stream not in self._draining and (
+                    ("stream", stream) in self.parked or stream == self._drained):
                 self._draining.add(stream)
                 asyncio.get_running_loop().call_soon(self._drain, stream)
         for task_id in queue.index.finished:
@@ -6249,13 +6253,17 @@ class Waiters:
         self._draining.discard(stream)
         key = ("stream", stream)
         waiting, again, tried = self.parked.pop(key, []), [], 0
-        while tried < len(waiting) and self._claimable(stream):
-            waiter = waiting[tried]
-            tried += 1
-            if waiter.active:
-                waiter.keys.discard(key)
-                if keys := self._retry(waiter):
-                    again.append((waiter, keys))
+        self._drained = stream
+        try:
+            while tried < len(waiting) and self._claimable(stream):
+                waiter = waiting[tried]
+                tried += 1
+                if waiter.active:
+                    waiter.keys.discard(key)
+                    if keys := self._retry(waiter):
+                        again.append((waiter, keys))
+        finally:
+            self._drained = None
         front = []
         for waiter, keys in again:
             if key in keys:

@@ -496,6 +496,25 @@ def test_a_claim_waiting_on_two_streams_takes_one_task_and_leaves_the_other(daem
     assert one.recv()["result"]["id"] == default
 
 
+def test_a_task_enqueued_while_claims_are_handed_out_reaches_the_claim_that_waits_for_it(daemon):
+    """The claim served from a stream's waiting claims answers its client's next requests at
+    once (an enqueue of another tool, then a read): the task that enqueue added still goes to
+    the claim that waits for its tool, not at its deadline."""
+    sonnet, haiku, producer = connect(daemon), connect(daemon), connect(daemon)
+    sonnet.send(op="claim", tool="llm-sonnet", wait=20, worker="s")
+    parked(daemon, "s")
+    haiku.send_raw(b"".join(haiku.frame(m) for m in (
+        {"op": "claim", "tool": "llm-haiku", "wait": 20, "worker": "h"},
+        {"op": "enqueue", "tool": "llm-sonnet", "payload": "for sonnet"}, {"op": "status"})))
+    parked(daemon, "h")
+    enqueue(producer, payload="for haiku")
+    assert haiku.recv()["result"]["tool"] == "llm-haiku"
+    for_sonnet = haiku.recv()["result"]["id"]
+    assert haiku.recv()["ok"]
+    assert not silent(sonnet, 3), "the sonnet task waits while its claim stays parked"
+    assert sonnet.recv()["result"]["id"] == for_sonnet
+
+
 def test_sixteen_claimers_take_each_task_once(daemon):
     """16 clients claiming 1,000 tasks together take every task exactly once."""
     conn = daemon.connect("msgpack")
