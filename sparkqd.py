@@ -6310,6 +6310,10 @@ class Waiters:
             else:
                 waiter.conn.finish_error(waiter.request.id, exc)
             return None
+        except Exception as exc:  # a bug: this request says so, the others still wait
+            log.exception("internal error retrying %s", type(waiter.request).__name__)
+            waiter.conn.finish_error(waiter.request.id, SparkQError(f"internal error: {exc!r}"))
+            return None
         if keys:  # someone else was quicker, or not everything waited for has ended
             return keys
         if result is not WAITING:  # (WAITING: answered once the task's workspace is ready)
