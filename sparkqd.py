@@ -1060,6 +1060,9 @@ class Request(Struct, tag_field="op", forbid_unknown_fields=True, frozen=True, k
     journal_room: ClassVar[int] = 65536
     #: Has no effect at all, only reads: it may come as an HTTP GET.
     safe: ClassVar[bool] = False
+    #: May be answered later rather than at once: it waits (for a task, a task's end, its
+    #: workspace, git) or turns the connection into a stream (watch, log follow).
+    may_wait: ClassVar[bool] = False
 
 
 class ReadRequest(Request):
@@ -1134,6 +1137,7 @@ class Peek(ReadRequest, tag="peek"):
 
 
 class Claim(Request, tag="claim"):
+    may_wait: ClassVar[bool] = True
     stream: Names = DEFAULT
     tool: Names | None = None
     worker: str | None = None
@@ -1152,6 +1156,7 @@ class ClaimNext(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
 
 
 class Complete(Request, tag="complete"):
+    may_wait: ClassVar[bool] = True
     task: TaskId
     summary: str | None = None
     result: Any = None
@@ -1163,6 +1168,7 @@ class Complete(Request, tag="complete"):
 
 
 class Fail(Request, tag="fail"):
+    may_wait: ClassVar[bool] = True
     task: TaskId
     reason: Annotated[str, Meta(min_length=1)]
     final: bool = False
@@ -1201,12 +1207,14 @@ class Locks(ReadRequest, tag="locks"):
 
 
 class Logs(ReadRequest, tag="logs"):
+    may_wait: ClassVar[bool] = True
     task: TaskId
     tail: Count | None = None
     follow: bool = False
 
 
 class Watch(ReadRequest, tag="watch"):
+    may_wait: ClassVar[bool] = True
     streams: list[str] | None = None
     sessions: list[str] | None = None
     tasks: list[TaskId] | None = None
@@ -1239,6 +1247,7 @@ class Workers(ReadRequest, tag="workers"):
 
 
 class Wait(ReadRequest, tag="wait"):
+    may_wait: ClassVar[bool] = True
     tasks: Annotated[list[TaskId], Meta(min_length=1)]
     timeout: Duration | None = None
 
@@ -1349,12 +1358,14 @@ class WorkspaceShow(ReadRequest, tag="workspace.show"):
 
 
 class WorkspaceRemove(ReadRequest, tag="workspace.remove"):
+    may_wait: ClassVar[bool] = True
     safe: ClassVar[bool] = False  # it removes a directory: never by an HTTP GET
     workspace: Annotated[str, Meta(min_length=1)]
     force: bool = False
 
 
 class WorkspaceGc(ReadRequest, tag="workspace.gc"):
+    may_wait: ClassVar[bool] = True
     safe: ClassVar[bool] = False
     dry_run: bool = False
 
@@ -6478,7 +6489,9 @@ class Connection(asyncio.Protocol):
             return error_reply(self.codec.request_id(frame), exc)
         try:
             result = self.handle(request, self)
-            return None if result is WAITING else ok_reply(request.id, self.render(result))
+            if request.may_wait and result is WAITING:
+                return None
+            return ok_reply(request.id, self.render(result))
         except SparkQError as exc:
             return error_reply(request.id, exc)
         except Exception as exc:
@@ -6976,7 +6989,7 @@ class HttpExchange:
         except Exception as exc:
             log.exception("internal error answering %s over HTTP", type(request).__name__)
             return self._reply(error_reply(request.id, SparkQError(f"internal error: {exc!r}")))
-        if result is not WAITING:
+        if not (request.may_wait and result is WAITING):
             self._reply(ok_reply(request.id, self.daemon.replies.wire(result)))
 
     def gone(self) -> None:
@@ -7214,6 +7227,8 @@ def openapi_operations(cls: type, schema: dict) -> dict:
     operations = {"post": {"operationId": op, "summary": summary, "responses": replies,
                            "requestBody": {"required": False, "content": {"application/json": {
                                "schema": {"$ref": f"#/components/schemas/{name}"}}}}}}
+    if cls.may_wait:  # held until answered: a client should allow for it
+        operations["post"]["x-sparkq-may-wait"] = True
     if cls.safe:
         required = set(schema["required"])
         operations["get"] = {"operationId": f"{op}.get", "summary": summary, "responses": replies,

@@ -224,6 +224,9 @@ def test_openapi_document_validates_and_lists_every_request(http):
         assert cls.__name__ in document["components"]["schemas"], cls
         assert ("get" in document["paths"][f"/api/v1/{op}"]) == cls.safe, op
         assert "op" not in document["components"]["schemas"][cls.__name__]["properties"]
+    held = {op for op, path in document["paths"].items() if path.get("post", {}).get("x-sparkq-may-wait")}
+    assert held == {f"/api/v1/{op}" for op in ("claim", "complete", "fail", "wait", "logs", "watch",
+                                                "workspace.remove", "workspace.gc")}
 
 
 # -- held requests and streams --------------------------------------------------------------------
