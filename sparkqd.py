@@ -2102,12 +2102,15 @@ class Queue:
         return self.next_deadline()
 
     def next_deadline(self) -> float | None:
-        """The earliest time tick() may have work to do."""
-        deadlines = [heap[0][0] for heap in (self.index.stale_heap, self.index.delay_heap) if heap]
-        if self.index.purge_heap:
-            deadlines.append(self.index.purge_heap[0][0] + self.config.purge.older_than_days * DAY)
-        deadlines.append(self.schedules.next_deadline())
-        return min((d for d in deadlines if d is not None), default=None)
+        """The earliest time tick() may have work to do (after every commit: kept short)."""
+        index, best = self.index, self.schedules.next_deadline()
+        for heap in (index.stale_heap, index.delay_heap):
+            if heap and (best is None or heap[0][0] < best):
+                best = heap[0][0]
+        if index.purge_heap:
+            purge = index.purge_heap[0][0] + self.config.purge.older_than_days * DAY
+            best = purge if best is None or purge < best else best
+        return best
 
     # -- apply: one method per event; these must never fail --------------------
 
@@ -5573,6 +5576,7 @@ WATCH_EVENTS = {
     ScheduleResumed: "schedule.resumed", ScheduleFired: "schedule.fired",
     ScheduleSkipped: "schedule.skipped",
 }
+TASK_WATCH_EVENTS = {kind: name for kind, name in WATCH_EVENTS.items() if name.startswith("task.")}
 #: Workspace lifecycle events, as subscribers see them.
 WORKSPACE_WATCH_EVENTS = {
     WorkspaceCreated: "workspace.created", WorkspaceUpdated: "workspace.updated",
@@ -5801,25 +5805,26 @@ class Watchers:
 
     def on_commit(self, events: list[Event], queue: Queue) -> None:
         """One message per event, with the task or stream as that event left it."""
+        streams = queue.stream_book.streams
         for event, left in zip(events, queue.event_states):
+            kind = TASK_WATCH_EVENTS.get(type(event))
+            if kind is not None:  # most events: kept as the task, rendered only if wanted
+                if left is not None and not (type(event) is TaskReleased and event.waiting_for):
+                    self.send(kind, left, event.at, left.stream, streams[left.stream].session,
+                              left.id)
+                continue
             if type(event) in WORKSPACE_WATCH_EVENTS:
                 self.workspace_event(event, queue)
                 continue
             kind = WATCH_EVENTS.get(type(event))
-            if kind is None or (type(event) is TaskReleased and event.waiting_for):
+            if kind is None:
                 continue
             if kind.startswith("stream."):
-                stream = left or queue.streams[event.name]
+                stream = left or streams[event.name]
                 self.send(kind, {"stream": self.replies.stream(stream)}, event.at, stream.name,
                           stream.session)
-                continue
-            if kind.startswith("schedule."):
+            else:
                 self.schedule_event(kind, event, queue)
-                continue
-            task = left
-            if task is not None:
-                self.send(kind, lambda task=task: {"task": self.replies.task(task)}, event.at,
-                          task.stream, queue.streams[task.stream].session, task.id)
 
     def schedule_event(self, kind: str, event: Event, queue: Queue) -> None:
         """A schedule's change or firing; one that was removed is named only."""
@@ -5867,7 +5872,8 @@ class Watchers:
                 continue
             if message is None:
                 message = {"event": kind, "at": rfc3339(at), "seq": seq,
-                           **(body() if callable(body) else body)}
+                           **({"task": self.replies.task(body)} if type(body) is Task else
+                              body() if callable(body) else body)}
             conn.publish(message)
 
     def _note_change(self, conn: Connection, seq: int) -> None:
