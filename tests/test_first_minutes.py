@@ -96,7 +96,9 @@ def test_start_runs_sparkqd_detached_with_its_log_in_the_state_directory(user, w
 
 def test_start_when_a_daemon_answers_says_so_and_exits_0(user, workdir):
     """A second `sparkqctl start` leaves the running daemon alone and says it runs."""
-    first = fields(run("start", env=user, cwd=workdir).stdout)["pid"]
+    started = run("start", env=user, cwd=workdir)
+    assert started.returncode == 0, started.stderr
+    first = fields(started.stdout)["pid"]
     again = run("start", env=user, cwd=workdir)
     assert again.returncode == 0 and again.stdout.startswith("sparkqd is already running")
     assert fields(again.stdout)["pid"] == first
