@@ -503,8 +503,10 @@ def await_daemon(proc, path: str, log_path: str, offset: int) -> str | None:
             tail = "".join(log_since(log_path, offset).splitlines(True)[-20:])
             return (f"sparkqd exited with status {proc.returncode} before it answered; "
                     f"its output ({log_path}):\n{tail.rstrip()}")
+        # Ready on another socket (its config's server.socket) is a mistake to name; ready
+        # on this one is a race with the probe above: the next probe sees it.
         elsewhere = re.search(r" ready: socket (.+), data ", log_since(log_path, offset))
-        if elsewhere:
+        if elsewhere and os.path.realpath(elsewhere[1]) != os.path.realpath(path):
             return (f"sparkqd is ready on {elsewhere[1]} (its configuration's server.socket), "
                     f"not on {path} where sparkqctl looks: export SPARKQ_SOCKET={elsewhere[1]}")
         now = time.monotonic()

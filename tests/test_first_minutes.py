@@ -412,3 +412,32 @@ def test_stop_then_start_at_once_brings_the_queue_back(user, workdir):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert json.loads(run("task", "1", "--json", env=user).stdout)["payload"] == "kept"
+
+
+def test_start_waits_when_the_log_says_ready_on_its_own_socket_before_it_answers(make_daemon):
+    """The daemon's "ready" line can reach the log before its socket answers `start`'s probe:
+    that is a race to wait out, not a daemon on another socket."""
+    import sparkqctl
+
+    d = make_daemon(start=False)
+    log = d.workdir / "start.log"
+    log.write_text(f"sparkqd ready: socket {d.socket}, data {d.data_dir}, 0 tasks\n")
+    d.start(wait=False)
+    assert sparkqctl.await_daemon(d.proc, str(d.socket), str(log), 0) is None
+    assert d.ok(op="hello")["protocol"]
+
+
+def test_start_names_the_socket_a_daemon_is_ready_on_when_it_is_another(workdir):
+    """A daemon ready on another socket (its configuration's server.socket) is named, with
+    the export that reaches it."""
+    import sparkqctl
+
+    log, elsewhere = workdir / "start.log", workdir / "other.sock"
+    log.write_text(f"sparkqd ready: socket {elsewhere}, data {workdir}, 0 tasks\n")
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        problem = sparkqctl.await_daemon(proc, str(workdir / "sparkqd.sock"), str(log), 0)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert problem is not None and f"export SPARKQ_SOCKET={elsewhere}" in problem
