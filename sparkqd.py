@@ -8904,7 +8904,6 @@ class Daemon:
                                  self.queue.schedules, self.change, clock, self.notifier,
                                  self.status_line, self.watchers)
         self.timer = self._make_timer()
-        self._timer_wake = self.timer.wake  #: set to wake the timer early (see _rearm)
         self.web = Web(self)
         self._lock_fd: int | None = None  #: the data directory's lock, once taken
         self._socket_inode: int | None = None  #: the socket file we created, ours to remove
@@ -9088,13 +9087,13 @@ class Daemon:
 
     def _rearm(self, deadline: float | None) -> None:
         """Wake the timer early for a deadline before the one it sleeps towards."""
-        if deadline is not None and deadline < self.timer_deadline:
-            self._timer_wake.set()
+        if deadline is not None and deadline < self.timer.deadline:
+            self.timer.wake.set()
 
     def clock_moved(self) -> None:
         """Say that the injected clock jumped (a test's fake one): the timer looks again at
         what is due. Safe from any thread."""
-        self.loop.call_soon_threadsafe(self._timer_wake.set)
+        self.loop.call_soon_threadsafe(self.timer.wake.set)
 
     # -- views and wiring -------------------------------------------------------
 
@@ -9112,11 +9111,6 @@ class Daemon:
 
     def status_line(self) -> str:
         return status_line(self.queue, self.pool)
-
-    @property
-    def timer_deadline(self) -> float:
-        """When the timer next wakes by itself (see _rearm)."""
-        return self.timer.deadline
 
     def _make_timer(self) -> Timer:
         """The one timer, with the duties it runs after the tick and the journal's sync."""
@@ -9136,7 +9130,7 @@ class Daemon:
         self.connections.max_frame = config.server.max_frame_bytes
         self.journal.policy = config.database.fsync
         self.journal.interval = config.database.fsync_interval_ms / 1000
-        self._timer_wake.set()
+        self.timer.wake.set()
 
 
 def remove_files(paths: list[str]) -> None:
